@@ -1,0 +1,238 @@
+"""The configuration file: `KEY="value"` lines, compatible with the original tool's.
+
+parse() is pure (text in, Config out) so every bad line can be unit-tested; load()
+adds the one side effect, reading the file.  Every error names the file, the line,
+the key and what was expected.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional, Pattern, Tuple
+
+from smtp_gate import validate
+from smtp_gate.errors import ConfigError, ValidationError
+
+ENV_CONFIG = "SMTP_GATE_CONFIG"
+# The application directory is a git checkout (install.sh); its config/ holds the live files.
+APP_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = APP_DIR / "config" / "smtp-gate.conf"
+
+MODES = ("enforce", "audit")
+NON_IP_POLICIES = ("drop", "accept")
+DRIVERS = {"qemu": "qemu:///system", "lxc": "lxc:///system", "libxl": "xen:///system"}
+DRIVER_ALIASES = {"kvm": "qemu", "qemu": "qemu", "lxc": "lxc", "xen": "libxl", "libxl": "libxl"}
+_RATE = re.compile(r"([1-9]\d{0,8})/(second|minute|hour|day)")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    bridges: Tuple[str, ...] = ("br0",)
+    blocked_ports: Tuple[validate.PortRange, ...] = ((25, 25), (465, 465))
+    log_drops: bool = True
+    log_rate: str = "5/second"
+    log_burst: int = 50
+    uplink_regex: Optional[Pattern] = None
+    uplinks: Tuple[str, ...] = ()
+    hypervisor: Tuple[str, ...] = ()  # libvirt drivers; empty: every driver whose daemon answers
+    libvirt_uris: Tuple[str, ...] = ()  # explicit URIs; override HYPERVISOR
+    whitelist: Path = Path("whitelist.csv")
+    mode: str = "enforce"
+    guest_patterns: Tuple[str, ...] = ("vnet*", "tap*", "veth*", "vif*")
+    non_ip: str = "drop"
+    run_dir: Path = Path("/run/smtp-gate")
+    # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
+    sources: Dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / "lock"
+
+    @property
+    def audit(self) -> bool:
+        return self.mode == "audit"
+
+    def uris(self) -> Tuple[str, ...]:
+        """The libvirt URIs to read guests from, in a stable order."""
+        if self.libvirt_uris:
+            return self.libvirt_uris
+        drivers = self.hypervisor or tuple(DRIVERS)
+        return tuple(DRIVERS[d] for d in drivers)
+
+
+def _split(value: str) -> Tuple[str, ...]:
+    return tuple(item for item in re.split(r"[,\s]+", value.strip()) if item)
+
+
+def _names(value: str) -> Tuple[str, ...]:
+    return tuple(validate.ifname(item) for item in _split(value))
+
+
+def _bridges(value: str) -> Tuple[str, ...]:
+    names = _names(value)
+    if not names:
+        raise ValidationError("expected one or more bridge names, e.g. \"br0\" or \"br0,br1\"")
+    return names
+
+
+def _ports(value: str) -> Tuple[validate.PortRange, ...]:
+    return tuple(validate.port_list(value))
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValidationError(f"bad value {value!r}: expected 1 or 0")
+
+
+def _rate(value: str) -> str:
+    if not _RATE.fullmatch(value.strip()):
+        raise ValidationError(f"bad rate {value!r}: expected N/second, N/minute, N/hour or N/day")
+    return value.strip()
+
+
+def _burst(value: str) -> int:
+    if not re.fullmatch(r"[1-9]\d{0,8}", value.strip()):
+        raise ValidationError(f"bad burst {value!r}: expected a whole number of packets, 1 or more")
+    return int(value)
+
+
+def _regex(value: str) -> Optional[Pattern]:
+    if not value.strip():
+        return None
+    try:
+        return re.compile(value.strip())
+    except re.error as exc:
+        raise ValidationError(f"bad regular expression {value!r}: {exc}") from None
+
+
+def _choice(choices: Tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in choices:
+            raise ValidationError(f"bad value {value!r}: expected one of {', '.join(choices)}")
+        return lowered
+
+    return parse
+
+
+def _hypervisor(value: str) -> Tuple[str, ...]:
+    drivers = []
+    for item in _split(value.lower()):
+        if item not in DRIVER_ALIASES:
+            raise ValidationError(
+                f"bad hypervisor {item!r}: expected kvm/qemu, lxc or xen/libxl (or empty to detect)"
+            )
+        drivers.append(DRIVER_ALIASES[item])
+    return tuple(dict.fromkeys(drivers))
+
+
+def _uris(value: str) -> Tuple[str, ...]:
+    uris = _split(value)
+    for uri in uris:
+        if not re.fullmatch(r"[a-z][a-z0-9+]*://[^\s]*", uri):
+            raise ValidationError(f"bad libvirt URI {uri!r}: expected e.g. qemu:///system")
+    return uris
+
+
+def _patterns(value: str) -> Tuple[str, ...]:
+    return tuple(validate.ifname_pattern(item) for item in _split(value))
+
+
+def _path(value: str) -> str:
+    if not value.strip():
+        raise ValidationError("expected a file path")
+    return value.strip()
+
+
+# key -> (Config field, parser)
+KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
+    "BRIDGE": ("bridges", _bridges),
+    "BLOCKED_PORTS": ("blocked_ports", _ports),
+    "LOG_DROPS": ("log_drops", _bool),
+    "LOG_RATE": ("log_rate", _rate),
+    "LOG_BURST": ("log_burst", _burst),
+    "UPLINK_REGEX": ("uplink_regex", _regex),
+    "UPLINKS": ("uplinks", _names),
+    "HYPERVISOR": ("hypervisor", _hypervisor),
+    "LIBVIRT_URI": ("libvirt_uris", _uris),
+    "WHITELIST": ("whitelist", _path),
+    "MODE": ("mode", _choice(MODES)),
+    "GUEST_PATTERNS": ("guest_patterns", _patterns),
+    "NON_IP": ("non_ip", _choice(NON_IP_POLICIES)),
+    "RUN_DIR": ("run_dir", _path),
+}
+
+_LINE = re.compile(
+    r"""(?:export\s+)?(?P<key>[A-Za-z_][A-Za-z0-9_]*)=
+        (?:"(?P<dq>[^"\\$`]*)"|'(?P<sq>[^']*)'|(?P<bare>[^\s"'\\$`#;]*))
+        \s*(?:\#.*)?""",
+    re.VERBOSE,
+)
+
+
+def parse(text: str, path: Path) -> Config:
+    """Parse the text of a config file.  PATH is used for messages and relative paths."""
+    values: Dict[str, object] = {}
+    sources: Dict[str, str] = {}
+    seen: Dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        m = _LINE.fullmatch(line)
+        if not m:
+            raise ConfigError(f"{where}: cannot read {raw.strip()!r}: expected KEY=\"value\"")
+        key = m.group("key")
+        value = next(v for v in (m.group("dq"), m.group("sq"), m.group("bare")) if v is not None)
+        if key not in KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}: expected one of {', '.join(KEYS)}")
+        if key in seen:
+            raise ConfigError(f"{where}: {key} is set again (first on line {seen[key]}): set it once")
+        seen[key] = number
+        attr, parser = KEYS[key]
+        try:
+            values[attr] = parser(value)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+        sources[attr] = where
+    base = path.parent
+    whitelist = values.get("whitelist", "whitelist.csv")
+    values["whitelist"] = (base / str(whitelist)) if not os.path.isabs(str(whitelist)) else Path(str(whitelist))
+    if "run_dir" in values:
+        values["run_dir"] = Path(str(values["run_dir"]))
+    for attr, _parser in KEYS.values():
+        sources.setdefault(attr, "default")
+    sources["whitelist"] = sources["whitelist"] if "WHITELIST" in seen else "default (beside the config file)"
+    return Config(path=path, sources=sources, **values)  # type: ignore[arg-type]
+
+
+def resolve_path(cli_path: Optional[str], environ: Optional[Dict[str, str]] = None) -> Tuple[Path, str]:
+    """Where the config comes from: --config, else $SMTP_GATE_CONFIG, else the installed default."""
+    env = os.environ if environ is None else environ
+    if cli_path:
+        return Path(cli_path), "--config"
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG]), ENV_CONFIG
+    return DEFAULT_CONFIG_PATH, "default"
+
+
+def load(cli_path: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> Config:
+    """Read the configuration.  An installed default that does not exist yet means all defaults;
+    a path the operator named must exist."""
+    path, origin = resolve_path(cli_path, environ)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if origin != "default":
+            raise ConfigError(f"config file {str(path)!r} (from {origin}) does not exist") from None
+        text = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    return parse(text, path)

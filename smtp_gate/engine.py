@@ -1,0 +1,168 @@
+"""From configuration, kernel links and guests to the desired state, and into the kernel.
+
+compute() is pure; apply() gathers its inputs, sends one atomic batch through nft.py,
+and reports what it did.  Callers hold the lock around apply() (never while they talk
+to libvirt).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from smtp_gate import discovery, nft, ruleset, validate
+from smtp_gate.config import Config
+from smtp_gate.discovery import Link, PortPlan
+from smtp_gate.errors import ValidationError
+from smtp_gate.ruleset import Desired, Pair
+
+
+@dataclass(frozen=True)
+class GuestNic:
+    """A guest NIC as the hypervisor reports it, reduced to what enforcement needs."""
+
+    guest: str  # name, for messages only: guest names never enter the ruleset
+    port: str  # host-side device
+    mac: str
+    bridge: Optional[str]
+    allowed: bool
+
+
+@dataclass
+class Outcome:
+    desired: Desired
+    plan: PortPlan
+    warnings: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def has_warnings(self) -> bool:
+        return bool(self.warnings)
+
+
+def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Set[Pair]:
+    """Allowances the kernel holds for ports that still exist.  nft lists an interface index
+    as the device's name while it exists and as a number once it is gone."""
+    if table is None:
+        return set()
+    by_name = {link.name: link.ifindex for link in links.values()}
+    pairs: Set[Pair] = set()
+    for value in table.elements.get("allowed", []):
+        if not (isinstance(value, tuple) and len(value) == 2):
+            continue
+        port, mac = value
+        index = by_name.get(str(port))
+        if index is not None:
+            pairs.add((index, validate.mac(str(mac))))
+    return pairs
+
+
+def kernel_guest_ports(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Set[str]:
+    if table is None:
+        return set()
+    return {str(name) for name in table.elements.get("guest_ports", []) if str(name) in links}
+
+
+def compute(
+    config: Config,
+    links: Dict[str, Link],
+    guests: Optional[Sequence[GuestNic]],
+    kernel: Optional[nft.KernelTable],
+) -> Outcome:
+    """The whole desired state.
+
+    GUESTS is None when no hypervisor could be asked (libvirt down, or the boot-time apply
+    that must not wait for libvirt): then the kernel's own allowances and guest ports are
+    kept for ports that still exist, so a restart of our service never unblocks nor blocks
+    a running guest.
+    """
+    protected = set(config.bridges)
+    notes: List[str] = []
+    if guests is None:
+        pairs = kernel_pairs(kernel, links)
+        guest_ports = kernel_guest_ports(kernel, links)
+    else:
+        pairs, guest_ports = set(), set()
+        for nic in guests:
+            if nic.bridge is not None and nic.bridge not in protected:
+                continue
+            link = links.get(nic.port)
+            if link is None:
+                continue  # the guest stopped, or its device is gone: nothing to allow
+            try:
+                validate.ifname(nic.port)
+            except ValidationError as exc:
+                notes.append(f"guest {nic.guest!r}: {exc}; its NIC stays blocked")
+                continue
+            guest_ports.add(nic.port)
+            if nic.allowed:
+                pairs.add((link.ifindex, nic.mac))
+    plan = discovery.plan_ports(config, links, sorted(guest_ports))
+    warnings = list(plan.warnings)
+    if plan.skipped:
+        warnings.append(
+            "ports with names that cannot be written into a rule are treated as unknown (blocked): "
+            + ", ".join(repr(name) for name in plan.skipped)
+        )
+    desired = Desired(
+        uplinks=plan.uplinks,
+        guest_ports=tuple(sorted(guest_ports - set(plan.uplinks))),
+        guest_patterns=config.guest_patterns,
+        foreign_ports=plan.foreign_ports,
+        blocked_ports=config.blocked_ports,
+        allowed=tuple(sorted(pairs)),
+        audit=config.audit,
+        log_drops=config.log_drops,
+        log_rate=config.log_rate,
+        log_burst=config.log_burst,
+        non_ip=config.non_ip,
+    )
+    return Outcome(desired=desired, plan=plan, warnings=warnings, notes=notes)
+
+
+def obsolete(kernel: Optional[nft.KernelTable]) -> Tuple[List[str], List[str]]:
+    """Chains and sets an older version left in our table, or sets whose type changed."""
+    if kernel is None:
+        return [], []
+    chains = [name for name in kernel.chains if name not in ruleset.CHAINS]
+    sets = []
+    for name, entry in kernel.sets.items():
+        if name not in ruleset.SET_TYPES:
+            sets.append(name)
+            continue
+        expected = ruleset.SET_TYPES[name].split(";")[0].replace("type ", "").strip()
+        actual = entry.get("type")
+        actual_text = " . ".join(actual) if isinstance(actual, list) else str(actual)
+        if actual_text != expected:
+            sets.append(name)
+    return chains, sets
+
+
+def build(outcome: Outcome, kernel: Optional[nft.KernelTable]) -> ruleset.Batch:
+    chains, sets = obsolete(kernel)
+    return ruleset.apply_batch(outcome.desired, obsolete_chains=chains, obsolete_sets=sets)
+
+
+def apply(
+    config: Config,
+    guests: Optional[Sequence[GuestNic]],
+    dry_run: bool = False,
+    links: Optional[Dict[str, Link]] = None,
+) -> Tuple[Outcome, ruleset.Batch]:
+    """Compute and install the whole desired state in one transaction (or only check it)."""
+    links = discovery.read_links() if links is None else links
+    kernel = nft.read_table()
+    outcome = compute(config, links, guests, kernel)
+    batch = build(outcome, kernel)
+    nft.run_batch(batch, check_only=dry_run)
+    return outcome, batch
+
+
+def remove() -> bool:
+    """Remove our table and nothing else.  Returns whether it existed."""
+    existed = nft.table_exists()
+    nft.run_batch(ruleset.remove_batch())
+    return existed
+
+
+def describe_pairs(pairs: Iterable[Pair], links: Dict[str, Link]) -> List[Tuple[str, str]]:
+    names = {link.ifindex: link.name for link in links.values()}
+    return [(names.get(index, f"#{index} (gone)"), mac) for index, mac in sorted(pairs)]

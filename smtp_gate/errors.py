@@ -1,0 +1,25 @@
+"""The domain exceptions: caught once at the top of the CLI and printed as one line."""
+
+
+class SmtpGateError(Exception):
+    """An error the operator can act on; its message quotes the bad value and what was expected."""
+
+
+class ConfigError(SmtpGateError):
+    """A bad configuration file, line or value."""
+
+
+class ValidationError(SmtpGateError):
+    """A value from outside (interface name, MAC, port) that may not reach nft."""
+
+
+class NftError(SmtpGateError):
+    """nft refused a batch; nothing of it was applied (nft batches are atomic)."""
+
+
+class LockTimeout(SmtpGateError):
+    """Another smtp-gate process held the lock longer than we may wait."""
+
+
+class DomainXMLError(SmtpGateError):
+    """A domain XML we cannot read: not XML, or missing the <name>/<uuid> every guest has."""

@@ -1,0 +1,65 @@
+"""The one lock that covers every read-modify-commit of the kernel state and the whitelist.
+
+Commands take it through filelock; hooks take the very same lock with fcntl.flock
+(filelock's Unix lock is flock on the lock file), because importing filelock costs a
+hook more than the rest of its work.  Both wait a bounded time and then raise
+LockTimeout: a hook that waited forever would hang libvirt.
+"""
+
+import fcntl
+import os
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from smtp_gate.errors import LockTimeout
+
+HOOK_TIMEOUT = 5.0  # seconds: libvirt holds the domain's lock while a hook runs
+COMMAND_TIMEOUT = 60.0  # an operator's command may wait out a burst of hooks
+
+
+def _ensure_dir(path: Path) -> None:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+@contextmanager
+def flock(path: Path, timeout: float = HOOK_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive flock on PATH, waiting at most TIMEOUT seconds (main thread only).
+
+    A blocking flock interrupted by SIGALRM keeps the kernel's own queueing, so under a
+    burst of hooks nobody spins and nobody starves.
+    """
+    _ensure_dir(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise LockTimeout(f"lock {str(path)!r} still held by another smtp-gate process after {timeout:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        yield
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+@contextmanager
+def command_lock(path: Path, timeout: float = COMMAND_TIMEOUT) -> Iterator[None]:
+    """The same lock for commands, through filelock."""
+    import filelock
+
+    _ensure_dir(path)
+    lock = filelock.FileLock(str(path), timeout=timeout)
+    try:
+        with lock:
+            yield
+    except filelock.Timeout:
+        raise LockTimeout(
+            f"lock {str(path)!r} still held by another smtp-gate process after {timeout:g}s"
+        ) from None

@@ -1,0 +1,133 @@
+"""The one module that talks to nftables (the `nft` command).
+
+A batch is sent whole through `nft -f -`, which the kernel commits as one
+transaction: it applies completely or not at all, and a failure is reported whole.
+Reading goes through `nft -j` and comes back as plain data.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from smtp_gate.errors import NftError
+from smtp_gate.ruleset import FAMILY, TABLE, Batch
+
+# libvirt runs hooks with PATH=/usr/sbin:/usr/bin:/sbin:/bin; an operator's sudo may not have sbin.
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
+
+
+def nft_binary() -> str:
+    found = shutil.which("nft", path=_SEARCH_PATH)
+    if not found:
+        raise NftError("the nft command was not found: install the nftables package (apt-get install nftables)")
+    return found
+
+
+def _run(args: List[str], stdin: Optional[str] = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [nft_binary(), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise NftError(f"nft {' '.join(args)} did not finish within {timeout:g}s") from None
+    except OSError as exc:
+        raise NftError(f"cannot run nft: {exc}") from None
+
+
+def run_batch(batch: Batch, check_only: bool = False, timeout: float = 60.0) -> None:
+    """Commit BATCH atomically (or only validate it with the kernel when CHECK_ONLY)."""
+    args = ["-c", "-f", "-"] if check_only else ["-f", "-"]
+    result = _run(args, stdin=batch.text(), timeout=timeout)
+    if result.returncode != 0:
+        raise NftError(
+            "nft refused the batch, nothing was changed: " + " | ".join(result.stderr.strip().splitlines()[:6])
+        )
+
+
+def table_exists() -> bool:
+    """Cheap: lists table names only, never set elements."""
+    result = _run(["list", "tables", FAMILY])
+    if result.returncode != 0:
+        raise NftError(f"nft list tables failed: {result.stderr.strip()}")
+    return any(line.split()[-1] == TABLE for line in result.stdout.splitlines() if line.strip())
+
+
+@dataclass
+class KernelTable:
+    """Our table as the kernel holds it."""
+
+    chains: Dict[str, List[list]] = field(default_factory=dict)  # chain name -> each rule's JSON expressions
+    sets: Dict[str, dict] = field(default_factory=dict)  # set name -> nft JSON set object
+    counters: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (packets, bytes)
+    elements: Dict[str, List[object]] = field(default_factory=dict)  # set name -> elements as JSON values
+
+
+def _element_value(elem: object) -> object:
+    """Unwrap nft JSON: {"elem": {"val": X, "counter": ...}} -> X; {"concat": [...]} -> tuple."""
+    if isinstance(elem, dict) and "elem" in elem:
+        elem = elem["elem"]["val"]
+    if isinstance(elem, dict) and "concat" in elem:
+        return tuple(elem["concat"])
+    if isinstance(elem, dict) and "range" in elem:
+        return tuple(elem["range"])
+    if isinstance(elem, dict) and "prefix" in elem:
+        # an ifname wildcard ("vnet*") is listed as a prefix
+        return elem["prefix"]
+    return elem
+
+
+def parse_listing(data: dict) -> KernelTable:
+    table = KernelTable()
+    for item in data.get("nftables", []):
+        if "chain" in item:
+            table.chains.setdefault(item["chain"]["name"], [])
+        elif "rule" in item:
+            table.chains.setdefault(item["rule"]["chain"], []).append(item["rule"].get("expr", []))
+        elif "set" in item:
+            entry = item["set"]
+            table.sets[entry["name"]] = entry
+            table.elements[entry["name"]] = [_element_value(e) for e in entry.get("elem", [])]
+        elif "counter" in item:
+            entry = item["counter"]
+            table.counters[entry["name"]] = (int(entry.get("packets", 0)), int(entry.get("bytes", 0)))
+    return table
+
+
+def attempt_counters(set_json: dict) -> List[Tuple[str, str, int, int]]:
+    """(port name, MAC, packets, bytes) of the blocked-attempts set."""
+    out = []
+    for elem in set_json.get("elem", []):
+        if isinstance(elem, dict) and "elem" in elem:
+            value = elem["elem"]["val"]
+            counter = elem["elem"].get("counter", {})
+        else:
+            value, counter = elem, {}
+        if isinstance(value, dict) and "concat" in value:
+            name, mac = value["concat"]
+            out.append((str(name), str(mac), int(counter.get("packets", 0)), int(counter.get("bytes", 0))))
+    return out
+
+
+def read_table() -> Optional[KernelTable]:
+    """Our table, or None when it does not exist."""
+    result = _run(["-j", "list", "table", FAMILY, TABLE])
+    if result.returncode != 0:
+        if "No such file or directory" in result.stderr:
+            return None
+        raise NftError(f"nft list table {FAMILY} {TABLE} failed: {result.stderr.strip()}")
+    return parse_listing(json.loads(result.stdout))
+
+
+def list_text() -> Optional[str]:
+    """Our table as nft prints it, for `smtp-gate debug`."""
+    result = _run(["list", "table", FAMILY, TABLE])
+    if result.returncode != 0:
+        return None
+    return result.stdout

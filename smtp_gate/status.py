@@ -1,0 +1,146 @@
+"""What the kernel enforces right now, as data, and its text and JSON renderings."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from smtp_gate import discovery, engine, nft, ruleset, validate
+from smtp_gate.config import Config
+from smtp_gate.discovery import Link
+
+
+@dataclass
+class Attempts:
+    port: str
+    mac: str
+    packets: int
+
+
+@dataclass
+class Report:
+    active: bool
+    mode: str
+    bridges: List[Dict[str, object]] = field(default_factory=list)
+    uplinks: List[str] = field(default_factory=list)
+    guest_ports: List[str] = field(default_factory=list)
+    guest_patterns: List[str] = field(default_factory=list)
+    blocked_ports: str = ""
+    allowed: List[Dict[str, str]] = field(default_factory=list)
+    counters: Dict[str, int] = field(default_factory=dict)
+    attempts: List[Attempts] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    # filled by callers that know about guests and the whitelist
+    guests: List[Dict[str, object]] = field(default_factory=list)
+    unprotected: List[Dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def _ports_text(values: List[object]) -> str:
+    ranges = []
+    for value in values:
+        if isinstance(value, tuple):
+            ranges.append((int(value[0]), int(value[1])))
+        else:
+            ranges.append((int(value), int(value)))  # type: ignore[arg-type]
+    return validate.format_ports(sorted(ranges))
+
+
+def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
+    """The kernel's table compared with the configuration; warnings for what the operator must fix."""
+    links = discovery.read_links() if links is None else links
+    table = nft.read_table()
+    if table is None:
+        return Report(
+            active=False,
+            mode=config.mode,
+            warnings=[f"enforcement is not active: table {ruleset.T} does not exist (run `smtp-gate apply`)"],
+        )
+    names_by_index = {l.ifindex: l.name for l in links.values()}
+    uplinks = sorted(str(v) for v in table.elements.get("uplinks", []))
+    guest_ports = sorted(str(v) for v in table.elements.get("guest_ports", []))
+    plan = discovery.plan_ports(config, links, guest_ports)
+    report = Report(
+        active=True,
+        mode="audit" if _audit(table) else "enforce",
+        uplinks=uplinks,
+        guest_ports=guest_ports,
+        guest_patterns=sorted(str(v) for v in table.elements.get("guest_patterns", [])),
+        blocked_ports=_ports_text(table.elements.get("blocked_ports", [])),
+        counters={name: table.counters.get(name, (0, 0))[0] for name in ruleset.COUNTERS},
+        warnings=list(plan.warnings),
+    )
+    for bridge in plan.bridges:
+        report.bridges.append(
+            {
+                "name": bridge.name,
+                "exists": bridge.exists,
+                "ports": list(bridge.ports),
+                "uplinks": [u for u in bridge.ports if u in uplinks],
+            }
+        )
+        missing = [u for u in bridge.uplinks if u not in uplinks]
+        if missing:
+            report.warnings.append(
+                f"bridge {bridge.name!r}: uplink(s) {', '.join(missing)} found now but not in the kernel's table: "
+                "run `smtp-gate rebuild`"
+            )
+    for value in table.elements.get("allowed", []):
+        if isinstance(value, tuple) and len(value) == 2:
+            port = str(value[0])
+            gone = port.isdigit() and int(port) not in names_by_index
+            report.allowed.append({"port": f"#{port} (gone)" if gone else port, "mac": str(value[1])})
+    attempts = table.sets.get(ruleset.ATTEMPTS_SET)
+    if attempts is not None:
+        report.attempts = [Attempts(p, m, n) for p, m, n, _b in nft.attempt_counters(attempts)]
+        if len(report.attempts) >= ruleset.ATTEMPTS_SIZE:
+            report.warnings.append(
+                f"the per-guest attempts set is full ({ruleset.ATTEMPTS_SIZE} entries, likely MAC spoofing): "
+                "new sources are still blocked but no longer counted per guest"
+            )
+    if report.mode != config.mode:
+        report.warnings.append(f"the kernel runs in {report.mode} mode but the config says {config.mode}: run `smtp-gate apply`")
+    return report
+
+
+def _audit(table: nft.KernelTable) -> bool:
+    """Audit mode ends the blocked-attempt chain with accept instead of drop."""
+    return any(expr == [{"accept": None}] for expr in table.chains.get("smtp4", []))
+
+
+def render(report: Report) -> str:
+    lines = []
+    if not report.active:
+        lines.append("smtp-gate: INACTIVE")
+        lines += [f"warning: {w}" for w in report.warnings]
+        return "\n".join(lines) + "\n"
+    lines.append(f"smtp-gate: active ({report.mode} mode)" + (" WITH WARNINGS" if report.warnings else ""))
+    lines.append(f"blocked TCP ports: {report.blocked_ports or 'none'}")
+    for bridge in report.bridges:
+        state = "" if bridge["exists"] else " (missing)"
+        lines.append(
+            f"bridge {bridge['name']}{state}: uplinks {', '.join(bridge['uplinks']) or 'NONE'}; "  # type: ignore[arg-type]
+            f"ports {', '.join(bridge['ports']) or 'none'}"  # type: ignore[arg-type]
+        )
+    lines.append(f"guest ports (from hypervisors): {', '.join(report.guest_ports) or 'none'}")
+    lines.append(f"guest port patterns: {', '.join(report.guest_patterns) or 'none'}")
+    lines.append(f"allowed (port, MAC): {len(report.allowed)}")
+    for pair in report.allowed:
+        lines.append(f"  {pair['port']:<16} {pair['mac']}")
+    for guest in report.guests:
+        lines.append(
+            "whitelisted guest {name}: {state}; ports {ports}; allowance in kernel: {held}; blocked attempts: {attempts}".format(
+                **guest
+            )
+        )
+    for nic in report.unprotected:
+        lines.append(f"UNPROTECTED: guest {nic['guest']} NIC {nic['mac']}: {nic['reason']}")
+    lines.append(
+        "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames dropped {nonip}; malformed {malformed}".format(
+            **report.counters
+        )
+    )
+    for item in sorted(report.attempts, key=lambda a: -a.packets):
+        lines.append(f"  {item.port:<16} {item.mac}  {item.packets} packets")
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines) + "\n"

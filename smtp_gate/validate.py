@@ -1,0 +1,126 @@
+"""Validation and normal forms for every value that may reach an nft command.
+
+Nothing from outside (configuration, domain XML, whitelist, sysfs) is pasted into
+nft text unchecked: interface names, name patterns, MACs and ports pass through
+here first and come out in one normal form.  Pure functions, no I/O.
+"""
+
+import re
+from typing import Iterable, List, Tuple
+
+from smtp_gate.errors import ValidationError
+
+IFNAMSIZ = 16  # the kernel's limit includes the terminating NUL: names are at most 15 bytes
+
+# Linux forbids '/', ':' and whitespace in names; we also refuse what nft could read
+# as syntax inside a quoted string ('"', '\\') or as a wildcard ('*'), and anything
+# that is not printable ASCII.  Every name libvirt, LXC, Xen, Docker or a distribution
+# installer generates fits.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,14}")
+_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,13}\*")
+_MAC_HEX = re.compile(r"[0-9a-f]{12}")
+_MAC_SEPARATED = re.compile(r"([0-9a-f]{1,2})([:-])([0-9a-f]{1,2})(\2[0-9a-f]{1,2}){4}")
+
+
+def ifname(value: str) -> str:
+    """Return VALUE if it is a safe interface name, else raise ValidationError."""
+    if not isinstance(value, str) or not _IFNAME.fullmatch(value) or value in (".", ".."):
+        raise ValidationError(
+            f"bad interface name {value!r}: expected 1-15 characters of letters, digits and . _ - + @"
+        )
+    if value.isdigit():
+        # nft reads a bare number as an interface index: "12" would name another device
+        raise ValidationError(f"bad interface name {value!r}: an all-digit name is ambiguous for nft")
+    return value
+
+
+def ifname_pattern(value: str) -> str:
+    """Return VALUE if it is an exact interface name or a prefix ending in one '*'."""
+    if isinstance(value, str) and value.endswith("*"):
+        if _PATTERN.fullmatch(value):
+            return value
+        raise ValidationError(
+            f"bad interface pattern {value!r}: expected a name prefix of 1-14 characters followed by one '*'"
+        )
+    return ifname(value)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """True if NAME matches PATTERN the way an nft ifname set element does."""
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return name == pattern
+
+
+def mac(value: str) -> str:
+    """Normalise a unicast-or-not MAC to lower-case colon form.
+
+    Accepts 52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF, 5254.00ab.cdef and 525400abcdef.
+    """
+    text = value.strip().lower() if isinstance(value, str) else ""
+    m = _MAC_SEPARATED.fullmatch(text)
+    if m:
+        digits = "".join(part.zfill(2) for part in re.split(r"[:-]", text))
+    elif re.fullmatch(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}", text):
+        digits = text.replace(".", "")
+    elif _MAC_HEX.fullmatch(text):
+        digits = text
+    else:
+        raise ValidationError(
+            f"bad MAC address {value!r}: expected six hex bytes, e.g. 52:54:00:ab:cd:ef"
+        )
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def unicast_mac(value: str) -> str:
+    """Normalise VALUE and refuse the MACs no guest NIC can own (multicast, broadcast, zero)."""
+    normal = mac(value)
+    if normal == "00:00:00:00:00:00":
+        raise ValidationError(f"bad MAC address {value!r}: the all-zero address belongs to no NIC")
+    if normal == "ff:ff:ff:ff:ff:ff":
+        raise ValidationError(f"bad MAC address {value!r}: that is the broadcast address, not a NIC")
+    if int(normal[:2], 16) & 1:
+        raise ValidationError(
+            f"bad MAC address {value!r}: a multicast address (odd first byte) belongs to no NIC"
+        )
+    return normal
+
+
+PortRange = Tuple[int, int]
+
+
+def port_list(value: str) -> List[PortRange]:
+    """Parse "25,465,2525-2530" into sorted, non-overlapping (first, last) ranges.
+
+    Duplicates and overlaps are errors rather than silently merged: they are almost
+    always a typo in a list an operator meant to read back.
+    """
+    items = [item.strip() for item in re.split(r"[,\s]+", value.strip()) if item.strip()]
+    if not items:
+        raise ValidationError(f"bad port list {value!r}: expected ports 1-65535 such as \"25,465\"")
+    ranges: List[PortRange] = []
+    for item in items:
+        m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", item)
+        if not m:
+            raise ValidationError(
+                f"bad port {item!r} in {value!r}: expected a number 1-65535 or a range like 2525-2530"
+            )
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) else first
+        for port in (first, last):
+            if not 1 <= port <= 65535:
+                raise ValidationError(f"bad port {port} in {value!r}: expected 1-65535")
+        if last < first:
+            raise ValidationError(f"bad port range {item!r} in {value!r}: the first port exceeds the last")
+        ranges.append((first, last))
+    ranges.sort()
+    for (a_first, a_last), (b_first, b_last) in zip(ranges, ranges[1:]):
+        if b_first <= a_last:
+            shown = f"{b_first}" if b_first == b_last else f"{b_first}-{b_last}"
+            raise ValidationError(f"duplicate port {shown} in {value!r}: each port may appear once")
+    return ranges
+
+
+def format_ports(ranges: Iterable[PortRange]) -> str:
+    """The inverse of port_list: "25,465,2525-2530"."""
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)

@@ -1,0 +1,29 @@
+"""Shared fixtures: per-test network namespaces that are always removed."""
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests import netlab
+
+
+@pytest.fixture(scope="session")
+def kernel_skip_reason() -> str:
+    return netlab.missing_kernel_features() or ""
+
+
+@pytest.fixture
+def lab(tmp_path: Path, kernel_skip_reason: str) -> Iterator[netlab.BridgeLab]:
+    """A hypervisor namespace with br0, uplink0 to an "internet" listening on 25/465/587/80/8080,
+    and two guests on vnet0 and vnet1."""
+    if kernel_skip_reason:
+        pytest.skip(kernel_skip_reason)
+    bridge_lab = netlab.BridgeLab(tmp_path)
+    try:
+        bridge_lab.add_guest("g1", "vnet0", 2)
+        bridge_lab.add_guest("g2", "vnet1", 3)
+        bridge_lab.listen(bridge_lab.inet, [25, 465, 587, 80, 8080])
+        yield bridge_lab
+    finally:
+        bridge_lab.close()
