@@ -17,6 +17,10 @@ class NftError(SmtpGateError):
     """nft refused a batch; nothing of it was applied (nft batches are atomic)."""
 
 
+class WhitelistError(SmtpGateError):
+    """The whitelist file cannot be read or written, or a value cannot be stored in it."""
+
+
 class LockTimeout(SmtpGateError):
     """Another smtp-gate process held the lock longer than we may wait."""
 
