@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable, Dict, List, Optional
 
-from smtp_gate import __version__, config as config_mod, discovery, engine, nft, status as status_mod
+from smtp_gate import __version__, config as config_mod, discovery, engine, nft, status as status_mod, validate
 from smtp_gate.config import Config
 from smtp_gate.errors import SmtpGateError
 
@@ -26,18 +26,22 @@ def warn(message: str) -> None:
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     """Install the whole desired state in one atomic transaction."""
-    outcome, batch = engine.apply(config, guests=None, dry_run=args.dry_run)
+    from smtp_gate import rebuild
+
+    result = rebuild.rebuild(config, use_libvirt=not args.no_libvirt, dry_run=args.dry_run)
+    outcome = result.outcome
     if args.dry_run:
-        sys.stdout.write(batch.text())
+        sys.stdout.write(result.batch.text())
         print("# the kernel accepted this batch (nft -c); nothing was changed", file=sys.stderr)
     else:
         d = outcome.desired
+        guests = "libvirt not asked" if result.guests_seen is None else f"{result.guests_seen} running guest(s)"
         print(
             f"ok: {'auditing' if d.audit else 'enforcing'} on {', '.join(config.bridges)}: "
-            f"uplinks {', '.join(d.uplinks) or 'none'}; blocked ports {', '.join(str(a) if a == b else f'{a}-{b}' for a, b in d.blocked_ports)}; "
-            f"{len(d.allowed)} allowed guest NIC(s)"
+            f"uplinks {', '.join(d.uplinks) or 'none'}; blocked ports {validate.format_ports(d.blocked_ports)}; "
+            f"{guests}; {len(d.allowed)} allowed guest NIC(s)"
         )
-    for note in outcome.notes:
+    for note in result.hypervisor_warnings:
         warn(note)
     for message in outcome.warnings:
         warn(message)
@@ -122,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
             f"sudo smtp-gate {name}   |   smtp-gate {name} --dry-run",
         )
         p.add_argument("--dry-run", action="store_true", help="print the nft batch and check it with the kernel; change nothing")
+        p.add_argument(
+            "--no-libvirt",
+            action="store_true",
+            help="do not ask libvirt (boot time: keep the kernel's allowances for ports that exist)",
+        )
     add("rollback", "remove smtp-gate's nft table and nothing else", "sudo smtp-gate rollback", aliases=["disable"])
     p = add("status", "show what the kernel enforces, allowances and blocked attempts", "smtp-gate status --json")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -11,19 +11,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from smtp_gate import discovery, nft, ruleset, validate
 from smtp_gate.config import Config
 from smtp_gate.discovery import Link, PortPlan
-from smtp_gate.errors import ValidationError
 from smtp_gate.ruleset import Desired, Pair
-
-
-@dataclass(frozen=True)
-class GuestNic:
-    """A guest NIC as the hypervisor reports it, reduced to what enforcement needs."""
-
-    guest: str  # name, for messages only: guest names never enter the ruleset
-    port: str  # host-side device
-    mac: str
-    bridge: Optional[str]
-    allowed: bool
+from smtp_gate.runstate import Record
 
 
 @dataclass
@@ -31,7 +20,6 @@ class Outcome:
     desired: Desired
     plan: PortPlan
     warnings: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
 
     @property
     def has_warnings(self) -> bool:
@@ -64,37 +52,29 @@ def kernel_guest_ports(table: Optional[nft.KernelTable], links: Dict[str, Link])
 def compute(
     config: Config,
     links: Dict[str, Link],
-    guests: Optional[Sequence[GuestNic]],
+    guests: Optional[Sequence[Record]],
     kernel: Optional[nft.KernelTable],
 ) -> Outcome:
     """The whole desired state.
 
-    GUESTS is None when no hypervisor could be asked (libvirt down, or the boot-time apply
-    that must not wait for libvirt): then the kernel's own allowances and guest ports are
-    kept for ports that still exist, so a restart of our service never unblocks nor blocks
-    a running guest.
+    GUESTS holds one record per running guest (see guests.record_for), or is None when no
+    hypervisor could be asked (libvirt down, or the boot-time apply that must not wait for
+    libvirt): then the kernel's own allowances and guest ports are kept for ports that
+    still exist, so a restart of our service never unblocks nor blocks a running guest.
+    Anything naming a device that no longer exists is dropped: an interface index is
+    never reused, a name may be.
     """
-    protected = set(config.bridges)
-    notes: List[str] = []
+    indexes = {link.ifindex for link in links.values()}
+    extra_foreign: Set[str] = set()
     if guests is None:
         pairs = kernel_pairs(kernel, links)
         guest_ports = kernel_guest_ports(kernel, links)
     else:
         pairs, guest_ports = set(), set()
-        for nic in guests:
-            if nic.bridge is not None and nic.bridge not in protected:
-                continue
-            link = links.get(nic.port)
-            if link is None:
-                continue  # the guest stopped, or its device is gone: nothing to allow
-            try:
-                validate.ifname(nic.port)
-            except ValidationError as exc:
-                notes.append(f"guest {nic.guest!r}: {exc}; its NIC stays blocked")
-                continue
-            guest_ports.add(nic.port)
-            if nic.allowed:
-                pairs.add((link.ifindex, nic.mac))
+        for record in guests:
+            guest_ports.update(p for p in record.guest_ports if p in links)
+            extra_foreign.update(p for p in record.foreign_ports if p in links)
+            pairs.update(p for p in record.allowed if p[0] in indexes)
     plan = discovery.plan_ports(config, links, sorted(guest_ports))
     warnings = list(plan.warnings)
     if plan.skipped:
@@ -106,7 +86,7 @@ def compute(
         uplinks=plan.uplinks,
         guest_ports=tuple(sorted(guest_ports - set(plan.uplinks))),
         guest_patterns=config.guest_patterns,
-        foreign_ports=plan.foreign_ports,
+        foreign_ports=tuple(sorted(set(plan.foreign_ports) | extra_foreign)),
         blocked_ports=config.blocked_ports,
         allowed=tuple(sorted(pairs)),
         audit=config.audit,
@@ -115,7 +95,7 @@ def compute(
         log_burst=config.log_burst,
         non_ip=config.non_ip,
     )
-    return Outcome(desired=desired, plan=plan, warnings=warnings, notes=notes)
+    return Outcome(desired=desired, plan=plan, warnings=warnings)
 
 
 def obsolete(kernel: Optional[nft.KernelTable]) -> Tuple[List[str], List[str]]:
@@ -143,7 +123,7 @@ def build(outcome: Outcome, kernel: Optional[nft.KernelTable]) -> ruleset.Batch:
 
 def apply(
     config: Config,
-    guests: Optional[Sequence[GuestNic]],
+    guests: Optional[Sequence[Record]],
     dry_run: bool = False,
     links: Optional[Dict[str, Link]] = None,
 ) -> Tuple[Outcome, ruleset.Batch]:

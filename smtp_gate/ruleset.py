@@ -10,8 +10,7 @@ have never heard of fails closed.  The same check runs on the bridge `input` hoo
 guest whose next hop is the hypervisor itself.
 """
 
-from dataclasses import dataclass, field
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, NamedTuple, Tuple
 
 from smtp_gate import validate
 from smtp_gate.validate import PortRange
@@ -45,9 +44,8 @@ SET_TYPES = {
 ETHERTYPE_RARP = 0x8035  # QEMU announces a migrated guest with RARP
 
 
-@dataclass(frozen=True)
-class Desired:
-    """Everything the kernel should hold.  Names and MACs are validated on the way in."""
+class Desired(NamedTuple):
+    """Everything the kernel should hold.  check() validates it before any nft text is built."""
 
     uplinks: Tuple[str, ...] = ()
     guest_ports: Tuple[str, ...] = ()
@@ -61,24 +59,27 @@ class Desired:
     log_burst: int = 50
     non_ip: str = "drop"
 
-    def __post_init__(self) -> None:
-        for name in (*self.uplinks, *self.guest_ports, *self.foreign_ports):
-            validate.ifname(name)
-        for pattern in self.guest_patterns:
-            validate.ifname_pattern(pattern)
-        for index, mac in self.allowed:
-            if not isinstance(index, int) or index <= 0:
-                raise validate.ValidationError(f"bad interface index {index!r}: expected a positive integer")
-            if validate.mac(mac) != mac:
-                raise validate.ValidationError(f"MAC {mac!r} is not in normal form")
-        validate.port_list(validate.format_ports(self.blocked_ports))
 
 
-@dataclass(frozen=True)
-class Batch:
+def check(state: Desired) -> Desired:
+    """Refuse anything that is not a safe interface name, pattern, MAC or port list."""
+    for name in (*state.uplinks, *state.guest_ports, *state.foreign_ports):
+        validate.ifname(name)
+    for pattern in state.guest_patterns:
+        validate.ifname_pattern(pattern)
+    for index, mac in state.allowed:
+        if not isinstance(index, int) or index <= 0:
+            raise validate.ValidationError(f"bad interface index {index!r}: expected a positive integer")
+        if validate.mac(mac) != mac:
+            raise validate.ValidationError(f"MAC {mac!r} is not in normal form")
+    validate.port_list(validate.format_ports(state.blocked_ports))
+    return state
+
+
+class Batch(NamedTuple):
     """nft commands for one atomic transaction (`nft -f`)."""
 
-    commands: Tuple[str, ...] = field(default_factory=tuple)
+    commands: Tuple[str, ...] = ()
 
     def text(self) -> str:
         return "".join(f"{command}\n" for command in self.commands)
@@ -201,6 +202,7 @@ def apply_batch(state: Desired, obsolete_chains: Iterable[str] = (), obsolete_se
     the flush that removed their last reference, then declared afresh.  The attempts set
     and the named counters are never flushed: their counts survive every rebuild.
     """
+    check(state)
     commands = _declare_chains()
     commands += [f"flush chain {T} {chain}" for chain in CHAINS]
     for chain in obsolete_chains:

@@ -14,16 +14,22 @@ def kernel_skip_reason() -> str:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, kernel_skip_reason: str) -> Iterator[netlab.BridgeLab]:
-    """A hypervisor namespace with br0, uplink0 to an "internet" listening on 25/465/587/80/8080,
-    and two guests on vnet0 and vnet1."""
+def bare_lab(tmp_path: Path, kernel_skip_reason: str) -> Iterator[netlab.BridgeLab]:
+    """A hypervisor namespace with br0 and uplink0 to an "internet" listening on
+    25/465/587/80/8080, no guests yet."""
     if kernel_skip_reason:
         pytest.skip(kernel_skip_reason)
     bridge_lab = netlab.BridgeLab(tmp_path)
     try:
-        bridge_lab.add_guest("g1", "vnet0", 2)
-        bridge_lab.add_guest("g2", "vnet1", 3)
         bridge_lab.listen(bridge_lab.inet, [25, 465, 587, 80, 8080])
         yield bridge_lab
     finally:
         bridge_lab.close()
+
+
+@pytest.fixture
+def lab(bare_lab: netlab.BridgeLab) -> netlab.BridgeLab:
+    """bare_lab with two guests, g1 on vnet0 and g2 on vnet1."""
+    bare_lab.add_guest("g1", "vnet0", 2)
+    bare_lab.add_guest("g2", "vnet1", 3)
+    return bare_lab

@@ -84,4 +84,4 @@ def test_element_changes_and_removal_whether_or_not_present() -> None:
 )
 def test_nothing_unchecked_reaches_nft(kwargs: dict) -> None:
     with pytest.raises(ValidationError):
-        Desired(**kwargs)
+        ruleset.apply_batch(Desired(**kwargs))

@@ -1,0 +1,229 @@
+"""The libvirt hook: keeps enforcement exact at every guest start and stop (DESIGN §2).
+
+libvirt runs /etc/libvirt/hooks/<driver>.d/* with `argv = name operation sub-operation
+extra` and the domain XML on stdin, while it holds the guest's lock.  So this code:
+- never calls libvirt (it would deadlock) and only reads the XML it is given;
+- never prints on stdout (for migrate and restore, libvirt takes stdout as the new
+  domain XML);
+- never fails: an exit status other than 0 at prepare/start aborts the guest's start and
+  at reconnect kills a running guest.  Every error is logged (syslog and stderr) and
+  the hook exits 0; the guest then stays blocked, which is the safe side, and the next
+  rebuild repairs the rest;
+- waits for our lock a bounded time only;
+- imports as little as it can: its import time is most of its cost (no lxml, no
+  filelock, no libvirt; the stdlib parses the XML).
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO, List, Optional, Sequence
+
+# (driver, operation, sub-operation) -> action.  qemu and lxc create their taps/veths
+# before `start begin` and the guest cannot run yet: allow there.  libxl creates vifD.N
+# only after `start begin`: allow at `started` (blocked, not open, for the first instants).
+ACTIONS = {
+    ("qemu", "prepare", "begin"): "ensure",
+    ("qemu", "start", "begin"): "allow",
+    ("qemu", "reconnect", "begin"): "reconnect",
+    ("qemu", "stopped", "end"): "revoke",
+    ("qemu", "release", "end"): "revoke",
+    ("lxc", "prepare", "begin"): "ensure",
+    ("lxc", "start", "begin"): "allow",
+    ("lxc", "reconnect", "begin"): "reconnect",
+    ("lxc", "stopped", "end"): "revoke",
+    ("lxc", "release", "end"): "revoke",
+    ("libxl", "prepare", "begin"): "ensure",
+    ("libxl", "start", "begin"): "ensure",
+    ("libxl", "started", "begin"): "allow",
+    ("libxl", "reconnect", "begin"): "reconnect",
+    ("libxl", "stopped", "end"): "revoke",
+    ("libxl", "release", "end"): "revoke",
+}
+
+
+def _log(message: str, error: bool = False) -> None:
+    import syslog
+
+    syslog.openlog("smtp-gate-hook", syslog.LOG_PID, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, message)
+    print(f"smtp-gate hook: {message}", file=sys.stderr)
+
+
+def _sysfs_index(name: str) -> Optional[int]:
+    try:
+        with open(f"/sys/class/net/{name}/ifindex", "rb") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _sysfs_master(name: str) -> Optional[str]:
+    try:
+        return os.path.basename(os.readlink(f"/sys/class/net/{name}/master"))
+    except OSError:
+        return None
+
+
+class Hook:
+    """One hook call.  Holds the parsed inputs; each action is a method."""
+
+    def __init__(self, driver: str, argv: Sequence[str], xml: bytes) -> None:
+        from smtp_gate import config as config_mod
+        from smtp_gate.runstate import RunState
+
+        self.driver = driver
+        self.guest = argv[0] if argv else "?"
+        self.xml = xml
+        self.config = config_mod.load(None)
+        self.state = RunState(self.config.run_dir)
+
+    def domain(self):  # type: ignore[no-untyped-def]
+        import xml.etree.ElementTree as ET
+
+        from smtp_gate import domain
+
+        return domain.from_element(ET.fromstring(self.xml))
+
+    def record(self, dom):  # type: ignore[no-untyped-def]
+        from smtp_gate import guests, whitelist
+
+        text = whitelist.read_text(self.config.whitelist)
+        allowed = whitelist.fast_allowed_macs(text, whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom))))
+        return guests.record_for(dom, self.config.bridges, allowed, _sysfs_index, _sysfs_master)
+
+    def locked(self):  # type: ignore[no-untyped-def]
+        from smtp_gate import lock
+
+        return lock.flock(self.config.lock_path, lock.HOOK_TIMEOUT)
+
+    # -- actions --------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Make sure the base table exists, even if the boot service has not run."""
+        from smtp_gate import nft
+
+        if nft.table_exists():
+            return
+        with self.locked():
+            if not nft.table_exists():
+                self._install_base()
+
+    def _install_base(self) -> None:
+        from smtp_gate import engine
+
+        outcome, _batch = engine.apply(self.config, guests=None)
+        _log(f"installed the base enforcement (table was missing) for {self.guest!r}")
+        for message in outcome.warnings:
+            _log(f"warning: {message}")
+
+    def allow(self) -> None:
+        from smtp_gate import nft, ruleset
+        from smtp_gate.runstate import domain_event
+
+        dom = self.domain()
+        with self.locked():
+            if not nft.table_exists():
+                self._install_base()
+            record = self.record(dom)
+            old = self.state.read_record(dom.uuid)
+            add = [("guest_ports", ruleset.name_element(p)) for p in record.guest_ports]
+            add += [("foreign_ports", ruleset.name_element(p)) for p in record.foreign_ports]
+            add += [("allowed", ruleset.pair_element(p)) for p in record.allowed]
+            delete = self._stale(old, record) if old else []
+            if add or delete:
+                nft.run_batch(ruleset.element_batch(add=add, delete=delete))
+            self.state.write_record(record)
+            self.state.append(domain_event("start", dom))
+        if record.allowed:
+            _log(f"guest {dom.name!r} allowed on {', '.join(f'#{i}/{m}' for i, m in record.allowed)}")
+
+    def reconnect(self) -> None:
+        """libvirtd restarted: one call per running guest, all at once.  Do nothing, without
+        the lock and without nft, when our record already says what the kernel must hold."""
+        dom = self.domain()
+        old = self.state.read_record(dom.uuid)
+        if old is not None and old == self.record(dom):
+            return
+        self.allow()
+
+    def revoke(self) -> None:
+        from smtp_gate import nft, ruleset
+        from smtp_gate.runstate import domain_event
+
+        dom = self.domain()
+        with self.locked():
+            record = self.state.read_record(dom.uuid)
+            if record is None:
+                if self.state.journal_end() and self._already_stopped(dom.uuid):
+                    return
+                record = self._record_from_kernel(dom)
+            delete = [("guest_ports", ruleset.name_element(p)) for p in record.guest_ports]
+            delete += [("foreign_ports", ruleset.name_element(p)) for p in record.foreign_ports]
+            delete += [("allowed", ruleset.pair_element(p)) for p in record.allowed]
+            if delete and nft.table_exists():
+                nft.run_batch(ruleset.element_batch(delete=delete))
+            self.state.drop_record(dom.uuid)
+            self.state.append(domain_event("stop", dom))
+        if record.allowed:
+            _log(f"guest {dom.name!r} stopped: allowance removed")
+
+    def _already_stopped(self, uuid: str) -> bool:
+        """release end follows stopped end: the journal's last word on the guest says so."""
+        last = None
+        for event in self.state.events_since(max(0, self.state.journal_end() - 65536)):
+            if event.get("uuid") == uuid:
+                last = event.get("op")
+        return last == "stop"
+
+    def _record_from_kernel(self, dom):  # type: ignore[no-untyped-def]
+        """No record (the guest started before smtp-gate ran, or /run was wiped): remove the
+        guest's MACs from the allowances whose device is gone or named in this XML."""
+        from smtp_gate import nft
+        from smtp_gate.runstate import Record
+
+        macs = {nic.mac for nic in dom.nics if nic.mac}
+        targets = {nic.target for nic in dom.nics if nic.target}
+        table = nft.read_table()
+        pairs = []
+        for value in (table.elements.get("allowed", []) if table else []):
+            if isinstance(value, tuple) and len(value) == 2 and str(value[1]) in macs:
+                port = str(value[0])
+                if port.isdigit() and _sysfs_index(port) is None:
+                    pairs.append((int(port), str(value[1])))
+                elif port in targets and _sysfs_index(port) is not None:
+                    pairs.append((_sysfs_index(port), str(value[1])))  # type: ignore[arg-type]
+        return Record(uuid=dom.uuid, name=dom.name, guest_ports=tuple(sorted(targets)), allowed=tuple(pairs))
+
+    @staticmethod
+    def _stale(old, new):  # type: ignore[no-untyped-def]
+        """What an earlier record of the same guest put in the kernel that is no longer true."""
+        from smtp_gate import ruleset
+
+        out = [("guest_ports", ruleset.name_element(p)) for p in set(old.guest_ports) - set(new.guest_ports)]
+        out += [("foreign_ports", ruleset.name_element(p)) for p in set(old.foreign_ports) - set(new.foreign_ports)]
+        out += [("allowed", ruleset.pair_element(p)) for p in set(old.allowed) - set(new.allowed)]
+        return out
+
+
+def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO] = None) -> int:
+    """Entry point of hooks/<driver>.  Always returns 0 (see the module docstring)."""
+    args = sys.argv[1:] if argv is None else argv
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # nothing of ours may ever reach libvirt's stdout
+    started = time.monotonic()
+    try:
+        action = ACTIONS.get((driver, *(args[1:3] if len(args) >= 3 else ("", ""))))
+        if action is None:
+            return 0
+        xml = (stdin or sys.stdin.buffer).read()
+        getattr(Hook(driver, args, xml), action)()
+    except Exception as exc:  # noqa: BLE001 - a hook must never fail a guest
+        _log(
+            f"{driver} hook for {args[:3]} failed after {time.monotonic() - started:.2f}s, "
+            f"the guest stays blocked until the next rebuild: {type(exc).__name__}: {exc}",
+            error=True,
+        )
+    finally:
+        sys.stdout = real_stdout
+    return 0

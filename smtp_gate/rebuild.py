@@ -1,0 +1,93 @@
+"""`smtp-gate apply` / `rebuild`: derive the whole truth and install it in one transaction.
+
+The order matters (DESIGN §2):
+1. note where the hooks' journal ends (briefly under the lock);
+2. read the running guests from libvirt WITHOUT our lock: a guest whose start hook waits
+   for our lock holds libvirt's lock on that guest, and listing it would wait forever;
+3. under the lock: read the whitelist, replay what hooks did since step 1 onto the
+   snapshot, derive each guest's record, apply everything in one nft transaction, and
+   only then write the records and truncate the journal (firewalld's order: kernel
+   first, bookkeeping after).
+Rebuilds run one at a time (rebuild.lock), so the journal has one reader.
+"""
+
+from typing import Dict, List, NamedTuple, Optional
+
+from smtp_gate import discovery, engine, guests, hypervisor, lock, ruleset, whitelist
+from smtp_gate.config import Config
+from smtp_gate.domain import Domain
+from smtp_gate.engine import Outcome
+from smtp_gate.runstate import Record, RunState, replay
+
+
+class Result(NamedTuple):
+    outcome: Outcome
+    batch: ruleset.Batch
+    guests_seen: Optional[int]  # None: no hypervisor was asked or none answered
+    hypervisor_warnings: List[str]
+
+
+def _lookups(links: Dict[str, discovery.Link]):  # type: ignore[no-untyped-def]
+    def index_of(name: str) -> Optional[int]:
+        link = links.get(name)
+        return link.ifindex if link else None
+
+    def master_of(name: str) -> Optional[str]:
+        link = links.get(name)
+        return link.master if link else None
+
+    return index_of, master_of
+
+
+def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
+    """One record per guest, from the whitelist as it is now (call under the lock)."""
+    allow = whitelist.load(config.whitelist)
+    index_of, master_of = _lookups(links)
+    return [
+        guests.record_for(
+            d,
+            config.bridges,
+            allow.allowed_macs(whitelist.Guest(d.name, d.uuid, tuple(guests.nic_macs(d)))),
+            index_of,
+            master_of,
+        )
+        for d in domains
+    ]
+
+
+def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> Result:
+    state = RunState(config.run_dir)
+    state.prepare()
+    with lock.flock(state.rebuild_lock, lock.COMMAND_TIMEOUT):
+        with lock.command_lock(config.lock_path):
+            offset = state.journal_end()
+        listing = hypervisor.list_running(config.uris()) if use_libvirt else None
+        notes: List[str] = []
+        if listing is not None:
+            notes += [f"guest skipped, its XML could not be read: {line}" for line in listing.skipped]
+            explicit = bool(config.hypervisor or config.libvirt_uris)
+            if not listing.reached:
+                notes.append(
+                    "no hypervisor answered ("
+                    + "; ".join(f"{uri}: {why}" for uri, why in listing.unreachable.items())
+                    + "): enforcement is installed and the kernel's allowances for existing ports are kept"
+                )
+            elif explicit and listing.unreachable:
+                notes += [f"libvirt {uri} did not answer: {why}" for uri, why in listing.unreachable.items()]
+        with lock.command_lock(config.lock_path):
+            links = discovery.read_links()
+            records: Optional[List[Record]] = None
+            if listing is not None and listing.reached:
+                snapshot = {d.uuid: d for d in listing.domains}
+                amended = replay(snapshot, state.events_since(offset))
+                records = records_for(config, list(amended.values()), links)
+                if listing.unreachable:
+                    # guests of a URI that did not answer: keep what their hooks recorded
+                    known = {r.uuid for r in records}
+                    records += [r for u, r in state.all_records().items() if u not in known]
+            outcome, batch = engine.apply(config, records, dry_run=dry_run, links=links)
+            if not dry_run and records is not None:
+                state.replace_records(records)
+                state.truncate_journal()
+    seen = len(listing.domains) if listing is not None and listing.reached else None
+    return Result(outcome, batch, seen, notes)

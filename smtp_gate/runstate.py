@@ -1,0 +1,199 @@
+"""What hooks and rebuilds leave for each other in the run directory (/run/smtp-gate).
+
+- records/<uuid>.json: what smtp-gate put into the kernel for one running guest (its
+  guest ports, ports left alone, allowances).  A stop hook removes exactly that, because
+  the stop XML no longer names auto-created taps; a reconnect hook compares with it and
+  does nothing when nothing changed.
+- journal: one line per guest start or stop a hook saw.  A rebuild reads libvirt without
+  our lock (a guest whose start hook waits for the lock holds libvirt's lock on that
+  guest), notes where the journal ended first, and replays what hooks recorded in
+  between onto its snapshot: it neither loses their additions nor brings back what they
+  removed.
+- rebuild.lock: rebuilds run one at a time, so the one that truncates the journal is
+  the only one reading it.
+
+Everything here is written under the main lock.  The directory is tmpfs: it starts
+empty at boot, when no guest runs.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+from smtp_gate.domain import Domain, Nic
+
+Pair = Tuple[int, str]
+
+
+class Record(NamedTuple):
+    uuid: str
+    name: str
+    guest_ports: Tuple[str, ...] = ()
+    foreign_ports: Tuple[str, ...] = ()
+    allowed: Tuple[Pair, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "uuid": self.uuid,
+                "name": self.name,
+                "guest_ports": list(self.guest_ports),
+                "foreign_ports": list(self.foreign_ports),
+                "allowed": [list(p) for p in self.allowed],
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Record":
+        data = json.loads(text)
+        return cls(
+            uuid=str(data["uuid"]),
+            name=str(data["name"]),
+            guest_ports=tuple(str(p) for p in data.get("guest_ports", [])),
+            foreign_ports=tuple(str(p) for p in data.get("foreign_ports", [])),
+            allowed=tuple((int(i), str(m)) for i, m in data.get("allowed", [])),
+        )
+
+
+def _write(path: Path, text: str) -> None:
+    """Write-then-rename: a reader never sees half a record."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """The run directory.  A plain object over a path: tests give it a temporary one."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+        self.records = self.dir / "records"
+        self.journal = self.dir / "journal"
+        self.rebuild_lock = self.dir / "rebuild.lock"
+
+    def prepare(self) -> None:
+        self.records.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- per-guest records ------------------------------------------------------------------
+    def _record_path(self, uuid: str) -> Path:
+        return self.records / f"{uuid}.json"
+
+    def read_record(self, uuid: str) -> Optional[Record]:
+        try:
+            return Record.from_json(self._record_path(uuid).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, OSError):
+            return None  # a damaged record is as good as none: the caller falls back
+
+    def write_record(self, record: Record) -> None:
+        self.prepare()
+        _write(self._record_path(record.uuid), record.to_json() + "\n")
+
+    def drop_record(self, uuid: str) -> None:
+        try:
+            self._record_path(uuid).unlink()
+        except FileNotFoundError:
+            pass
+
+    def all_records(self) -> Dict[str, Record]:
+        out: Dict[str, Record] = {}
+        try:
+            names = os.listdir(self.records)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.endswith(".json") and not name.startswith("."):
+                record = self.read_record(name[: -len(".json")])
+                if record is not None:
+                    out[record.uuid] = record
+        return out
+
+    def replace_records(self, records: Iterable[Record]) -> None:
+        """After a rebuild: exactly one record per running guest."""
+        wanted = {r.uuid: r for r in records}
+        current = self.all_records()
+        for uuid in set(current) - set(wanted):
+            self.drop_record(uuid)
+        for uuid, record in wanted.items():
+            if current.get(uuid) != record:
+                self.write_record(record)
+
+    # -- journal --------------------------------------------------------------------------
+    def journal_end(self) -> int:
+        try:
+            return self.journal.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append(self, event: Dict[str, object]) -> None:
+        self.prepare()
+        line = (json.dumps(event, sort_keys=True) + "\n").encode("utf-8")
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def events_since(self, offset: int) -> Iterator[Dict[str, object]]:
+        try:
+            with open(self.journal, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        for line in data.splitlines():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+    def truncate_journal(self) -> None:
+        try:
+            os.truncate(self.journal, 0)
+        except FileNotFoundError:
+            pass
+
+
+def domain_event(op: str, domain: Domain) -> Dict[str, object]:
+    return {
+        "op": op,
+        "uuid": domain.uuid,
+        "name": domain.name,
+        "type": domain.type,
+        "nics": [[n.type, n.mac, n.bridge, n.target, n.virtualport] for n in domain.nics],
+    }
+
+
+def domain_from_event(event: Dict[str, object]) -> Domain:
+    nics = tuple(
+        Nic(type=t or "", mac=m, bridge=b, network=None, target=d, virtualport=v)
+        for t, m, b, d, v in event.get("nics", [])  # type: ignore[union-attr]
+    )
+    return Domain(name=str(event["name"]), uuid=str(event["uuid"]), type=str(event.get("type", "")), nics=nics)
+
+
+def replay(snapshot: Dict[str, Domain], events: Iterable[Dict[str, object]]) -> Dict[str, Domain]:
+    """Amend a libvirt snapshot with the starts and stops hooks saw after it was taken."""
+    amended = dict(snapshot)
+    for event in events:
+        uuid = str(event.get("uuid", ""))
+        if event.get("op") == "start":
+            amended[uuid] = domain_from_event(event)
+        elif event.get("op") == "stop":
+            amended.pop(uuid, None)
+    return amended
+
+
+def flatten(records: Iterable[Record]) -> Tuple[List[str], List[str], List[Pair]]:
+    guest_ports: List[str] = []
+    foreign: List[str] = []
+    pairs: List[Pair] = []
+    for record in records:
+        guest_ports += record.guest_ports
+        foreign += record.foreign_ports
+        pairs += record.allowed
+    return guest_ports, foreign, pairs

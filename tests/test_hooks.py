@@ -1,0 +1,191 @@
+"""The libvirt hooks, run as libvirt runs them: the executable, argv, the recorded domain XML
+on stdin, a clean environment; the kernel state and real frames checked after each call."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+
+from tests import netlab
+from tests.netlab import REPO, BridgeLab
+
+pytestmark = pytest.mark.kernel
+
+SAMPLES = Path(__file__).parent / "data" / "libvirt-samples"
+TWO_NICS = SAMPLES / "2nic-virsh-destroy"
+UUID2 = "56ba75c7-fc96-46bd-a78e-ccf8d5907094"
+MAC_AUTO, MAC_FIXED = "52:54:00:fa:2f:a5", "52:54:00:aa:00:02"
+HEADER = "# vmname,mac,added_at,added_by,reason\n"
+
+
+def hook(
+    lab: BridgeLab, driver: str, name: str, op: str, sub: str, xml: bytes, path: Optional[str] = None,
+    extra_env: Optional[Dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
+    """Run hooks/<driver> in the hypervisor namespace with libvirt's environment (LC_ALL, PATH,
+    HOME) plus SMTP_GATE_CONFIG, which the hook honours."""
+    env = {"LC_ALL": "C", "PATH": path or "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+           "SMTP_GATE_CONFIG": str(lab.config_path)}
+    env.update(extra_env or {})
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.hv.name, "/usr/bin/python3", str(REPO / "hooks" / driver), name, op, sub, "-"],
+        input=xml, capture_output=True, env=env, timeout=30,
+    )
+
+
+def sample(name: str) -> bytes:
+    return (TWO_NICS / f"{name}.xml").read_bytes()
+
+
+def allowed(lab: BridgeLab) -> str:
+    return lab.nft("list", "set", "bridge", "smtp_gate", "allowed").stdout
+
+
+@pytest.fixture
+def lab2(bare_lab: BridgeLab) -> BridgeLab:
+    """The recorded guest 'lab2': vnet1 (auto-named tap) and lab2n1 (fixed target), with
+    their MACs, plus the internet listening."""
+    bare_lab.add_guest("lab2a", "vnet1", 10, mac=MAC_AUTO)
+    bare_lab.add_guest("lab2b", "lab2n1", 11, mac=MAC_FIXED)
+    return bare_lab
+
+
+def test_the_lifecycle_of_an_allowed_nic(lab2: BridgeLab) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"lab2-second-nic,{MAC_FIXED.upper()},2026-01-01T00:00:00+00:00,root,ok\n")
+    auto, fixed = lab.guests["lab2a"], lab.guests["lab2b"]
+
+    r = hook(lab, "qemu", "lab2", "prepare", "begin", sample("01-lab2-prepare-begin"))
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert "smtp_gate" in lab.nft("list", "tables").stdout, "prepare installs the base table"
+    assert not lab.tcp_connects(fixed, lab.INET4, 25, timeout=0.5)
+
+    r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"))
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert lab.tcp_connects(fixed, lab.INET4, 25) and lab.tcp_connects(fixed, lab.INET6, 465)
+    assert not lab.tcp_connects(auto, lab.INET4, 25, timeout=0.5), "only the NIC with the whitelisted MAC"
+    guest_ports = lab.nft("list", "set", "bridge", "smtp_gate", "guest_ports").stdout
+    assert '"vnet1"' in guest_ports and '"lab2n1"' in guest_ports
+
+    for name, op, sub in (("03-lab2-started-begin", "started", "begin"),):
+        assert hook(lab, "qemu", "lab2", op, sub, sample(name)).returncode == 0
+    assert lab.tcp_connects(fixed, lab.INET4, 25)
+
+    # stopped end: the XML no longer names vnet1; the record from start says what to remove
+    r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"))
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert MAC_FIXED not in allowed(lab)
+    assert '"vnet1"' not in lab.nft("list", "set", "bridge", "smtp_gate", "guest_ports").stdout
+    assert not lab.tcp_connects(fixed, lab.INET4, 25, timeout=0.5)
+    assert not (lab.tmp / "run" / "records" / f"{UUID2}.json").exists()
+    r = hook(lab, "qemu", "lab2", "release", "end", sample("05-lab2-release-end"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+
+
+def test_a_name_row_allows_every_nic_of_the_guest(lab2: BridgeLab) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\"ID verified, ticket \"\"4711\"\"\"\n")
+    assert hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin")).returncode == 0
+    assert lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25)
+    assert lab.tcp_connects(lab.guests["lab2b"], lab.INET6, 25)
+
+
+def test_reconnect_does_nothing_when_nothing_changed_and_repairs_when_it_did(lab2: BridgeLab, tmp_path: Path) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    assert hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin")).returncode == 0
+    # a spy nft that records calls and fails: reconnect with nothing changed must not need it
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "nft").write_text(f"#!/bin/sh\necho \"$@\" >> {spy}/calls\nexit 1\n")
+    (spy / "nft").chmod(0o755)
+    reconnect_xml = (SAMPLES / "1nic-daemon-restart-reconnect" / "04-lab1-reconnect-begin.xml").read_bytes()
+    started = sample("03-lab2-started-begin").replace(b"<domain type='qemu' id='2'>", b"<domain type='qemu' id='7'>")
+    r = hook(lab, "qemu", "lab2", "reconnect", "begin", started, path=f"{spy}:/usr/sbin:/usr/bin:/sbin:/bin")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    assert not (spy / "calls").exists(), "reconnect called nft although nothing changed"
+    assert lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25)
+    # the record no longer matches (the whitelist row is gone): reconnect repairs it
+    (lab.tmp / "whitelist.csv").write_text(HEADER)
+    r = hook(lab, "qemu", "lab2", "reconnect", "begin", started)
+    assert r.returncode == 0
+    assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+    assert reconnect_xml  # the recorded reconnect XML parses too:
+    assert hook(lab, "qemu", "lab1", "reconnect", "begin", reconnect_xml).returncode == 0
+
+
+def test_when_nft_fails_the_guest_still_starts_and_stays_blocked(lab2: BridgeLab, tmp_path: Path) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    lab.smtp_gate("apply")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "nft").write_text("#!/bin/sh\necho 'Error: simulated failure' >&2\nexit 1\n")
+    (broken / "nft").chmod(0o755)
+    r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"), path=f"{broken}:/usr/bin:/bin")
+    assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
+    assert b"failed" in r.stderr and b"stays blocked" in r.stderr
+    assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+
+
+def test_broken_input_never_fails_the_hook(lab2: BridgeLab) -> None:
+    lab = lab2
+    for xml in (b"", b"<domain><name>x</name>", b"<network/>"):
+        r = hook(lab, "qemu", "x", "start", "begin", xml)
+        assert (r.returncode, r.stdout) == (0, b"")
+        assert b"smtp-gate hook" in r.stderr
+    lab.config_path.write_text('BLOCKED_PORTS="nonsense"\n')
+    r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"))
+    assert (r.returncode, r.stdout) == (0, b"") and b"BLOCKED_PORTS" in r.stderr
+    # operations the hook does not handle (migrate: stdout would replace the XML) are silent
+    r = hook(lab, "qemu", "lab2", "migrate", "begin", sample("02-lab2-start-begin"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+
+
+def test_libxl_allows_at_started_not_at_start(lab2: BridgeLab) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    xml = sample("02-lab2-start-begin").replace(b"type='qemu'", b"type='xen'")
+    assert hook(lab, "libxl", "lab2", "start", "begin", xml).returncode == 0
+    assert "smtp_gate" in lab.nft("list", "tables").stdout
+    assert MAC_FIXED not in allowed(lab)
+    assert hook(lab, "libxl", "lab2", "started", "begin", xml).returncode == 0
+    assert MAC_FIXED in allowed(lab)
+
+
+def test_a_nic_on_an_unprotected_bridge_is_left_alone(lab: BridgeLab) -> None:
+    lab.hv.ip("link", "add", "virbr0", "type", "bridge")
+    lab.hv.ip("link", "set", "virbr0", "up")
+    guest = lab.netns("nat")
+    lab.connect(guest, "eth0", "vnet5", mac="52:54:00:00:05:05", bridge="virbr0")
+    lab.smtp_gate("apply")
+    xml = sample("02-lab2-start-begin").replace(b"<source bridge='br0'/>\n      <target dev='vnet1'/>",
+                                                b"<source bridge='virbr0'/>\n      <target dev='vnet5'/>")
+    assert hook(lab, "qemu", "lab2", "start", "begin", xml).returncode == 0
+    assert '"vnet5"' in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ports").stdout
+    record = json.loads((lab.tmp / "run" / "records" / f"{UUID2}.json").read_text())
+    assert record["foreign_ports"] == ["vnet5"] and record["allowed"] == []
+
+
+def test_the_hook_finds_its_configuration_without_the_environment(tmp_path: Path) -> None:
+    """libvirt passes only LC_ALL, PATH and HOME: the hook's default config is its app dir's."""
+    app = tmp_path / "app"
+    (app / "hooks").mkdir(parents=True)
+    (app / "config").mkdir()
+    shutil.copytree(REPO / "smtp_gate", app / "smtp_gate", ignore=shutil.ignore_patterns("__pycache__"))
+    (app / "hooks" / "qemu").write_bytes((REPO / "hooks" / "qemu").read_bytes())
+    (app / "hooks" / "qemu").chmod(0o755)
+    (app / "config" / "smtp-gate.conf").write_text('BLOCKED_PORTS="not-a-port"\n')
+    link = tmp_path / "qemu.d-smtp-gate"
+    os.symlink(app / "hooks" / "qemu", link)
+    r = subprocess.run([str(link), "x", "start", "begin", "-"], input=b"<domain/>", capture_output=True,
+                       env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert str(app / "config" / "smtp-gate.conf").encode() in r.stderr, r.stderr
+    assert stat.S_IMODE((REPO / "hooks" / "qemu").stat().st_mode) & 0o111
