@@ -57,6 +57,8 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     report = status_mod.read(config)
+    if report.active and not args.no_libvirt:
+        status_mod.add_guests(report, config)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
@@ -87,6 +89,93 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _report(change) -> int:  # type: ignore[no-untyped-def]
+    for line in change.lines:
+        print(f"ok: {line}")
+    for message in change.warnings:
+        warn(message)
+    return EXIT_OK
+
+
+def cmd_add_vm(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import manage
+
+    return _report(manage.add_vm(config, args.name, args.reason, manage.invoking_user(), manage.now()))
+
+
+def cmd_del_vm(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import manage
+
+    return _report(manage.del_vm(config, args.name))
+
+
+def cmd_add_mac(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import manage
+
+    return _report(manage.add_mac(config, args.mac, args.label, args.reason, manage.invoking_user(), manage.now()))
+
+
+def cmd_del_mac(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import manage
+
+    return _report(manage.del_mac(config, args.mac))
+
+
+def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import manage
+
+    rows, problems = manage.list_rows(config)
+    if args.json:
+        print(json.dumps({"whitelist": str(config.whitelist), "rows": rows, "problems": problems}, indent=2))
+    else:
+        print(f"# {config.whitelist}: {len(rows)} row(s)")
+        for row in rows:
+            print(
+                f"{row['line']:>4}  {row['vmname'] or '-':<24} {row['mac'] or '(all NICs)':<17}  "
+                f"{row['added_at']}  {row['added_by']}  {row['reason']}"
+            )
+    for problem in problems:
+        warn(f"whitelist {config.whitelist}: {problem} (row kept, allows nothing)")
+    return EXIT_WARNING if problems else EXIT_OK
+
+
+def cmd_ports_set(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import manage
+
+    return _report(manage.ports_set(config, args.ports))
+
+
+def cmd_whitelist(args: argparse.Namespace, config: Config) -> int:
+    """The interactive picker of the original README."""
+    from smtp_gate import manage
+
+    if not sys.stdin.isatty():
+        print(
+            "smtp-gate: the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and `smtp-gate del-vm NAME`",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    while True:
+        rows = manage.picker_rows(config)
+        if not rows:
+            print("no guests found in libvirt")
+            return EXIT_OK
+        sys.stdout.write(manage.render_rows(rows))
+        try:
+            answer = input("toggle which (e.g. 1,3 or 2-4; q to quit): ").strip()
+        except EOFError:
+            return EXIT_OK
+        if answer.lower() in ("q", "quit", ""):
+            return EXIT_OK
+        try:
+            chosen = manage.parse_selection(answer, len(rows))
+        except SmtpGateError as exc:
+            print(f"smtp-gate: {exc}", file=sys.stderr)
+            continue
+        for index in chosen:
+            _report(manage.toggle(config, rows[index], manage.invoking_user(), manage.now()))
+
+
 COMMANDS: Dict[str, Handler] = {
     "apply": cmd_apply,
     "rebuild": cmd_apply,
@@ -94,6 +183,13 @@ COMMANDS: Dict[str, Handler] = {
     "disable": cmd_rollback,
     "status": cmd_status,
     "debug": cmd_debug,
+    "add-vm": cmd_add_vm,
+    "del-vm": cmd_del_vm,
+    "add-mac": cmd_add_mac,
+    "del-mac": cmd_del_mac,
+    "list": cmd_list,
+    "ports-set": cmd_ports_set,
+    "whitelist": cmd_whitelist,
 }
 
 
@@ -134,7 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("rollback", "remove smtp-gate's nft table and nothing else", "sudo smtp-gate rollback", aliases=["disable"])
     p = add("status", "show what the kernel enforces, allowances and blocked attempts", "smtp-gate status --json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt about guests")
     add("debug", "show bridge ports, our table as the kernel holds it, and the effective configuration", "smtp-gate debug")
+    p = add("add-vm", "whitelist a guest (name or UUID) and allow its NICs now", 'smtp-gate add-vm web1 "ID verified, ticket 4711"')
+    p.add_argument("name", metavar="NAME", help="guest name or UUID, as `virsh list --all` shows it")
+    p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored in the whitelist)")
+    p = add("del-vm", "remove a guest's whitelist rows and revoke its allowances now", "smtp-gate del-vm web1")
+    p.add_argument("name", metavar="NAME", help="guest name or UUID")
+    p = add("add-mac", "whitelist one NIC by MAC and allow it now", "smtp-gate add-mac 52:54:00:ab:cd:ef web1-eth0")
+    p.add_argument("mac", metavar="MAC", help="52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF or 5254.00ab.cdef")
+    p.add_argument("label", metavar="LABEL", nargs="?", default="", help="a label (stored in the vmname column)")
+    p.add_argument("--reason", default="", help="why (stored in the whitelist)")
+    p = add("del-mac", "remove a MAC's whitelist rows and revoke it now", "smtp-gate del-mac 52:54:00:ab:cd:ef")
+    p.add_argument("mac", metavar="MAC")
+    p = add("list", "show the whitelist as stored", "smtp-gate list --json")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("ports-set", "set the blocked TCP ports, store them in the config and enforce them now", 'smtp-gate ports-set "25,465,587"')
+    p.add_argument("ports", metavar="PORTS", help="comma-separated ports 1-65535, ranges like 2525-2530")
+    add("whitelist", "pick guests to whitelist interactively (needs a terminal)", "sudo smtp-gate whitelist")
     return parser
 
 

@@ -237,3 +237,32 @@ def load(cli_path: Optional[str] = None, environ: Optional[Dict[str, str]] = Non
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
     return parse(text, path)
+
+
+def with_value(text: str, path: Path, key: str, value: str) -> Tuple[str, int]:
+    """TEXT with KEY set to VALUE, every other line and comment kept; and the line it is on.
+
+    The key's line is replaced in place (appended when absent), and the result must
+    parse as a whole: a config is never written that smtp-gate itself would refuse.
+    """
+    if key not in KEYS:
+        raise ConfigError(f"unknown key {key!r}: expected one of {', '.join(KEYS)}")
+    if '"' in value or "\n" in value or "\\" in value or "$" in value or "`" in value:
+        raise ConfigError(f"bad value {value!r} for {key}: it cannot be written between double quotes")
+    lines = text.splitlines(keepends=True)
+    new_line = f'{key}="{value}"\n'
+    number = 0
+    for i, raw in enumerate(lines):
+        m = _LINE.fullmatch(raw.strip())
+        if m and m.group("key") == key:
+            lines[i] = new_line
+            number = i + 1
+            break
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(new_line)
+        number = len(lines)
+    result = "".join(lines)
+    parse(result, path)
+    return result, number

@@ -17,7 +17,6 @@ extra` and the domain XML on stdin, while it holds the guest's lock.  So this co
 import os
 import sys
 import time
-from pathlib import Path
 from typing import BinaryIO, List, Optional, Sequence
 
 # (driver, operation, sub-operation) -> action.  qemu and lxc create their taps/veths

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from smtp_gate import discovery, engine, nft, ruleset, validate
+from smtp_gate import discovery, nft, ruleset, validate
 from smtp_gate.config import Config
 from smtp_gate.discovery import Link
 
@@ -27,7 +27,8 @@ class Report:
     allowed: List[Dict[str, str]] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
     attempts: List[Attempts] = field(default_factory=list)
-    warnings: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)  # the operator must act: exit code 3
+    notes: List[str] = field(default_factory=list)  # worth knowing, nothing to fix
     # filled by callers that know about guests and the whitelist
     guests: List[Dict[str, object]] = field(default_factory=list)
     unprotected: List[Dict[str, str]] = field(default_factory=list)
@@ -103,6 +104,61 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
     return report
 
 
+def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] = None) -> None:
+    """Whitelisted guests (running or not, their ports, whether the kernel holds their
+    allowance, their blocked attempts) and NICs a bridge rule cannot see.  Asks libvirt
+    (no lock held); if no hypervisor answers, says so instead."""
+    from smtp_gate import guests as guests_mod, hypervisor, whitelist
+    from smtp_gate.errors import SmtpGateError
+
+    links = discovery.read_links() if links is None else links
+    try:
+        pairs = hypervisor.list_all(config.uris())
+    except SmtpGateError as exc:
+        report.notes.append(f"guests not shown: {exc}")
+        return
+    model = whitelist.load(config.whitelist)
+    held = {(a["port"], a["mac"]) for a in report.allowed}
+    attempts: Dict[str, int] = {}
+    for item in report.attempts:
+        attempts[item.mac] = attempts.get(item.mac, 0) + item.packets
+    for dom, running in pairs:
+        macs = tuple(guests_mod.nic_macs(dom))
+        allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, macs))
+        if running:
+            for nic in dom.nics:
+                reason = nic.unprotected_reason
+                if reason:
+                    report.unprotected.append({"guest": dom.name, "mac": nic.mac or "?", "reason": reason})
+        if not allowed:
+            continue
+        expected = [
+            (n.target, n.mac)
+            for n in dom.nics
+            if running and n.target and n.mac in allowed and guests_mod.nic_bridge(n, _master(links)) in config.bridges
+        ]
+        held_all = all(pair in held for pair in expected)
+        report.guests.append(
+            {
+                "name": dom.name,
+                "uuid": dom.uuid,
+                "state": "running" if running else "shut off",
+                "ports": ", ".join(port for port, _mac in expected) or "-",
+                "allowed_macs": list(allowed),
+                "held": ("yes" if held_all else "NO") if running else "-",
+                "attempts": sum(attempts.get(m, 0) for m in macs),
+            }
+        )
+        if running and not held_all:
+            report.warnings.append(
+                f"whitelisted guest {dom.name!r} runs but the kernel does not hold its allowance: run `smtp-gate rebuild`"
+            )
+
+
+def _master(links: Dict[str, Link]):  # type: ignore[no-untyped-def]
+    return lambda name: links[name].master if name in links else None
+
+
 def _audit(table: nft.KernelTable) -> bool:
     """Audit mode ends the blocked-attempt chain with accept instead of drop."""
     return any(expr == [{"accept": None}] for expr in table.chains.get("smtp4", []))
@@ -142,5 +198,6 @@ def render(report: Report) -> str:
     )
     for item in sorted(report.attempts, key=lambda a: -a.packets):
         lines.append(f"  {item.port:<16} {item.mac}  {item.packets} packets")
+    lines += [f"note: {n}" for n in report.notes]
     lines += [f"warning: {w}" for w in report.warnings]
     return "\n".join(lines) + "\n"

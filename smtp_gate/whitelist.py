@@ -22,8 +22,6 @@ import csv
 import io
 import os
 import re
-import stat
-import time
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from smtp_gate import validate
@@ -35,7 +33,6 @@ if TYPE_CHECKING:  # only for annotations: datetime costs the hook an import
 FIELDS = ("vmname", "mac", "added_at", "added_by", "reason")
 HEADER = "# " + ",".join(FIELDS) + "\n"
 NEW_FILE_MODE = 0o640  # guest names, operators and reasons (tickets, customers) are nobody else's business
-LEFTOVER_AGE = 60.0  # seconds after which write() removes a temporary file a killed writer left
 
 # Line kinds
 COMMENT = "comment"
@@ -564,11 +561,13 @@ def _mac_pattern(mac: str) -> Optional[str]:
 def _quotes_safe(hay: Union[str, bytes], end: int) -> bool:
     """True if csv reads each line of hay[:end] as a record of its own (see _fast())."""
     if isinstance(hay, str):
-        quote, newline, empty, quoted_field = '"', "\n", "", _QUOTED_FIELD_STR
+        quote, newline = '"', "\n"
+        covered = "".join(_QUOTED_FIELD_STR.findall(hay, 0, end)).count(quote)
     else:
-        quote, newline, empty, quoted_field = b'"', b"\n", b"", _QUOTED_FIELD  # type: ignore[assignment]
-    if quote not in quoted_field.sub(empty, hay[:end] if end < len(hay) else hay):  # type: ignore[arg-type]
-        return True
+        quote, newline = b'"', b"\n"  # type: ignore[assignment]
+        covered = b"".join(_QUOTED_FIELD.findall(hay, 0, end)).count(quote)  # type: ignore[arg-type]
+    if covered == hay.count(quote, 0, end):  # type: ignore[arg-type]
+        return True  # findall, not sub: no copy of the text to allocate
     pos = hay.find(quote, 0, end)  # type: ignore[arg-type]
     while pos != -1:
         start = hay.rfind(newline, 0, pos) + 1  # type: ignore[arg-type]
@@ -616,111 +615,9 @@ def load(path: Union[str, "os.PathLike[str]"]) -> Whitelist:
 
 
 def write(path: Union[str, "os.PathLike[str]"], model: Whitelist) -> None:
-    """Replace the file at PATH with MODEL atomically; call it under the lock.
+    """Replace the file at PATH with MODEL atomically (see files.atomic_write); call it under
+    the lock.  A new file gets NEW_FILE_MODE."""
+    from smtp_gate import files
 
-    A temporary file `.NAME.tmpXXXXXXXX` in the same directory is written, fsynced,
-    given the old file's mode and owner (NEW_FILE_MODE for a new file), renamed over
-    the target, and the directory is fsynced: a crash at any instant leaves the old or
-    the new file, never a mix.  On error the temporary file is removed and the target is
-    untouched.  A temporary file a killed writer left is removed by the first write after
-    it is LEFTOVER_AGE old.
-    A symlink is followed: the file it points to is replaced, the link stays.
-    """
-    target = os.path.realpath(os.fspath(path))
-    directory, base = os.path.split(target)
-    data = model.text().encode("utf-8", "surrogatepass")
-    step = "reading the current file's status"
-    tmp = ""
-    try:
-        try:
-            st: Optional[os.stat_result] = os.stat(target)
-        except FileNotFoundError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise WhitelistError(f"cannot write whitelist {target!r}: it is not a regular file")
-        step = "creating a temporary file"
-        fd, tmp = _create_temp(directory, base)
-        try:
-            step = f"writing {tmp!r}"
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if st is not None and (st.st_uid, st.st_gid) != _owner(fd):
-                step = f"giving {tmp!r} the owner of the current file"
-                os.fchown(fd, st.st_uid, st.st_gid)
-            step = f"setting the mode of {tmp!r}"
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else NEW_FILE_MODE)
-            step = f"syncing {tmp!r} to disk"
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        step = f"renaming {tmp!r} over it"
-        os.rename(tmp, target)
-        tmp = ""
-    except OSError as e:
-        raise WhitelistError(
-            f"cannot write whitelist {target!r}: {e.strerror or e} (while {step}); the file is unchanged"
-        ) from None
-    finally:
-        if tmp:
-            _unlink_quietly(tmp)
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise WhitelistError(
-            f"wrote whitelist {target!r} but could not sync its directory: {e.strerror or e}; "
-            "the change may not survive a power loss"
-        ) from None
-    _remove_leftovers(directory, base)
+    files.atomic_write(path, model.text().encode("utf-8", "surrogatepass"), "whitelist", NEW_FILE_MODE, WhitelistError)
 
-
-def _create_temp(directory: str, base: str) -> Tuple[int, str]:
-    """O_EXCL with a random name, like tempfile.mkstemp (which costs the hook an import)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(100):
-        name = os.path.join(directory, f".{base}.tmp{os.urandom(4).hex()}")
-        try:
-            return os.open(name, flags, 0o600), name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name for {base!r} in {directory!r}")
-
-
-def _owner(fd: int) -> Tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_uid, st.st_gid
-
-
-def _unlink_quietly(name: str) -> None:
-    try:
-        os.unlink(name)
-    except OSError:
-        pass  # best effort: the next write removes it
-
-
-def temp_name_pattern(base: str) -> "re.Pattern[str]":
-    """The names write() gives its temporary files for a target named BASE."""
-    return re.compile(re.escape(f".{base}.tmp") + r"[0-9a-f]{8}")
-
-
-def _remove_leftovers(directory: str, base: str) -> None:
-    """Remove temporary files that killed writers left, once they are a minute old.
-
-    Under the lock no other writer is live, but the age keeps even a writer that ignored
-    the lock from losing its temporary file between its write and its rename.
-    """
-    pattern = temp_name_pattern(base)
-    cutoff = time.time() - LEFTOVER_AGE
-    try:
-        with os.scandir(directory) as it:
-            names = [
-                e.path for e in it if pattern.fullmatch(e.name) and e.stat(follow_symlinks=False).st_mtime < cutoff
-            ]
-    except OSError:
-        return
-    for name in names:
-        _unlink_quietly(name)

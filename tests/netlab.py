@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from tests import frames
 
 REPO = Path(__file__).resolve().parent.parent
 CLONE_NEWNET = 0x40000000

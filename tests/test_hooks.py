@@ -6,13 +6,11 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
 
-from tests import netlab
 from tests.netlab import REPO, BridgeLab
 
 pytestmark = pytest.mark.kernel

@@ -1,0 +1,215 @@
+"""The operator's commands, as subprocesses in the hypervisor namespace: libvirt's test driver
+tells who runs where, a real bridge shows that each change is enforced at once."""
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from tests import testdriver
+from tests.netlab import REPO, BridgeLab
+
+pytestmark = pytest.mark.kernel
+
+HEADER = "# vmname,mac,added_at,added_by,reason\n"
+ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
+
+
+@pytest.fixture
+def fleet(bare_lab: BridgeLab) -> BridgeLab:
+    """Three running guests in libvirt's test driver (vm00000 with two NICs, vm00001,
+    vm00002) whose ports exist on the lab's br0 with their MACs, and one shut-off guest."""
+    lab = bare_lab
+    uri = testdriver.write_node(lab.tmp, running=3, nics=1, shutoff=1)
+    node = Path(uri[len("test://"):])
+    text = node.read_text()
+    # vm00000 gets a second NIC
+    second = (f"<interface type='bridge'><mac address='{testdriver.mac(0, 1)}'/><source bridge='br0'/>"
+              f"<target dev='{testdriver.target(0, 1)}'/></interface>")
+    first_end = text.index("</interface>") + len("</interface>")
+    node.write_text(text[:first_end] + second + text[first_end:])
+    lab.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="{uri}"\n')
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "# an operator's comment survives every write\n")
+    for i, k, n in ((0, 0, 20), (0, 1, 21), (1, 0, 22), (2, 0, 23)):
+        lab.add_guest(f"vm{i}n{k}", testdriver.target(i, k), n, mac=testdriver.mac(i, k))
+    assert lab.smtp_gate("apply").returncode == 0
+    return lab
+
+
+def sg(lab: BridgeLab, *args: str, check: bool = False, env=None) -> subprocess.CompletedProcess:
+    return lab.smtp_gate(*args, check=check, env=env)
+
+
+def can_mail(lab: BridgeLab, guest: str) -> bool:
+    return lab.tcp_connects(lab.guests[guest], lab.INET4, 25, timeout=0.4)
+
+
+def rows(lab: BridgeLab) -> List[dict]:
+    return json.loads(sg(lab, "list", "--json").stdout)["rows"]
+
+
+def test_add_vm_allows_every_nic_now_and_del_vm_revokes_now(fleet: BridgeLab) -> None:
+    lab = fleet
+    assert not can_mail(lab, "vm0n0")
+    r = sg(lab, "add-vm", "vm00000", 'ID verified, ticket "4711"', env={"SUDO_USER": "alice"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("ok: added guest 'vm00000'")
+    assert sum(line.startswith("ok: allowed guest 'vm00000' NIC") for line in r.stdout.splitlines()) == 2
+    assert can_mail(lab, "vm0n0") and can_mail(lab, "vm0n1"), "both NICs at once, no rebuild"
+    assert not can_mail(lab, "vm1n0")
+    (row,) = rows(lab)
+    assert row["vmname"] == "vm00000" and row["mac"] == "" and row["added_by"] == "alice"
+    assert ISO.fullmatch(row["added_at"]) and row["reason"] == 'ID verified, ticket "4711"'
+    # again, by UUID: already there, no duplicate row, exit 0
+    again = sg(lab, "add-vm", testdriver.uuid(0).upper())
+    assert again.returncode == 0 and "already there" in again.stdout and len(rows(lab)) == 1
+    assert "# an operator's comment survives every write" in (lab.tmp / "whitelist.csv").read_text()
+
+    r = sg(lab, "del-vm", "vm00000")
+    assert r.returncode == 0, r.stderr
+    assert "ok: removed guest 'vm00000'" in r.stdout and r.stdout.count("ok: revoked") == 2
+    assert not can_mail(lab, "vm0n0") and not can_mail(lab, "vm0n1")
+    assert rows(lab) == []
+    gone = sg(lab, "del-vm", "vm00000")
+    assert gone.returncode == 0 and "not in the whitelist" in gone.stdout
+
+
+def test_add_mac_in_any_spelling_allows_that_nic_only_and_del_mac_revokes(fleet: BridgeLab) -> None:
+    lab = fleet
+    mac = testdriver.mac(0, 1)
+    dashed = mac.replace(":", "-").upper()
+    r = sg(lab, "add-mac", dashed, "vm0-second", "--reason", "relay")
+    assert r.returncode == 0, r.stderr
+    assert f"ok: allowed guest 'vm00000' NIC {mac} on tap0n1" in r.stdout
+    assert can_mail(lab, "vm0n1") and not can_mail(lab, "vm0n0")
+    cisco = mac.replace(":", "")
+    cisco = f"{cisco[:4]}.{cisco[4:8]}.{cisco[8:]}"
+    again = sg(lab, "add-mac", cisco)
+    assert again.returncode == 0 and "already there" in again.stdout
+    (row,) = rows(lab)
+    assert row["mac"] == mac and row["vmname"] == "vm0-second"
+    r = sg(lab, "del-mac", mac.upper())
+    assert r.returncode == 0 and "ok: removed" in r.stdout and "ok: revoked guest 'vm00000' NIC" in r.stdout
+    assert not can_mail(lab, "vm0n1")
+
+
+@pytest.mark.parametrize(
+    "mac, why",
+    [("ff:ff:ff:ff:ff:ff", "broadcast"), ("01:00:5e:00:00:fb", "multicast"), ("00-00-00-00-00-00", "all-zero"),
+     ("52:54:00:zz:00:01", "expected six hex bytes")],
+)
+def test_add_mac_refuses_what_no_nic_owns_and_changes_nothing(fleet: BridgeLab, mac: str, why: str) -> None:
+    before = (fleet.tmp / "whitelist.csv").read_bytes()
+    r = sg(fleet, "add-mac", mac)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("smtp-gate: error: bad MAC address") and repr(mac) in r.stderr and why in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert (fleet.tmp / "whitelist.csv").read_bytes() == before
+
+
+def test_add_vm_errors_name_the_guest_and_what_is_wrong(fleet: BridgeLab) -> None:
+    r = sg(fleet, "add-vm", "nosuchguest")
+    assert r.returncode == 1 and "guest 'nosuchguest' not found in libvirt" in r.stderr
+    # a guest whose only NIC is on a bridge smtp-gate does not protect
+    fleet.write_config(f'UPLINKS="uplink0"\nBRIDGE="br9"\nLIBVIRT_URI="test://{fleet.tmp}/node.xml"\n')
+    r = sg(fleet, "add-vm", "vm00001")
+    assert r.returncode == 1 and "has no NIC on a protected bridge (br9)" in r.stderr and "bridge br0" in r.stderr
+    assert rows(fleet) == []
+
+
+def test_a_stopped_guest_is_recorded_and_allowed_when_it_starts(fleet: BridgeLab) -> None:
+    r = sg(fleet, "add-vm", testdriver.name(3))
+    assert r.returncode == 0 and "is not running: its NICs are allowed when it starts" in r.stdout
+
+
+def test_ports_set_validates_stores_and_enforces_at_once(fleet: BridgeLab) -> None:
+    lab = fleet
+    conf = lab.config_path
+    conf.write_text("# operator's notes\n" + conf.read_text() + "BLOCKED_PORTS=\"25,465\"  # the original default\n")
+    assert lab.tcp_connects(lab.guests["vm1n0"], lab.INET4, 587)
+    r = sg(lab, "ports-set", "587, 25,465")
+    assert r.returncode == 0, r.stderr
+    assert "ok: blocked ports set to 25,465,587" in r.stdout and "enforced at once" in r.stdout
+    assert not lab.tcp_connects(lab.guests["vm1n0"], lab.INET4, 587, timeout=0.4)
+    text = conf.read_text()
+    assert text.startswith("# operator's notes\n") and 'BLOCKED_PORTS="25,465,587"\n' in text
+    assert text.count("BLOCKED_PORTS") == 1
+    before = conf.read_bytes()
+    for bad, message in (("25,25", "duplicate port 25"), ("25,99999", "expected 1-65535"), ("smtp", "bad port 'smtp'")):
+        r = sg(lab, "ports-set", bad)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+        assert conf.read_bytes() == before
+    assert json.loads(sg(lab, "status", "--json").stdout)["blocked_ports"] == "25,465,587"
+
+
+def test_list_shows_rows_as_stored_and_reports_bad_rows(fleet: BridgeLab) -> None:
+    (fleet.tmp / "whitelist.csv").write_text(
+        HEADER + "web1,,2026-11-25T14:03:07+00:00,alice,\"ID verified, ticket \"\"4711\"\"\"\n"
+        ",not-a-mac,2026-11-25T14:03:07+00:00,bob,oops\n"
+    )
+    r = sg(fleet, "list")
+    assert r.returncode == 3 and "web1" in r.stdout and "(all NICs)" in r.stdout
+    assert "line 3" in r.stderr and "'not-a-mac'" in r.stderr
+    data = json.loads(sg(fleet, "list", "--json").stdout)
+    assert data["rows"][0]["reason"] == 'ID verified, ticket "4711"' and data["rows"][0]["line"] == 2
+
+
+def test_rebuild_and_status_from_libvirt_and_the_whitelist(fleet: BridgeLab) -> None:
+    lab = fleet
+    (lab.tmp / "whitelist.csv").write_text(
+        HEADER + f"vm00001,,2026-11-25T14:03:07+00:00,alice,\n,{testdriver.mac(0, 1)},2026-11-25T14:03:07+00:00,bob,\n"
+    )
+    r = sg(lab, "rebuild")
+    assert r.returncode == 0, r.stderr
+    assert "4 running guest(s)" not in r.stdout and "3 running guest(s); 2 allowed guest NIC(s)" in r.stdout
+    assert can_mail(lab, "vm1n0") and can_mail(lab, "vm0n1")
+    assert not can_mail(lab, "vm0n0") and not can_mail(lab, "vm2n0")
+    report = json.loads(sg(lab, "status", "--json").stdout)
+    by_name = {g["name"]: g for g in report["guests"]}
+    assert by_name["vm00001"]["held"] == "yes" and by_name["vm00001"]["state"] == "running"
+    assert by_name["vm00000"]["allowed_macs"] == [testdriver.mac(0, 1)]
+    assert set(report["guest_ports"]) == {"tap0n0", "tap0n1", "tap1n0", "tap2n0"}
+    text = sg(lab, "status").stdout
+    assert "whitelisted guest vm00001: running; ports tap1n0; allowance in kernel: yes" in text
+
+
+def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: BridgeLab) -> None:
+    lab = fleet
+    r = lab.hv.exec([sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), "whitelist"],
+                    check=False, input="1\nq\n", env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 1 and "needs a terminal" in r.stderr
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the picker on a terminal, in the hypervisor namespace
+        os.execvpe("ip", ["ip", "netns", "exec", lab.hv.name, sys.executable, "-m", "smtp_gate",
+                          "--config", str(lab.config_path), "whitelist"], dict(os.environ, PYTHONPATH=str(REPO)))
+    output = b""
+
+    def read_until(marker: bytes, timeout: float = 20) -> None:
+        nonlocal output
+        end = time.monotonic() + timeout
+        while marker not in output and time.monotonic() < end:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:
+                    break
+
+    read_until(b"q to quit")
+    os.write(fd, b"2\n")
+    read_until(b"ok: allowed guest 'vm00001'")
+    read_until(b"q to quit", 5)
+    os.write(fd, b"q\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, output.decode(errors="replace")
+    assert b"ok: added guest 'vm00001'" in output
+    assert can_mail(lab, "vm1n0")
+    assert [r["vmname"] for r in rows(lab)] == ["vm00001"]
