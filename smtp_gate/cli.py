@@ -176,6 +176,13 @@ def cmd_whitelist(args: argparse.Namespace, config: Config) -> int:
             _report(manage.toggle(config, rows[index], manage.invoking_user(), manage.now()))
 
 
+def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+    """Restore enforcement at once when another tool flushes the ruleset (runs until killed)."""
+    from smtp_gate import watch
+
+    return watch.main_loop(config)
+
+
 COMMANDS: Dict[str, Handler] = {
     "apply": cmd_apply,
     "rebuild": cmd_apply,
@@ -190,6 +197,7 @@ COMMANDS: Dict[str, Handler] = {
     "list": cmd_list,
     "ports-set": cmd_ports_set,
     "whitelist": cmd_whitelist,
+    "watch": cmd_watch,
 }
 
 
@@ -248,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ports-set", "set the blocked TCP ports, store them in the config and enforce them now", 'smtp-gate ports-set "25,465,587"')
     p.add_argument("ports", metavar="PORTS", help="comma-separated ports 1-65535, ranges like 2525-2530")
     add("whitelist", "pick guests to whitelist interactively (needs a terminal)", "sudo smtp-gate whitelist")
+    add(
+        "watch",
+        "follow nft events and restore enforcement at once when another tool removes it (a service)",
+        "systemctl enable --now smtp-gate-watch.service",
+    )
     return parser
 
 

@@ -52,29 +52,27 @@ def kernel_guest_ports(table: Optional[nft.KernelTable], links: Dict[str, Link])
 def compute(
     config: Config,
     links: Dict[str, Link],
-    guests: Optional[Sequence[Record]],
+    guests: Sequence[Record],
     kernel: Optional[nft.KernelTable],
+    keep_kernel: bool = False,
 ) -> Outcome:
     """The whole desired state.
 
-    GUESTS holds one record per running guest (see guests.record_for), or is None when no
-    hypervisor could be asked (libvirt down, or the boot-time apply that must not wait for
-    libvirt): then the kernel's own allowances and guest ports are kept for ports that
-    still exist, so a restart of our service never unblocks nor blocks a running guest.
-    Anything naming a device that no longer exists is dropped: an interface index is
-    never reused, a name may be.
+    GUESTS holds one record per running guest (see guests.record_for).  KEEP_KERNEL is for
+    when no hypervisor could be asked (libvirt down, the boot-time apply that must not wait
+    for libvirt, a restore after someone flushed the ruleset): the kernel's own allowances
+    and guest ports are kept too, so neither a restart of our service nor a libvirt outage
+    unblocks or blocks a running guest.  Anything naming a device that no longer exists
+    is dropped: an interface index is never reused, a name may be.
     """
     indexes = {link.ifindex for link in links.values()}
     extra_foreign: Set[str] = set()
-    if guests is None:
-        pairs = kernel_pairs(kernel, links)
-        guest_ports = kernel_guest_ports(kernel, links)
-    else:
-        pairs, guest_ports = set(), set()
-        for record in guests:
-            guest_ports.update(p for p in record.guest_ports if p in links)
-            extra_foreign.update(p for p in record.foreign_ports if p in links)
-            pairs.update(p for p in record.allowed if p[0] in indexes)
+    pairs: Set[Pair] = kernel_pairs(kernel, links) if keep_kernel else set()
+    guest_ports: Set[str] = kernel_guest_ports(kernel, links) if keep_kernel else set()
+    for record in guests:
+        guest_ports.update(p for p in record.guest_ports if p in links)
+        extra_foreign.update(p for p in record.foreign_ports if p in links)
+        pairs.update(p for p in record.allowed if p[0] in indexes)
     plan = discovery.plan_ports(config, links, sorted(guest_ports))
     warnings = list(plan.warnings)
     if plan.skipped:
@@ -123,14 +121,15 @@ def build(outcome: Outcome, kernel: Optional[nft.KernelTable]) -> ruleset.Batch:
 
 def apply(
     config: Config,
-    guests: Optional[Sequence[Record]],
+    guests: Sequence[Record],
+    keep_kernel: bool = False,
     dry_run: bool = False,
     links: Optional[Dict[str, Link]] = None,
 ) -> Tuple[Outcome, ruleset.Batch]:
     """Compute and install the whole desired state in one transaction (or only check it)."""
     links = discovery.read_links() if links is None else links
     kernel = nft.read_table()
-    outcome = compute(config, links, guests, kernel)
+    outcome = compute(config, links, guests, kernel, keep_kernel)
     batch = build(outcome, kernel)
     nft.run_batch(batch, check_only=dry_run)
     return outcome, batch

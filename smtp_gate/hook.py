@@ -111,7 +111,7 @@ class Hook:
     def _install_base(self) -> None:
         from smtp_gate import engine
 
-        outcome, _batch = engine.apply(self.config, guests=None)
+        outcome, _batch = engine.apply(self.config, list(self.state.all_records().values()), keep_kernel=True)
         _log(f"installed the base enforcement (table was missing) for {self.guest!r}")
         for message in outcome.warnings:
             _log(f"warning: {message}")

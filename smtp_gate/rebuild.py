@@ -76,7 +76,6 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> 
                 notes += [f"libvirt {uri} did not answer: {why}" for uri, why in listing.unreachable.items()]
         with lock.command_lock(config.lock_path):
             links = discovery.read_links()
-            records: Optional[List[Record]] = None
             if listing is not None and listing.reached:
                 snapshot = {d.uuid: d for d in listing.domains}
                 amended = replay(snapshot, state.events_since(offset))
@@ -85,9 +84,13 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> 
                     # guests of a URI that did not answer: keep what their hooks recorded
                     known = {r.uuid for r in records}
                     records += [r for u, r in state.all_records().items() if u not in known]
-            outcome, batch = engine.apply(config, records, dry_run=dry_run, links=links)
-            if not dry_run and records is not None:
-                state.replace_records(records)
-                state.truncate_journal()
+                outcome, batch = engine.apply(config, records, dry_run=dry_run, links=links)
+                if not dry_run:
+                    state.replace_records(records)
+                    state.truncate_journal()
+            else:
+                # no libvirt: what hooks and the last rebuild recorded, and what the kernel holds
+                recorded = list(state.all_records().values())
+                outcome, batch = engine.apply(config, recorded, keep_kernel=True, dry_run=dry_run, links=links)
     seen = len(listing.domains) if listing is not None and listing.reached else None
     return Result(outcome, batch, seen, notes)
