@@ -12,7 +12,7 @@ PACKAGES=(
   nftables iproute2 util-linux procps              # the product and the namespaces tests build
   python3 python3-venv python3-dev gcc pkg-config libvirt-dev   # the virtualenv and libvirt-python
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static   # e2e lab
-  systemd                                          # systemd-analyze verify for the unit files
+  systemd git shellcheck                           # systemd-analyze verify, install.sh tests
 )
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
