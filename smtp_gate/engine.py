@@ -26,9 +26,18 @@ class Outcome:
         return bool(self.warnings)
 
 
+def stable_links(before: Dict[str, Link], after: Dict[str, Link]) -> Dict[str, Link]:
+    """The links that kept their name and index across a read of the kernel's table.
+
+    nft lists an allowance's interface index as the device's name while it exists: a name
+    read back is mapped to an index only if that name meant the same device before and
+    after the listing (indexes are never reused), so a device re-created under the same
+    name in between cannot inherit an allowance."""
+    return {name: link for name, link in before.items() if name in after and after[name].ifindex == link.ifindex}
+
+
 def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Set[Pair]:
-    """Allowances the kernel holds for ports that still exist.  nft lists an interface index
-    as the device's name while it exists and as a number once it is gone."""
+    """Allowances the kernel holds for ports that still exist (LINKS: see stable_links)."""
     if table is None:
         return set()
     by_name = {link.name: link.ifindex for link in links.values()}
@@ -129,6 +138,8 @@ def apply(
     """Compute and install the whole desired state in one transaction (or only check it)."""
     links = discovery.read_links() if links is None else links
     kernel = nft.read_table()
+    if keep_kernel:
+        links = stable_links(links, discovery.read_links())
     outcome = compute(config, links, guests, kernel, keep_kernel)
     batch = build(outcome, kernel)
     nft.run_batch(batch, check_only=dry_run)

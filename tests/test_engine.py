@@ -1,0 +1,51 @@
+"""The desired state, computed from links, records and the kernel's table (pure)."""
+
+from pathlib import Path
+
+from smtp_gate import config, engine, nft
+from smtp_gate.discovery import Link
+from smtp_gate.runstate import Record
+
+CONF = config.parse('UPLINKS="eno1"\n', Path("/etc/smtp-gate/smtp-gate.conf"))
+
+
+def links(*items):  # (name, index, master)
+    kinds = {"br0": "bridge", "eno1": "physical"}
+    return {n: Link(n, i, kinds.get(n, "tun"), m, ()) for n, i, m in items}
+
+
+HOST = links(("br0", 2, None), ("eno1", 3, "br0"), ("vnet0", 10, "br0"), ("vnet1", 11, "br0"))
+
+
+def table(allowed=(), guest_ports=()):
+    t = nft.KernelTable()
+    t.elements["allowed"] = [tuple(a) for a in allowed]
+    t.elements["guest_ports"] = list(guest_ports)
+    return t
+
+
+def test_records_give_guest_ports_and_allowances_for_devices_that_exist() -> None:
+    records = [
+        Record("u1", "web1", guest_ports=("vnet0", "gone0"), allowed=((10, "52:54:00:00:00:01"), (99, "52:54:00:00:00:02"))),
+        Record("u2", "db", guest_ports=("vnet1", "eno1")),
+    ]
+    d = engine.compute(CONF, HOST, records, kernel=None).desired
+    assert d.allowed == ((10, "52:54:00:00:00:01"),), "index 99 no longer exists: dropped"
+    assert d.guest_ports == ("vnet0", "vnet1"), "an uplink is never a guest port; gone names are dropped"
+    assert d.uplinks == ("eno1",)
+
+
+def test_keep_kernel_maps_listed_names_to_indexes_and_drops_gone_numbers() -> None:
+    kernel = table(allowed=[("vnet0", "52:54:00:00:00:01"), ("57", "52:54:00:00:00:09")], guest_ports=["vnet1", "old9"])
+    kept = engine.compute(CONF, HOST, [], kernel, keep_kernel=True).desired
+    assert kept.allowed == ((10, "52:54:00:00:00:01"),)
+    assert kept.guest_ports == ("vnet1",)
+    assert engine.compute(CONF, HOST, [], kernel, keep_kernel=False).desired.allowed == ()
+
+
+def test_a_name_recreated_while_the_table_was_read_inherits_nothing() -> None:
+    after = dict(HOST, vnet0=Link("vnet0", 42, "tun", "br0", ()))
+    stable = engine.stable_links(HOST, after)
+    assert "vnet0" not in stable and "vnet1" in stable
+    kernel = table(allowed=[("vnet0", "52:54:00:00:00:01")])
+    assert engine.compute(CONF, stable, [], kernel, keep_kernel=True).desired.allowed == ()
