@@ -23,7 +23,7 @@ from smtp_gate.runstate import Record, RunState, replay
 class Result(NamedTuple):
     outcome: Outcome
     batch: ruleset.Batch
-    guests_seen: Optional[int]  # None: no hypervisor was asked or none answered
+    guests_seen: Optional[int]  # None: no hypervisor was asked (use_libvirt False) or none answered
     hypervisor_warnings: List[str]
 
 

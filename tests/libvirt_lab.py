@@ -7,7 +7,8 @@ the host's libvirt, nftables ruleset, links, users or cgroups.  No product code 
 Isolation
     * Two network namespaces per lab: ``sglab<pid>n<k>`` ("lab": ``br0`` with the ``uplink`` veth
       and the guests' taps; libvirtd, virtlogd, QEMU and the hooks run here) and
-      ``sginet<pid>n<k>`` ("internet": ``inet0`` = uplink's peer, 10.99.0.1/24 + fd99::1/64,
+      ``sginet<pid>n<k>`` ("internet": ``inet0`` = uplink's peer, 10.99.0.1/24 + fd99::1/64
+      and 10.98.0.1/24 + fd98::1/64 ... for guests' further NICs,
       dual-stack TCP listeners on 80, 25, 465 and 587 that answer ``OK <port>``).
     * A private mount namespace, owned by a small "holder" process started with
       ``ip netns exec LAB unshare --mount --propagation private``: a fresh tmpfs on /run (which
@@ -41,9 +42,10 @@ Guest
     (kvm_pvm) cannot boot a 64-bit guest.  Diskless, 192 MiB, 1 vCPU, serial console to a file.
 
     The init (kernel-cmdline parameters lab.ip, lab.ip6, lab.target, lab.target6, lab.ports,
-    lab.hold, lab.interval, lab.nic, lab.nics, lab.tmo) prints the NIC MACs, then probes every
-    port on lab.target (v4) and lab.target6 (v6) in parallel as soon as its NIC is up (about
-    3 s of guest uptime), and prints one line per attempt::
+    lab.hold, lab.interval, lab.nic, lab.nics, lab.tmo; lab.nic and the addresses are comma
+    lists, one entry per probing NIC) prints the NIC MACs, then probes every port on each
+    probing NIC's lab.target (v4) and lab.target6 (v6) in parallel as soon as its NICs are up
+    (about 3 s of guest uptime), and prints one line per attempt::
 
         LAB: nic eth0 mac 52:54:00:12:34:56
         LAB: RESULT v4 port=25 status=blocked round=1 nic=eth0 t=3.34 end=5.40 rc=1 detail=nc:_timed_out
@@ -72,6 +74,9 @@ API (failures raise ``LabError``)
                                       run cmd in the lab netns (nft, ip, bridge, a product CLI);
                                       private_mounts=True runs it in the daemons' mount namespace
                                       too, i.e. with the hooks' view of /etc/libvirt and /run
+        lab.bind_mount(src, target), lab.unmount(target)
+                                      add/remove a bind mount in the daemons' private mount
+                                      namespace while the lab runs (e.g. a failing nft)
         lab.run_in_inet(cmd, ...)     run cmd in the "internet" namespace
         lab.virsh(*args, check=True, timeout=120) -> CompletedProcess (text)
         lab.install_hook(driver, path, name=None, restart=False) -> Path
@@ -84,7 +89,8 @@ API (failures raise ``LabError``)
                                       a 'reconnect begin' hook call each
         lab.stop_libvirtd(), lab.start_libvirtd() -> s, lab.libvirtd_pid()
         lab.domain_xml(name, nics=1, hold=0, macs=None, targets=None, interfaces=None,
-                       guest_ip=None, interval=0, probe_nic=0, ports=PORTS, connect_timeout=2) -> str
+                       guest_ip=None, interval=0, probe_nic=0 (or [0, 1, ...]), ports=PORTS,
+                       connect_timeout=2) -> str
         lab.start_guest(name, **same) -> name   define (replacing) + ``virsh start``, returns then
         lab.boot_guest(name, timeout=180, keep=False, **same) -> GuestResult
                                       start, wait until shut off, parse the console, undefine
@@ -100,12 +106,15 @@ API (failures raise ``LabError``)
                                       virtlogd_start, libvirtd_start, libvirtd_restart, ...)
 
     GuestResult: name; probes {("v4", 25): "blocked", ...} (round 1); results: List[ProbeResult]
-    (family, port, status, round, nic, t, end, rc, detail); round(n) -> {(fam, port): status};
-    rounds; macs (guest eth order); console; state; timings (virsh_start, boot_to_shutoff).
+    (family, port, status, round, nic, t, end, rc, detail); round(n, nic=None) -> {(fam, port):
+    status}; nics (probing NICs, "eth0"...; probes/round default to the first); rounds; macs
+    (guest eth order); console; state; timings (virsh_start, boot_to_shutoff).
 
     Guest addresses and NICs: each guest name gets an index g (2, 3, ... in order of first use,
-    or ``guest_ip=g``), i.e. 10.99.0.g/24 and fd99::g/64 on the probing NIC (``probe_nic``,
-    default eth0; the other NICs stay down).  NIC 0 gets a libvirt-chosen MAC and an auto-named
+    or ``guest_ip=g``).  A probing NIC k (``probe_nic``: an index or a list, default eth0; the
+    other NICs stay down) has 10.(99-k).0.g/24 and fd(99-k)::g/64 and probes ``inet4(k)`` /
+    ``inet6(k)`` (10.(99-k).0.1, fd(99-k)::1, all on the internet side's inet0), so each NIC's
+    probes leave through that NIC.  NIC 0 gets a libvirt-chosen MAC and an auto-named
     ``vnetN`` tap; NIC k > 0 gets MAC 52:54:00:aa:<k>:<g> and ``<target dev='<name[:11]>n<k>'/>``
     (like the recipe).  ``macs=[...]`` / ``targets=[...]`` (None entries keep the default) or
     ``interfaces=[raw <interface> XML, ...]`` override that.  Guest ethN follows XML order.
@@ -140,6 +149,7 @@ NS_PREFIX = "sglab"
 INET_PREFIX = "sginet"
 INET4 = "10.99.0.1"
 INET6 = "fd99::1"
+PROBE_NICS = 4  # a guest's NIC k (0..3) probes from its own subnet: see inet4()/inet6()
 PORTS = (80, 25, 465, 587)
 CACHE_ENV = "SMTP_GATE_TEST_CACHE"
 DEFAULT_CACHE = "/var/cache/smtp-gate-tests"
@@ -153,6 +163,7 @@ PRIVATE_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/
 _NS_RE = re.compile(r"^(?:%s|%s)(\d+)n(\d+)$" % (NS_PREFIX, INET_PREFIX))
 _RESULT_RE = re.compile(r"LAB: RESULT (v4|v6) port=(\d+) status=(\w+)((?: \w+=\S*)*)")
 _MAC_RE = re.compile(r"LAB: nic (\S+) mac ([0-9a-f:]{17})")
+_NET_UP_RE = re.compile(r"LAB: net up dev=(\S+)")
 _counter = 0
 
 
@@ -161,6 +172,23 @@ class LabError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def inet4(k: int = 0) -> str:
+    """The "internet" address guest NIC k probes over IPv4: 10.99.0.1 for NIC 0, 10.98.0.1 for NIC 1...
+
+    Each probing NIC has a subnet of its own, so the guest's routing sends every probe out of
+    the NIC under test (with that NIC's MAC, through that NIC's tap).
+    """
+    if not 0 <= k < PROBE_NICS:
+        raise LabError("a guest can probe on NICs 0..%d" % (PROBE_NICS - 1))
+    return "10.%d.0.1" % (99 - k)
+
+
+def inet6(k: int = 0) -> str:
+    """The "internet" IPv6 address guest NIC k probes: fd99::1 for NIC 0, fd98::1 for NIC 1..."""
+    inet4(k)
+    return "fd%d::1" % (99 - k)
+
 
 def _which(name: str) -> Optional[str]:
     """shutil.which with the sbin directories, which a test's PATH may lack."""
@@ -365,6 +393,9 @@ for kv in $(cat /proc/cmdline); do
       case "$k" in ip|ip6|target|target6|ports|hold|tmo|nic|nics|interval) eval "$k=\${kv#*=}";; esac;;
   esac
 done
+# lab.nic is a comma list of the NICs that probe (ethK); lab.ip, lab.ip6, lab.target and
+# lab.target6 are comma lists too, their i-th entry for the i-th NIC of lab.nic
+nth() { echo "$1" | cut -d, -f"$2"; }
 say "init start uptime=$(up) kernel=$(uname -r)"
 for m in $(cat /lib/modules/order); do
   [ -d /sys/module/$m ] || insmod /lib/modules/$m.ko || say "insmod $m failed"
@@ -372,23 +403,36 @@ done
 last=eth$((nics - 1))
 for i in $(seq 100); do [ -e /sys/class/net/$last ] && break; sleep 0.05; done
 for n in /sys/class/net/eth*; do say "nic ${n##*/} mac $(cat $n/address)"; done
-dev=eth$nic
 ip link set lo up
-echo 0 >/proc/sys/net/ipv6/conf/$dev/accept_dad    # busybox ip has no "nodad"
-echo 0 >/proc/sys/net/ipv6/conf/$dev/router_solicitations
-ip link set $dev up
-ip addr add $ip dev $dev; ip -6 addr add $ip6 dev $dev
-for i in $(seq 100); do [ "$(cat /sys/class/net/$dev/carrier 2>/dev/null)" = 1 ] && break; sleep 0.05; done
-say "net up dev=$dev ip=$ip ip6=$ip6 uptime=$(up)"
-probe() {  # probe FAMILY ADDR PORT ROUND -> one RESULT line in /tmp
+# several NICs on one segment: each answers ARP only for its own address (no ARP flux)
+echo 1 >/proc/sys/net/ipv4/conf/all/arp_ignore; echo 2 >/proc/sys/net/ipv4/conf/all/arp_announce
+i=0
+for k in $(echo $nic | tr , ' '); do
+  i=$((i + 1)); dev=eth$k
+  echo 0 >/proc/sys/net/ipv6/conf/$dev/accept_dad    # busybox ip has no "nodad"
+  echo 0 >/proc/sys/net/ipv6/conf/$dev/router_solicitations
+  ip link set $dev up
+  ip addr add $(nth $ip $i) dev $dev; ip -6 addr add $(nth $ip6 $i) dev $dev
+done
+i=0
+for k in $(echo $nic | tr , ' '); do
+  i=$((i + 1)); dev=eth$k
+  for j in $(seq 100); do [ "$(cat /sys/class/net/$dev/carrier 2>/dev/null)" = 1 ] && break; sleep 0.05; done
+  say "net up dev=$dev ip=$(nth $ip $i) ip6=$(nth $ip6 $i) uptime=$(up)"
+done
+probe() {  # probe FAMILY ADDR PORT ROUND DEV -> one RESULT line in /tmp
   t0=$(up)
   out=$(nc -w $tmo $2 $3 </dev/null 2>&1); rc=$?
   t1=$(up)
   case "$out" in *"OK $3"*) st=open;; *refused*) st=refused;; *"timed out"*|*timeout*) st=blocked;; *) st=error;; esac
-  echo "LAB: RESULT $1 port=$3 status=$st round=$4 nic=$dev t=$t0 end=$t1 rc=$rc detail=$(echo $out | tr ' ' '_')" >/tmp/r.$4.$1.$3
+  echo "LAB: RESULT $1 port=$3 status=$st round=$4 nic=$5 t=$t0 end=$t1 rc=$rc detail=$(echo $out | tr ' ' '_')" >/tmp/r.$4.$5.$1.$3
 }
 round() {
-  for p in $(echo $ports | tr , ' '); do probe v4 $target $p $1 & probe v6 $target6 $p $1 & done
+  i=0
+  for k in $(echo $nic | tr , ' '); do
+    i=$((i + 1)); t4=$(nth $target $i); t6=$(nth $target6 $i)
+    for p in $(echo $ports | tr , ' '); do probe v4 $t4 $p $1 eth$k & probe v6 $t6 $p $1 eth$k & done
+  done
   wait
   cat /tmp/r.$1.*
   say "round $1 done uptime=$(up)"
@@ -639,7 +683,11 @@ class ProbeResult:
 
 @dataclass
 class GuestResult:
-    """What a guest reported: probe results, NIC MACs, the whole console, the domain state."""
+    """What a guest reported: probe results, NIC MACs, the whole console, the domain state.
+
+    ``probes`` and ``round(n)`` are the first probing NIC's (``nics[0]``); ``round(n, nic)``
+    another's.
+    """
     name: str
     probes: Dict[Tuple[str, int], str]
     results: List[ProbeResult]
@@ -647,10 +695,13 @@ class GuestResult:
     console: str
     state: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
+    nics: List[str] = field(default_factory=list)  # the probing NICs (eth0, ...), in lab.nic order
 
-    def round(self, n: int) -> Dict[Tuple[str, int], str]:
-        """{(family, port): status} of probe round n."""
-        return {(r.family, r.port): r.status for r in self.results if r.round == n}
+    def round(self, n: int, nic: Optional[str] = None) -> Dict[Tuple[str, int], str]:
+        """{(family, port): status} of probe round n on NIC nic (default: the first probing NIC)."""
+        nic = nic or (self.nics[0] if self.nics else None)
+        return {(r.family, r.port): r.status for r in self.results
+                if r.round == n and (nic is None or r.nic == nic)}
 
     @property
     def rounds(self) -> int:
@@ -667,9 +718,11 @@ def parse_console(name: str, text: str, state: str = "") -> GuestResult:
                                    extra.get("nic", ""), float(extra.get("t", 0) or 0),
                                    float(extra.get("end", 0) or 0), int(extra.get("rc", 0) or 0),
                                    extra.get("detail", "")))
-    probes = {(r.family, r.port): r.status for r in results if r.round == 1}
     macs = [m.group(2) for m in _MAC_RE.finditer(text)]
-    return GuestResult(name, probes, results, macs, text, state)
+    nics = list(dict.fromkeys(_NET_UP_RE.findall(text)))
+    result = GuestResult(name, {}, results, macs, text, state, nics=nics)
+    result.probes = result.round(1)
+    return result
 
 
 # ----------------------------------------------------------------------------- the lab
@@ -897,10 +950,11 @@ class LibvirtLab:
             ["ip", "-n", ns, "link", "set", "uplink", "master", "br0"],
             ["ip", "-n", ns, "link", "set", "uplink", "up"],
             ["ip", "-n", ns, "link", "set", "br0", "up"],
-            ["ip", "-n", inet, "addr", "add", INET4 + "/24", "dev", "inet0"],
-            ["ip", "-n", inet, "addr", "add", INET6 + "/64", "dev", "inet0", "nodad"],
-            ["ip", "-n", inet, "link", "set", "inet0", "up"],
         ]
+        for k in range(PROBE_NICS):  # one subnet per probing guest NIC (see inet4)
+            steps += [["ip", "-n", inet, "addr", "add", inet4(k) + "/24", "dev", "inet0"],
+                      ["ip", "-n", inet, "addr", "add", inet6(k) + "/64", "dev", "inet0", "nodad"]]
+        steps.append(["ip", "-n", inet, "link", "set", "inet0", "up"])
         for cmd in steps:
             _run(cmd)
 
@@ -1108,10 +1162,18 @@ class LibvirtLab:
             raise LabError("lab teardown: " + "; ".join(errors))
 
     def _destroy_all(self) -> None:
-        """Destroy and undefine every domain of this lab's libvirtd."""
-        for name in self.virsh("list", "--all", "--name", timeout=30).stdout.split():
-            if self.domstate(name) != "shut off":
-                self.virsh("destroy", name, check=False, timeout=30)
+        """Destroy (all at once: each takes ~2 s of waiting for QEMU) and undefine every domain."""
+        names = self.virsh("list", "--all", "--name", timeout=30).stdout.split()
+        procs = [subprocess.Popen(["virsh", "-c", self.uri, "destroy", name], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for name in names if self.domstate(name) != "shut off"]
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for name in names:
             self.virsh("undefine", name, check=False, timeout=30)
 
     # -- commands ------------------------------------------------------------------
@@ -1123,6 +1185,20 @@ class LibvirtLab:
         """
         full = self._nsenter(cmd) if private_mounts else ["ip", "netns", "exec", self.ns] + list(cmd)
         return _run(full, check=check, input=input, timeout=timeout)
+
+    def bind_mount(self, src: PathLike, target: str) -> None:
+        """Bind-mount host path src over target in the daemons' private mount namespace, now.
+
+        Every process of the lab (libvirtd, the hooks it runs, run_in_netns(private_mounts=True))
+        sees it at once; the host never does.  target must exist in the lab's view.
+        """
+        if not os.path.isabs(target) or not os.path.exists(str(src)):
+            raise LabError("bind %s -> %s: target must be absolute, source must exist" % (src, target))
+        self.run_in_netns(["mount", "--bind", str(src), target], private_mounts=True)
+
+    def unmount(self, target: str) -> None:
+        """Undo bind_mount (the topmost mount on target, in the private namespace only)."""
+        self.run_in_netns(["umount", target], private_mounts=True)
 
     def run_in_inet(self, cmd: Sequence[str], check: bool = True, input: Optional[str] = None,
                     timeout: float = 60) -> "subprocess.CompletedProcess[str]":
@@ -1178,11 +1254,18 @@ class LibvirtLab:
 
     def domain_xml(self, name: str, nics: int = 1, hold: int = 0, macs: Optional[Sequence[Optional[str]]] = None,
                    targets: Optional[Sequence[Optional[str]]] = None, interfaces: Optional[Sequence[str]] = None,
-                   guest_ip: Optional[int] = None, interval: int = 0, probe_nic: int = 0,
-                   ports: Sequence[int] = PORTS, connect_timeout: int = 2) -> str:
-        """Domain XML of a diskless TCG guest that boots the lab kernel and probes the internet."""
+                   guest_ip: Optional[int] = None, interval: int = 0,
+                   probe_nic: Union[int, Sequence[int]] = 0, ports: Sequence[int] = PORTS,
+                   connect_timeout: int = 2) -> str:
+        """Domain XML of a diskless TCG guest that boots the lab kernel and probes the internet.
+
+        probe_nic: the NIC index, or a list of them, that probe (each from its own subnet).
+        """
         if self.kernel is None or self.initrd is None:
             raise LabError("lab not started")
+        probing = [probe_nic] if isinstance(probe_nic, int) else list(probe_nic)
+        if not probing or len(set(probing)) != len(probing):
+            raise LabError("probe_nic: one NIC index or a list of distinct ones")
         if not re.match(r"^[A-Za-z0-9_.-]{1,50}$", name):
             raise LabError("guest name %r: use letters, digits, _ . -" % name)
         g = self._index(name, guest_ip)
@@ -1202,10 +1285,17 @@ class LibvirtLab:
                     "<interface type='bridge'>%s<source bridge='br0'/>%s<model type='virtio'/>"
                     "<rom enabled='no'/></interface>"
                     % ("<mac address='%s'/>" % mac if mac else "", "<target dev='%s'/>" % target if target else ""))
-        cmdline = ("console=ttyS0 quiet panic=-1 i8042.noaux i8042.nopnp lab.ip=10.99.0.%d/24 lab.ip6=fd99::%x/64 "
-                   "lab.target=%s lab.target6=%s lab.hold=%d lab.interval=%d lab.nic=%d lab.nics=%d "
+        for k in probing:
+            inet4(k)  # raises for a NIC index without a subnet
+            if not 0 <= k < len(interfaces):
+                raise LabError("probe_nic %d: the guest has %d NIC(s)" % (k, len(interfaces)))
+        cmdline = ("console=ttyS0 quiet panic=-1 i8042.noaux i8042.nopnp lab.ip=%s lab.ip6=%s "
+                   "lab.target=%s lab.target6=%s lab.hold=%d lab.interval=%d lab.nic=%s lab.nics=%d "
                    "lab.ports=%s lab.tmo=%d"
-                   % (g, g, INET4, INET6, hold, interval, probe_nic, len(interfaces),
+                   % (",".join("%s%d/24" % (inet4(k)[:-1], g) for k in probing),
+                      ",".join("%s%x/64" % (inet6(k)[:-1], g) for k in probing),
+                      ",".join(inet4(k) for k in probing), ",".join(inet6(k) for k in probing),
+                      hold, interval, ",".join(str(k) for k in probing), len(interfaces),
                       ",".join(str(p) for p in ports), connect_timeout))
         console = self.console_path(name)
         return """<domain type='qemu'>
