@@ -32,5 +32,6 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# compat: a .pth path entry, not an import hook, so PYTHONPATH can point a test at another copy
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -1186,6 +1186,11 @@ class LibvirtLab:
         full = self._nsenter(cmd) if private_mounts else ["ip", "netns", "exec", self.ns] + list(cmd)
         return _run(full, check=check, input=input, timeout=timeout)
 
+    def popen_in_netns(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start cmd in the background, in the daemons' network and mount namespaces (what
+        the hooks see); the caller stops it."""
+        return subprocess.Popen(self._nsenter(cmd), **kwargs)
+
     def bind_mount(self, src: PathLike, target: str) -> None:
         """Bind-mount host path src over target in the daemons' private mount namespace, now.
 
