@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests import frames, netlab
+from smtp_gate import frames, netlab
 from tests.netlab import BridgeLab, Guest
 
 pytestmark = pytest.mark.kernel

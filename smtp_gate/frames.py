@@ -1,13 +1,14 @@
 """Hand-built Ethernet frames: 802.1Q/802.1ad tags, PPPoE, IPv4 with options and fragments,
 IPv6 with extension headers and fragments, TCP.
 
-The kernel here has no 8021q module, so tagged frames are written byte by byte and sent
-through an AF_PACKET socket; the bridge sees exactly what a guest would send.
+Pure byte builders, shared by `smtp-gate selftest` and the kernel tests.  Tagged and
+encapsulated frames are written byte by byte (no 8021q module, no PPPoE stack needed)
+and sent through an AF_PACKET socket, so the bridge sees exactly what a guest would send.
 """
 
 import socket
 import struct
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Tuple
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -17,6 +18,9 @@ ETH_P_8021AD = 0x88A8
 ETH_P_PPPOE_SESSION = 0x8864
 PPP_IP = 0x0021
 PPP_IPV6 = 0x0057
+IPPROTO_TCP = 6
+IPPROTO_FRAGMENT = 44
+IPPROTO_DSTOPTS = 60
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -53,7 +57,8 @@ def ipv4_packet(
     more_fragments: bool = False,
     ident: int = 0x4242,
 ) -> bytes:
-    assert len(options) % 4 == 0
+    if len(options) % 4:
+        raise ValueError(f"IPv4 options must fill whole 32-bit words, got {len(options)} bytes")
     ihl = 5 + len(options) // 4
     flags_frag = (0x2000 if more_fragments else 0) | (frag_offset // 8)
     header = struct.pack(
@@ -129,12 +134,19 @@ def tcp6_frame(
     return ethernet(dst_mac, src_mac, ETH_P_IPV6, ipv6_packet(src, dst, seg), tags)
 
 
-def raw_socket(bind_to: Optional[str] = None) -> socket.socket:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    if bind_to:
-        sock.bind((bind_to, 0))
-    return sock
+def pppoe_tcp4_frame(src_mac: str, dst_mac: str, src: str, dst: str, dport: int, marker: bytes) -> bytes:
+    """IPv4 TCP inside a PPPoE session frame: an IP rule that reads only ether type IP never sees it."""
+    seg = tcp_segment(socket.inet_aton(src), socket.inet_aton(dst), 40000, dport, marker)
+    return ethernet(dst_mac, src_mac, ETH_P_PPPOE_SESSION, pppoe_session(PPP_IP, ipv4_packet(src, dst, seg)))
 
 
-def frames_with(frames: List[bytes], marker: bytes) -> List[bytes]:
-    return [f for f in frames if marker in f]
+def ipv6_split_chain_first_fragment(src_mac: str, dst_mac: str, src: str, dst: str, marker: bytes) -> bytes:
+    """The first fragment of an IPv6 datagram whose Destination Options header (40 bytes) goes
+    on into the next fragment, so the TCP header after it, and its port, are in no first
+    fragment at all: `meta l4proto` cannot be read (verified, DESIGN §1).  MARKER (16 bytes)
+    fills the options' padding, keeping the fragment's data a multiple of 8 bytes."""
+    if len(marker) != 16:
+        raise ValueError("the marker must be 16 bytes")
+    chain = ipv6_dest_options(IPPROTO_TCP, 4)[:16] + marker
+    payload = ipv6_fragment_header(IPPROTO_DSTOPTS, 0, True) + chain
+    return ethernet(dst_mac, src_mac, ETH_P_IPV6, ipv6_packet(src, dst, payload, next_header=IPPROTO_FRAGMENT))
