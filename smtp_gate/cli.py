@@ -71,14 +71,24 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_WARNING if report.warnings else EXIT_OK
 
 
+def _shown(value: object) -> str:
+    """A config value as it would be written in the file."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return validate.format_ports(value)  # type: ignore[arg-type]
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(getattr(value, "pattern", value))
+
+
 def cmd_debug(args: argparse.Namespace, config: Config) -> int:
     links = discovery.read_links()
     print("== configuration (value <- source)")
     for key, (attr, _parser) in config_mod.KEYS.items():
-        value = getattr(config, attr)
-        if attr == "uplink_regex" and value is not None:
-            value = value.pattern
-        print(f"{key}={value!r}  <- {config.sources.get(attr, 'default')}")
+        print(f'{key}="{_shown(getattr(config, attr))}"  <- {config.sources.get(attr, "default")}')
     print(f"config file: {config.path}")
     print("== links")
     for link in sorted(links.values(), key=lambda l: l.ifindex):

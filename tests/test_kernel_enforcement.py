@@ -401,3 +401,27 @@ def test_spoofing_macs_to_fill_the_attempts_set_never_skips_the_drop(lab: Bridge
     # over the log rate and beyond the set's size, SMTP is still dropped
     assert not send4(lab, g, 25, src_mac="02:99:99:99:99:99")
     assert not send4(lab, g, 25)
+
+
+def test_apply_is_idempotent_and_dry_run_after_it_changes_nothing(lab: BridgeLab) -> None:
+    applied(lab)
+    g1 = lab.guests["g1"]
+    lab.allow_in_kernel("vnet0", g1.mac)
+    send4(lab, lab.guests["g2"], 25)  # one blocked attempt, counted
+
+    def listing() -> str:
+        return lab.nft("list", "table", "bridge", "smtp_gate").stdout
+
+    first = listing()
+    assert lab.smtp_gate("apply").returncode == 0
+    assert lab.smtp_gate("apply", "--dry-run").returncode == 0
+    assert listing() == first, "a second apply that changes nothing must leave the table (and its counters) as it was"
+
+
+def test_debug_shows_ports_the_table_and_where_each_value_came_from(lab: BridgeLab) -> None:
+    applied(lab, 'UPLINKS="uplink0"\nBLOCKED_PORTS="25,465,587"\n')
+    out = lab.smtp_gate("debug").stdout
+    assert f'BLOCKED_PORTS="25,465,587"  <- {lab.config_path}:2' in out
+    assert 'MODE="enforce"  <- default' in out and 'GUEST_PATTERNS="vnet*,tap*,veth*,vif*"  <- default' in out
+    assert "vnet0" in out and "master=br0" in out
+    assert "table bridge smtp_gate {" in out and "goto outbound" in out
