@@ -118,20 +118,25 @@ class Hook:
 
     def allow(self) -> None:
         from smtp_gate import nft, ruleset
+        from smtp_gate.errors import NftError
         from smtp_gate.runstate import domain_event
 
         dom = self.domain()
         with self.locked():
-            if not nft.table_exists():
-                self._install_base()
             record = self.record(dom)
             old = self.state.read_record(dom.uuid)
             add = [("guest_ports", ruleset.name_element(p)) for p in record.guest_ports]
             add += [("foreign_ports", ruleset.name_element(p)) for p in record.foreign_ports]
             add += [("allowed", ruleset.pair_element(p)) for p in record.allowed]
             delete = self._stale(old, record) if old else []
-            if add or delete:
-                nft.run_batch(ruleset.element_batch(add=add, delete=delete))
+            batch = ruleset.element_batch(add=add, delete=delete)
+            try:
+                nft.run_batch(batch)  # the common case: one nft call, no check first
+            except NftError:
+                if nft.table_exists():
+                    raise
+                self._install_base()  # the table was missing (prepare did not run, or a flush)
+                nft.run_batch(batch)
             self.state.write_record(record)
             self.state.append(domain_event("start", dom))
         if record.allowed:
