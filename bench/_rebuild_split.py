@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smtp_gate import config as config_mod, discovery, domain, engine, guests, hypervisor, nft, whitelist  # noqa: E402
+from smtp_gate import config as config_mod, discovery, domain, engine, hypervisor, nft, rebuild, whitelist  # noqa: E402
 from smtp_gate.runstate import RunState  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main() -> int:
     libvirt = hypervisor._libvirt()
     phases = {k: [] for k in (
         "libvirt: open connection", "libvirt: list_running (open, list, XMLDesc, parse)", "  of which XML parse (lxml)",
-        "whitelist parse (10 000 rows)", "compute: records (whitelist lookups)", "compute: discovery (sysfs)",
+        "whitelist parse (10 000 rows)", "compute: records (whitelist parse + lookups)", "compute: discovery (sysfs)",
         "compute: nft read_table", "compute: desired state + batch", "nft commit (nft -f)", "write records",
         "total (sum of the phases but 'of which' and 'open')",
     )}
@@ -44,18 +44,11 @@ def main() -> int:
         t4 = time.perf_counter()
         if listing.unreachable or not listing.domains:
             raise SystemExit(f"libvirt listing failed: {listing.unreachable}")
-        allow = whitelist.load(config.whitelist)
+        whitelist.load(config.whitelist).index()
         t5 = time.perf_counter()
         links = discovery.read_links()
         t6 = time.perf_counter()
-        index_of = lambda n: links[n].ifindex if n in links else None  # noqa: E731
-        master_of = lambda n: links[n].master if n in links else None  # noqa: E731
-        records = [
-            guests.record_for(d, config.bridges,
-                              allow.allowed_macs(whitelist.Guest(d.name, d.uuid, tuple(guests.nic_macs(d)))),
-                              index_of, master_of)
-            for d in listing.domains
-        ]
+        records = rebuild.records_for(config, listing.domains, links)  # loads the whitelist again
         t7 = time.perf_counter()
         kernel = nft.read_table()
         t8 = time.perf_counter()

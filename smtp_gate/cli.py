@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable, Dict, List, Optional
 
-from smtp_gate import __version__, config as config_mod, discovery, engine, nft, status as status_mod, validate
+from smtp_gate import __version__, config as config_mod, validate
 from smtp_gate.config import Config
 from smtp_gate.errors import SmtpGateError
 
@@ -53,12 +53,16 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     """Remove our table and nothing else."""
+    from smtp_gate import engine
+
     existed = engine.remove()
     print("ok: removed table bridge smtp_gate" if existed else "ok: table bridge smtp_gate was not installed")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import status as status_mod
+
     report = status_mod.read(config)
     if report.active and not args.no_libvirt:
         status_mod.add_guests(report, config)
@@ -85,6 +89,8 @@ def _shown(value: object) -> str:
 
 
 def cmd_debug(args: argparse.Namespace, config: Config) -> int:
+    from smtp_gate import discovery, nft
+
     links = discovery.read_links()
     print("== configuration (value <- source)")
     for key, (attr, _parser) in config_mod.KEYS.items():

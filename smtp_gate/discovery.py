@@ -7,9 +7,8 @@ substring match also caught `br01` when asked for `br0`, and printed veth ports 
 """
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from smtp_gate import validate
 from smtp_gate.config import Config
@@ -22,8 +21,7 @@ SYSFS_NET = Path("/sys/class/net")
 _PHYSICAL_BUSES = {"pci", "usb", "platform", "vmbus", "virtio", "xen", "ccwgroup", "mdio_bus"}
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(NamedTuple):
     name: str
     ifindex: int
     kind: str  # physical, bond, bridge, vlan, tun, vxlan, other
@@ -31,16 +29,14 @@ class Link:
     lowers: Tuple[str, ...]  # devices this one is stacked on (VLAN, bond, team members)
 
 
-@dataclass(frozen=True)
-class BridgePlan:
+class BridgePlan(NamedTuple):
     name: str
     exists: bool
     ports: Tuple[str, ...]
     uplinks: Tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class PortPlan:
+class PortPlan(NamedTuple):
     bridges: Tuple[BridgePlan, ...]
     uplinks: Tuple[str, ...]  # every uplink name, configured or found
     foreign_ports: Tuple[str, ...]  # ports of bridges we do not protect: left alone
@@ -48,27 +44,32 @@ class PortPlan:
     warnings: Tuple[str, ...]
 
 
-def _read(path: Path) -> Optional[str]:
+def _read(path: str) -> Optional[str]:
     try:
-        return path.read_text(encoding="ascii", errors="replace").strip()
+        with open(path, "rb") as handle:
+            return handle.read().decode("ascii", "replace").strip()
     except OSError:
         return None
 
 
-def _kind(path: Path) -> str:
-    if (path / "bridge").is_dir():
-        return "bridge"
-    if (path / "bonding").is_dir():
-        return "bond"
-    if (path / "tun_flags").exists():
+def _kind(path: str) -> str:
+    """What a link is, from the fewest sysfs lookups for the common case (a guest's tap)."""
+    if os.path.exists(f"{path}/tun_flags"):
         return "tun"
+    if os.path.isdir(f"{path}/bridge"):
+        return "bridge"
+    if os.path.isdir(f"{path}/bonding"):
+        return "bond"
     devtype = ""
-    for line in (_read(path / "uevent") or "").splitlines():
+    for line in (_read(f"{path}/uevent") or "").splitlines():
         if line.startswith("DEVTYPE="):
             devtype = line.split("=", 1)[1]
     if devtype in ("vlan", "vxlan", "wlan", "geneve", "macvlan", "ipvlan", "wireguard"):
         return devtype
-    bus = os.path.basename(os.path.realpath(path / "device" / "subsystem")) if (path / "device").exists() else ""
+    try:
+        bus = os.path.basename(os.path.realpath(f"{path}/device/subsystem")) if os.path.exists(f"{path}/device") else ""
+    except OSError:
+        bus = ""
     if bus in _PHYSICAL_BUSES:
         return "physical"
     return "other"
@@ -76,25 +77,40 @@ def _kind(path: Path) -> str:
 
 def read_links(root: Path = SYSFS_NET) -> Dict[str, Link]:
     """Every network device of this namespace, by name.  Devices that vanish while we
-    read are skipped: a guest may stop at any moment."""
+    read are skipped: a guest may stop at any moment.  Plain os calls, not pathlib: a
+    host with 1 000 guests has thousands of links, and a rebuild reads them all."""
     links: Dict[str, Link] = {}
+    base = os.fspath(root)
     try:
-        names = sorted(os.listdir(root))
+        names = sorted(os.listdir(base))
     except FileNotFoundError:
         return links
     for name in names:
-        path = root / name
-        index = _read(path / "ifindex")
+        path = f"{base}/{name}"
+        index = _read(f"{path}/ifindex")
         if index is None or not index.isdigit():
             continue
-        master_path = path / "master"
-        master = os.path.basename(os.readlink(master_path)) if master_path.is_symlink() else None
         try:
-            lowers = tuple(sorted(entry[len("lower_"):] for entry in os.listdir(path) if entry.startswith("lower_")))
+            master: Optional[str] = os.path.basename(os.readlink(f"{path}/master"))
         except OSError:
-            continue
-        links[name] = Link(name=name, ifindex=int(index), kind=_kind(path), master=master, lowers=lowers)
+            master = None
+        kind = _kind(path)
+        lowers: Tuple[str, ...] = ()
+        if kind != "tun":  # a tap is stacked on nothing
+            try:
+                lowers = tuple(sorted(e[len("lower_") :] for e in os.listdir(path) if e.startswith("lower_")))
+            except OSError:
+                continue
+        links[name] = Link(name=name, ifindex=int(index), kind=kind, master=master, lowers=lowers)
     return links
+
+
+def read_indexes() -> Dict[str, int]:
+    """Name -> interface index of every link, over netlink: a fraction of read_links()'s cost,
+    for re-checking that names still mean the same devices."""
+    import socket
+
+    return {name: index for index, name in socket.if_nameindex()}
 
 
 def is_auto_uplink(link: Link, links: Dict[str, Link], _depth: int = 0) -> bool:

@@ -5,8 +5,7 @@ and reports what it did.  Callers hold the lock around apply() (never while they
 to libvirt).
 """
 
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from smtp_gate import discovery, nft, ruleset, validate
 from smtp_gate.config import Config
@@ -15,25 +14,26 @@ from smtp_gate.ruleset import Desired, Pair
 from smtp_gate.runstate import Record
 
 
-@dataclass
-class Outcome:
+class Outcome(NamedTuple):
+    """What an apply computed, and what the operator must hear about."""
+
     desired: Desired
     plan: PortPlan
-    warnings: List[str] = field(default_factory=list)
+    warnings: List[str]
 
     @property
     def has_warnings(self) -> bool:
         return bool(self.warnings)
 
 
-def stable_links(before: Dict[str, Link], after: Dict[str, Link]) -> Dict[str, Link]:
+def stable_links(before: Dict[str, Link], after: Dict[str, int]) -> Dict[str, Link]:
     """The links that kept their name and index across a read of the kernel's table.
 
     nft lists an allowance's interface index as the device's name while it exists: a name
     read back is mapped to an index only if that name meant the same device before and
     after the listing (indexes are never reused), so a device re-created under the same
     name in between cannot inherit an allowance."""
-    return {name: link for name, link in before.items() if name in after and after[name].ifindex == link.ifindex}
+    return {name: link for name, link in before.items() if after.get(name) == link.ifindex}
 
 
 def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Set[Pair]:
@@ -139,7 +139,7 @@ def apply(
     links = discovery.read_links() if links is None else links
     kernel = nft.read_table()
     if keep_kernel:
-        links = stable_links(links, discovery.read_links())
+        links = stable_links(links, discovery.read_indexes())
     outcome = compute(config, links, guests, kernel, keep_kernel)
     batch = build(outcome, kernel)
     nft.run_batch(batch, check_only=dry_run)

@@ -11,7 +11,7 @@ apply, the hooks) neither pay for it nor need it installed.
 
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from smtp_gate.domain import Domain, normalise_uuid, parse
+from smtp_gate.domain import Domain, normalise_uuid, parse, text_parser
 from smtp_gate.errors import DomainXMLError, SmtpGateError
 
 
@@ -80,7 +80,9 @@ def _connections(libvirt: Any, uris: Sequence[str], unreachable: Dict[str, str])
                 pass
 
 
-def _read_domain(libvirt: Any, conn: Any, dom: Any, uri: str, skipped: List[str]) -> Optional[Domain]:
+def _read_domain(
+    libvirt: Any, conn: Any, dom: Any, uri: str, skipped: List[str], parser: Any = None
+) -> Optional[Domain]:
     """DOM's live XML as a Domain tagged with URI; None if the guest vanished meanwhile
     (normal: guests stop while we list) or its XML is unreadable (noted in SKIPPED)."""
     try:
@@ -93,7 +95,7 @@ def _read_domain(libvirt: Any, conn: Any, dom: Any, uri: str, skipped: List[str]
         skipped.append(f"{uri}: {_dom_name(libvirt, dom)}: {_one_line(exc)}")
         return None
     try:
-        return parse(xml)._replace(uri=uri)
+        return parse(xml, parser)._replace(uri=uri)
     except DomainXMLError as exc:
         skipped.append(f"{uri}: {_dom_name(libvirt, dom)}: {exc}")
         return None
@@ -137,13 +139,14 @@ def list_running(uris: Sequence[str]) -> Listing:
     taps).  A guest that stops while we list is left out; a URI that cannot be opened, or
     whose daemon goes away mid-listing, goes to `unreachable` with all its guests."""
     libvirt = _libvirt()
+    parser = text_parser()
     listing = Listing([], [], {}, [])
     for uri, conn in _connections(libvirt, uris, listing.unreachable):
         found: List[Domain] = []
         skipped: List[str] = []
         try:
             for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                domain = _read_domain(libvirt, conn, dom, uri, skipped)
+                domain = _read_domain(libvirt, conn, dom, uri, skipped, parser)
                 # no id: inactive XML, so the guest stopped between listing and XMLDesc
                 if domain is not None and _running(libvirt, conn, dom, domain):
                     found.append(domain)
@@ -163,6 +166,7 @@ def list_all(uris: Sequence[str]) -> List[Tuple[Domain, bool]]:
     not answer are left out; if none answers, raises SmtpGateError rather than claim the
     host has no guests."""
     libvirt = _libvirt()
+    parser = text_parser()
     unreachable: Dict[str, str] = {}
     reached = 0
     result: List[Tuple[Domain, bool]] = []
@@ -170,7 +174,7 @@ def list_all(uris: Sequence[str]) -> List[Tuple[Domain, bool]]:
         found: List[Tuple[Domain, bool]] = []
         try:
             for dom in conn.listAllDomains(0):
-                domain = _read_domain(libvirt, conn, dom, uri, [])
+                domain = _read_domain(libvirt, conn, dom, uri, [], parser)
                 running = None if domain is None else _running(libvirt, conn, dom, domain)
                 if domain is not None and running is not None:
                     found.append((domain, running))

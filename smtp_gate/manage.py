@@ -179,7 +179,7 @@ class Row(NamedTuple):
 
 def picker_rows(config: Config) -> List[Row]:
     pairs = hypervisor.list_all(config.uris())
-    model = whitelist.load(config.whitelist)
+    model = whitelist.load(config.whitelist).index()
     rows = []
     for dom, running in pairs:
         macs = tuple(guests.nic_macs(dom))

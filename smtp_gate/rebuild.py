@@ -41,7 +41,7 @@ def _lookups(links: Dict[str, discovery.Link]):  # type: ignore[no-untyped-def]
 
 def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
     """One record per guest, from the whitelist as it is now (call under the lock)."""
-    allow = whitelist.load(config.whitelist)
+    allow = whitelist.load(config.whitelist).index()
     index_of, master_of = _lookups(links)
     return [
         guests.record_for(

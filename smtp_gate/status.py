@@ -117,7 +117,7 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     except SmtpGateError as exc:
         report.notes.append(f"guests not shown: {exc}")
         return
-    model = whitelist.load(config.whitelist)
+    model = whitelist.load(config.whitelist).index()
     held = {(a["port"], a["mac"]) for a in report.allowed}
     attempts: Dict[str, int] = {}
     for item in report.attempts:

@@ -19,6 +19,7 @@ IFNAMSIZ = 16  # the kernel's limit includes the terminating NUL: names are at m
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,14}")
 _PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,13}\*")
 _MAC_HEX = re.compile(r"[0-9a-f]{12}")
+_MAC_NORMAL = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _MAC_SEPARATED = re.compile(r"([0-9a-f]{1,2})([:-])([0-9a-f]{1,2})(\2[0-9a-f]{1,2}){4}")
 
 
@@ -57,6 +58,8 @@ def mac(value: str) -> str:
 
     Accepts 52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF, 5254.00ab.cdef and 525400abcdef.
     """
+    if isinstance(value, str) and _MAC_NORMAL.fullmatch(value):
+        return value  # already the normal form: the common case, thousands of times per rebuild
     text = value.strip().lower() if isinstance(value, str) else ""
     m = _MAC_SEPARATED.fullmatch(text)
     if m:

@@ -22,7 +22,7 @@ import csv
 import io
 import os
 import re
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from smtp_gate import validate
 from smtp_gate.errors import ValidationError, WhitelistError
@@ -272,6 +272,22 @@ def _matches_guest(entry: Entry, name: str, uuid_key: str) -> bool:
     return bool(name) and entry.vmname == name or bool(uuid_key) and _uuid_key(entry.vmname) == uuid_key
 
 
+class Index(NamedTuple):
+    """Whitelist.allowed_macs() for many guests at the cost of one pass over the rows."""
+
+    names: FrozenSet[str]  # vmname of every whole-guest row
+    uuid_keys: FrozenSet[str]  # of those, the ones that are UUIDs, as _uuid_key() gives them
+    macs: FrozenSet[str]  # MAC of every MAC row, normalised
+
+    def allowed_macs(self, guest: Guest) -> Tuple[str, ...]:
+        """Exactly Whitelist.allowed_macs(guest)."""
+        macs = _guest_macs(guest)
+        name, key = guest.name or "", _uuid_key(guest.uuid or "")
+        if (name and name in self.names) or (key and key in self.uuid_keys):
+            return tuple(macs)
+        return tuple(mac for mac in macs if mac in self.macs)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -323,6 +339,19 @@ class Whitelist:
             elif _matches_guest(entry, name, key):
                 return tuple(macs)
         return tuple(mac for mac in macs if mac in allowed)
+
+    def index(self) -> "Index":
+        """The usable rows as sets, for asking about many guests (a rebuild asks about all)."""
+        names, uuid_keys, macs = set(), set(), set()
+        for entry in self.entries():
+            if entry.mac:
+                macs.add(entry.mac)
+            elif entry.vmname:
+                names.add(entry.vmname)
+                key = _uuid_key(entry.vmname)
+                if key:
+                    uuid_keys.add(key)
+        return Index(frozenset(names), frozenset(uuid_keys), frozenset(macs))
 
     def matching(self, guest: Guest) -> List[Tuple[int, Entry]]:
         """The rows (line number, entry) that allow some NIC of GUEST, for status output."""
