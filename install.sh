@@ -14,9 +14,12 @@ set -euo pipefail
 umask 022
 
 PROG=install.sh
-MARKER="smtp-gate-install"          # marks every file this script writes outside the app dir
-DEFAULT_APP_DIR=/usr/local/smtp-gate
-DRIVERS=(qemu lxc libxl)
+SRC="$(cd -- "$(dirname -- "$(readlink -f -- "${BASH_SOURCE[0]}")")" && pwd -P)"   # this checkout
+# MARKER, DEFAULT_APP_DIR, DRIVERS, the output helpers, the common options, paths and checks:
+# shared with uninstall.sh, next to this script (a copy stays in the application directory).
+# SC1091 off: without -x shellcheck would only say it does not follow the file.
+# shellcheck source-path=SCRIPTDIR source=install-common.sh disable=SC1091
+. "$SRC/install-common.sh"
 UNITS=(smtp-gate.service smtp-gate-rebuild.service smtp-gate-rebuild.timer smtp-gate-watch.service)
 ENABLE=(smtp-gate.service smtp-gate-watch.service smtp-gate-rebuild.timer)
 PY_MODULES=(lxml libvirt filelock)
@@ -61,21 +64,11 @@ EOF
 }
 
 # ---------------------------------------------------------------- output helpers
-CHANGES=0
-WARNINGS=0
-say() { printf '%s\n' "$*"; }
-did() { CHANGES=$((CHANGES + 1)); printf '  %-10s %s\n' "$1" "$2"; }     # a change
-same() { printf '  %-10s %s\n' "$1" "$2"; }                              # no change
-warn() { WARNINGS=$((WARNINGS + 1)); printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
-usage_error() { printf '%s: %s (see --help)\n' "$PROG" "$*" >&2; exit 2; }
+# (say, did, same, warn, die, usage_error: install-common.sh)
 # how to get a package, on both families
 howto() { printf '      Debian/Ubuntu:   apt-get install %s\n      AlmaLinux/RHEL:  dnf install %s\n' "$1" "$2"; }
 
 # ---------------------------------------------------------------- options
-ROOT=""
-APP_DIR="$DEFAULT_APP_DIR"
-RESTART_LIBVIRT=0
 NO_START=0
 NO_VENV=0
 PYTHON_OPT=""
@@ -83,51 +76,28 @@ HOOK_PYTHON_OPT=""
 LIBVIRT_VERSION_OPT=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --root) [ $# -ge 2 ] || usage_error "--root needs a directory"; ROOT="$2"; shift 2 ;;
-        --root=*) ROOT="${1#*=}"; shift ;;
-        --app-dir) [ $# -ge 2 ] || usage_error "--app-dir needs a directory"; APP_DIR="$2"; shift 2 ;;
-        --app-dir=*) APP_DIR="${1#*=}"; shift ;;
         --python) [ $# -ge 2 ] || usage_error "--python needs a path"; PYTHON_OPT="$2"; shift 2 ;;
         --python=*) PYTHON_OPT="${1#*=}"; shift ;;
         --hook-python) [ $# -ge 2 ] || usage_error "--hook-python needs a path"; HOOK_PYTHON_OPT="$2"; shift 2 ;;
         --hook-python=*) HOOK_PYTHON_OPT="${1#*=}"; shift ;;
         --libvirt-version) [ $# -ge 2 ] || usage_error "--libvirt-version needs X.Y"; LIBVIRT_VERSION_OPT="$2"; shift 2 ;;
         --libvirt-version=*) LIBVIRT_VERSION_OPT="${1#*=}"; shift ;;
-        --restart-libvirt) RESTART_LIBVIRT=1; shift ;;
         --no-start) NO_START=1; shift ;;
         --no-venv) NO_VENV=1; shift ;;
         -h|--help) usage; exit 0 ;;
-        *) usage_error "unknown argument '$1'" ;;
+        *) common_option "$@"; shift "$OPT_ARGS" ;;      # --root, --app-dir, --restart-libvirt, unknown
     esac
 done
 
-# Paths are pasted into generated files: keep them to a plain character set.
-SAFE_PATH='^/[A-Za-z0-9._/+-]*$'
-case "$APP_DIR" in /*) APP_DIR="$(realpath -m -s -- "$APP_DIR")" ;; *) APP_DIR="" ;; esac
-if ! [[ "$APP_DIR" =~ $SAFE_PATH ]] || [ "$APP_DIR" = / ]; then
-    usage_error "--app-dir must be an absolute path of letters, digits and ._/+- (not /)"
-fi
-if [ -n "$ROOT" ]; then
-    mkdir -p -- "$ROOT" || die "cannot create --root $ROOT"
-    ROOT="$(realpath -e -- "$ROOT")"
-    [ "$ROOT" != / ] || ROOT=""
-fi
-LIVE=1; [ -z "$ROOT" ] || LIVE=0
+check_app_dir
+[ -z "$ROOT" ] || mkdir -p -- "$ROOT" || die "cannot create --root $ROOT"
+settle_root
 if [ -n "$LIBVIRT_VERSION_OPT" ] && ! [[ "$LIBVIRT_VERSION_OPT" =~ ^[0-9]+\.[0-9]+(\.[0-9]+)?$ ]]; then
     usage_error "--libvirt-version expects X.Y or X.Y.Z"
 fi
-[ "$(id -u)" = 0 ] || [ $LIVE = 0 ] || die "run as root (sudo ./install.sh), or use --root DIR to install into a tree"
+[ "$(id -u)" = 0 ] || [ "$LIVE" = 0 ] || die "run as root (sudo ./install.sh), or use --root DIR to install into a tree"
 
-SRC="$(cd -- "$(dirname -- "$(readlink -f -- "${BASH_SOURCE[0]}")")" && pwd -P)"
-APP="$(realpath -m -- "$ROOT$APP_DIR")"      # where the app dir is on this machine
-BIN="$ROOT/usr/bin/smtp-gate"
-HOOKS_DIR="$ROOT/etc/libvirt/hooks"
-UNIT_DIR="$ROOT/etc/systemd/system"
-SYSTEMD_RUNNING=0
-if [ $LIVE = 1 ] && [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] \
-    && command -v systemctl >/dev/null 2>&1; then
-    SYSTEMD_RUNNING=1
-fi
+set_paths
 
 # ---------------------------------------------------------------- small utilities
 version_ge() {  # version_ge A B: A >= B (dotted numbers)
@@ -141,26 +111,7 @@ py_missing() {  # the modules of PY_MODULES that interpreter $1 cannot import, o
 }
 # relative path from directory $1 to path $2, both resolved physically (they must be on this machine)
 relpath() { realpath -m --relative-to="$(realpath -m -- "$1")" -- "$(realpath -m -- "$2")"; }
-# show a path as it is on the installed system (without the --root prefix)
-shown() { if [ -n "$ROOT" ] && [ "${1#"$ROOT"}" != "$1" ]; then printf '%s' "${1#"$ROOT"}"; else printf '%s' "$1"; fi; }
-# is $1 an entry this script (or an older layout of the same app dir) owns?
-# ours: a symlink that resolves into the app dir, or a regular file carrying our marker.
-is_ours() {
-    local p="$1" target
-    if [ -L "$p" ]; then
-        target="$(readlink -f -- "$p" 2>/dev/null || true)"
-        case "$target" in "$APP"/*) return 0 ;; esac
-        # a dangling link into the app dir (not installed yet) still names it
-        target="$(readlink -- "$p")"
-        case "$target" in
-            /*) target="$(realpath -m -- "$ROOT$target")" ;;     # absolute: inside --root
-            *) target="$(realpath -m -- "$(dirname -- "$p")/$target")" ;;
-        esac
-        case "$target" in "$APP"/*) return 0 ;; esac
-        return 1
-    fi
-    [ -f "$p" ] && grep -q -- "$MARKER" "$p" 2>/dev/null
-}
+# (shown, is_ours: install-common.sh)
 # write content $3 to file $1 with mode $2 unless it already has exactly that; atomically
 put_file() {
     local dest="$1" mode="$2" content="$3" label="$4" tmp
@@ -193,12 +144,12 @@ put_link() {
 }
 
 # ---------------------------------------------------------------- 1. prerequisites
-say "smtp-gate install.sh: installing $( [ $LIVE = 1 ] && echo "on this system" || echo "into the tree $ROOT (nothing live is touched)")"
+say "smtp-gate install.sh: installing $( [ "$LIVE" = 1 ] && echo "on this system" || echo "into the tree $ROOT (nothing live is touched)")"
 say "  application directory: $APP_DIR"
 PROBLEMS=0
 problem() {  # problem "what is missing" deb-packages rpm-packages [extra line]
     PROBLEMS=$((PROBLEMS + 1))
-    printf '%s: %s: %s\n' "$PROG" "$( [ $LIVE = 1 ] && echo missing || echo "warning: missing (--root: continuing)")" "$1" >&2
+    printf '%s: %s: %s\n' "$PROG" "$( [ "$LIVE" = 1 ] && echo missing || echo "warning: missing (--root: continuing)")" "$1" >&2
     [ -z "${2:-}" ] || howto "$2" "$3" >&2
     [ -z "${4:-}" ] || printf '      %s\n' "$4" >&2
 }
@@ -255,7 +206,7 @@ MISSING_MODULES=()
 if [ -n "$PY" ]; then
     same found "Python $(py_version "$PY") ($PY)"
     mapfile -t MISSING_MODULES < <(py_missing "$PY")
-    if [ ${#MISSING_MODULES[@]} -gt 0 ] && [ $NO_VENV = 1 ] && [ $LIVE = 1 ]; then
+    if [ ${#MISSING_MODULES[@]} -gt 0 ] && [ $NO_VENV = 1 ] && [ "$LIVE" = 1 ]; then
         debs=""; rpms=""
         for m in "${MISSING_MODULES[@]}"; do debs+="${DEB_NAME[$m]} "; rpms+="${RPM_NAME[$m]} "; done
         problem "Python modules ${MISSING_MODULES[*]} for $PY (--no-venv forbids building a virtual environment)" \
@@ -282,7 +233,7 @@ if [ "$SRC" != "$APP" ] && [ ! -e "$APP" ] && [ -e "$SRC/.git" ]; then
     command -v git >/dev/null 2>&1 || problem "git (to clone this checkout into $APP_DIR)" git git
 fi
 
-if [ $PROBLEMS -gt 0 ] && [ $LIVE = 1 ]; then
+if [ $PROBLEMS -gt 0 ] && [ "$LIVE" = 1 ]; then
     die "$PROBLEMS prerequisite(s) missing (above): nothing was changed"
 fi
 
@@ -290,7 +241,7 @@ fi
 LIBVIRT_VERSION=""
 if [ -n "$LIBVIRT_VERSION_OPT" ]; then
     LIBVIRT_VERSION="$LIBVIRT_VERSION_OPT"
-elif [ $LIVE = 1 ]; then
+elif [ "$LIVE" = 1 ]; then
     for d in libvirtd virtqemud virtlxcd virtxend; do
         if command -v "$d" >/dev/null 2>&1; then
             LIBVIRT_VERSION="$("$d" --version 2>/dev/null | awk '{print $NF; exit}')"
@@ -391,7 +342,7 @@ else
             howto "python3-lxml python3-libvirt python3-filelock" "python3-lxml python3-libvirt python3-filelock" >&2
             printf '      or the tools to build them (libvirt-python compiles against libvirt):\n' >&2
             howto "python3-venv python3-dev libvirt-dev pkg-config gcc" "python3-devel libvirt-devel pkgconf-pkg-config gcc" >&2
-            if [ $LIVE = 1 ]; then
+            if [ "$LIVE" = 1 ]; then
                 printf '      then run install.sh again (what is installed so far stays; nothing is enforced yet)\n' >&2
                 exit 1
             fi
@@ -453,7 +404,7 @@ exec $HOOK_PY \"\$(dirname \"\$(readlink -f \"\$0\")\")/$rel\" \"\$@\"
     fi
 }
 if [ $DROPINS = 1 ]; then
-    [ -n "$LIBVIRT_VERSION" ] || say "  libvirt version $( [ $LIVE = 1 ] && echo "unknown (no libvirtd/virtqemud found)" || echo "not checked (--root)"): assuming >= 6.5 (hooks/<driver>.d/)"
+    [ -n "$LIBVIRT_VERSION" ] || say "  libvirt version $( [ "$LIVE" = 1 ] && echo "unknown (no libvirtd/virtqemud found)" || echo "not checked (--root)"): assuming >= 6.5 (hooks/<driver>.d/)"
     for d in "${DRIVERS[@]}"; do
         hook_entry "$HOOKS_DIR/$d.d/smtp-gate" "$d"
         mono="$HOOKS_DIR/$d"
@@ -491,10 +442,10 @@ $(sed "s|$DEFAULT_APP_DIR|$APP_DIR|g" -- "$APP/systemd/$u")
 "
     before=$CHANGES
     put_file "$UNIT_DIR/$u" 644 "$content" ""
-    [ $CHANGES = "$before" ] || UNITS_CHANGED=1
+    [ "$CHANGES" = "$before" ] || UNITS_CHANGED=1
 done
 
-if [ $SYSTEMD_RUNNING = 1 ]; then
+if [ "$SYSTEMD_RUNNING" = 1 ]; then
     if [ $UNITS_CHANGED = 1 ]; then
         systemctl daemon-reload
         did reloaded "systemd (systemctl daemon-reload)"
@@ -528,7 +479,7 @@ if [ $SYSTEMD_RUNNING = 1 ]; then
         done
     fi
 else
-    if [ $LIVE = 1 ]; then
+    if [ "$LIVE" = 1 ]; then
         say "  systemd is not running here: nothing enabled.  On a systemd host run:"
     else
         say "  --root: nothing enabled.  On the installed system run:"
@@ -545,7 +496,7 @@ say "libvirt"
 say "  libvirt looks for hooks when its daemon starts or is reloaded (SIGHUP): a daemon running since"
 say "  before this install does not call them yet.  Meanwhile guests stay blocked by the boot table,"
 say "  and the 60 s rebuild keeps allowances exact."
-if [ $SYSTEMD_RUNNING = 1 ]; then
+if [ "$SYSTEMD_RUNNING" = 1 ]; then
     running=()
     for d in libvirtd virtqemud virtlxcd virtxend; do
         state="$(systemctl is-active "$d.service" 2>/dev/null || true)"
@@ -559,7 +510,7 @@ if [ $SYSTEMD_RUNNING = 1 ]; then
     done
     if [ ${#running[@]} -eq 0 ]; then
         say "  no libvirt daemon is running: nothing to reload"
-    elif [ $RESTART_LIBVIRT = 1 ]; then
+    elif [ "$RESTART_LIBVIRT" = 1 ]; then
         for s in "${running[@]}"; do
             if systemctl reload-or-restart "$s"; then
                 did reloaded "$s (--restart-libvirt: it now calls the hooks; guests keep running)"
@@ -570,24 +521,24 @@ if [ $SYSTEMD_RUNNING = 1 ]; then
     else
         say "  to make them call the hooks now: systemctl reload ${running[*]}   (or: install.sh --restart-libvirt)"
     fi
-elif [ $LIVE = 1 ]; then
+elif [ "$LIVE" = 1 ]; then
     daemons="$(pgrep -x -l 'libvirtd|virtqemud|virtlxcd|virtxend' 2>/dev/null | awk '{print $2}' | sort -u | tr '\n' ' ' || true)"
     if [ -n "$daemons" ]; then
         say "  running: ${daemons}- no systemd here: send each a SIGHUP (kill -HUP <its pid>) or restart it"
     fi
-    [ $RESTART_LIBVIRT = 0 ] || warn "--restart-libvirt: systemd is not running here; reload the libvirt daemon yourself"
+    [ "$RESTART_LIBVIRT" = 0 ] || warn "--restart-libvirt: systemd is not running here; reload the libvirt daemon yourself"
 else
     say "  on the installed system: systemctl reload libvirtd (monolithic daemon) or virtqemud, virtlxcd,"
     say "  virtxend (modular daemons), whichever run"
-    [ $RESTART_LIBVIRT = 0 ] || warn "--restart-libvirt is ignored with --root"
+    [ "$RESTART_LIBVIRT" = 0 ] || warn "--restart-libvirt is ignored with --root"
 fi
 
 # ---------------------------------------------------------------- 10. summary
-if [ $CHANGES = 0 ]; then
+if [ "$CHANGES" = 0 ]; then
     say "install.sh: nothing changed: smtp-gate is already installed as above"
 else
     say "install.sh: done ($CHANGES change(s))"
 fi
 say "next: edit $APP_DIR/config/smtp-gate.conf (BRIDGE=...), then: smtp-gate apply; smtp-gate status; smtp-gate selftest"
-[ $WARNINGS = 0 ] || say "($WARNINGS warning(s) above, on stderr)"
+[ "$WARNINGS" = 0 ] || say "($WARNINGS warning(s) above, on stderr)"
 exit 0

@@ -6,9 +6,11 @@ set -euo pipefail
 umask 022
 
 PROG=uninstall.sh
-MARKER="smtp-gate-install"
-DEFAULT_APP_DIR=/usr/local/smtp-gate
-DRIVERS=(qemu lxc libxl)
+# MARKER, DEFAULT_APP_DIR, DRIVERS, the output helpers, the common options, paths and checks:
+# shared with install.sh, next to this script (in the application directory or a checkout).
+# SC1091 off: without -x shellcheck would only say it does not follow the file.
+# shellcheck source-path=SCRIPTDIR source=install-common.sh disable=SC1091
+. "$(dirname -- "$(readlink -f -- "${BASH_SOURCE[0]}")")/install-common.sh"
 # stop order: the timer and the watcher first, so that nothing re-applies what we remove
 UNITS=(smtp-gate-rebuild.timer smtp-gate-watch.service smtp-gate-rebuild.service smtp-gate.service)
 
@@ -36,71 +38,24 @@ Exit status: 0 removed (or nothing to remove), 1 error (something could not be r
 EOF
 }
 
-CHANGES=0
+# (say, did, same, warn, die, usage_error: install-common.sh)
 ERRORS=0
-say() { printf '%s\n' "$*"; }
-did() { CHANGES=$((CHANGES + 1)); printf '  %-10s %s\n' "$1" "$2"; }
-same() { printf '  %-10s %s\n' "$1" "$2"; }
-warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
 error() { ERRORS=$((ERRORS + 1)); printf '%s: error: %s\n' "$PROG" "$*" >&2; }
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
-usage_error() { printf '%s: %s (see --help)\n' "$PROG" "$*" >&2; exit 2; }
 
-ROOT=""
-APP_DIR="$DEFAULT_APP_DIR"
-RESTART_LIBVIRT=0
 while [ $# -gt 0 ]; do
     case "$1" in
-        --root) [ $# -ge 2 ] || usage_error "--root needs a directory"; ROOT="$2"; shift 2 ;;
-        --root=*) ROOT="${1#*=}"; shift ;;
-        --app-dir) [ $# -ge 2 ] || usage_error "--app-dir needs a directory"; APP_DIR="$2"; shift 2 ;;
-        --app-dir=*) APP_DIR="${1#*=}"; shift ;;
-        --restart-libvirt) RESTART_LIBVIRT=1; shift ;;
         -h|--help) usage; exit 0 ;;
-        *) usage_error "unknown argument '$1'" ;;
+        *) common_option "$@"; shift "$OPT_ARGS" ;;      # --root, --app-dir, --restart-libvirt, unknown
     esac
 done
 
-SAFE_PATH='^/[A-Za-z0-9._/+-]*$'
-case "$APP_DIR" in /*) APP_DIR="$(realpath -m -s -- "$APP_DIR")" ;; *) APP_DIR="" ;; esac
-if ! [[ "$APP_DIR" =~ $SAFE_PATH ]] || [ "$APP_DIR" = / ]; then
-    usage_error "--app-dir must be an absolute path of letters, digits and ._/+- (not /)"
-fi
-if [ -n "$ROOT" ]; then
-    [ -d "$ROOT" ] || die "--root $ROOT is not a directory"
-    ROOT="$(realpath -e -- "$ROOT")"
-    [ "$ROOT" != / ] || ROOT=""
-fi
-LIVE=1; [ -z "$ROOT" ] || LIVE=0
-[ "$(id -u)" = 0 ] || [ $LIVE = 0 ] || die "run as root (sudo ./uninstall.sh), or use --root DIR"
+check_app_dir
+[ -z "$ROOT" ] || [ -d "$ROOT" ] || die "--root $ROOT is not a directory"
+settle_root
+[ "$(id -u)" = 0 ] || [ "$LIVE" = 0 ] || die "run as root (sudo ./uninstall.sh), or use --root DIR"
 
-APP="$(realpath -m -- "$ROOT$APP_DIR")"
-BIN="$ROOT/usr/bin/smtp-gate"
-HOOKS_DIR="$ROOT/etc/libvirt/hooks"
-UNIT_DIR="$ROOT/etc/systemd/system"
-SYSTEMD_RUNNING=0
-if [ $LIVE = 1 ] && [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] \
-    && command -v systemctl >/dev/null 2>&1; then
-    SYSTEMD_RUNNING=1
-fi
-
-shown() { if [ -n "$ROOT" ] && [ "${1#"$ROOT"}" != "$1" ]; then printf '%s' "${1#"$ROOT"}"; else printf '%s' "$1"; fi; }
-# ours: a symlink that resolves into the app dir, or a regular file carrying install.sh's marker
-is_ours() {
-    local p="$1" target
-    if [ -L "$p" ]; then
-        target="$(readlink -f -- "$p" 2>/dev/null || true)"
-        case "$target" in "$APP"/*) return 0 ;; esac
-        target="$(readlink -- "$p")"
-        case "$target" in
-            /*) target="$(realpath -m -- "$ROOT$target")" ;;     # absolute: inside --root
-            *) target="$(realpath -m -- "$(dirname -- "$p")/$target")" ;;
-        esac
-        case "$target" in "$APP"/*) return 0 ;; esac
-        return 1
-    fi
-    [ -f "$p" ] && grep -q -- "$MARKER" "$p" 2>/dev/null
-}
+set_paths
+# (shown, is_ours: install-common.sh)
 remove_ours() {  # remove_ours PATH WHAT
     local p="$1"
     if [ ! -e "$p" ] && [ ! -L "$p" ]; then
@@ -113,11 +68,11 @@ remove_ours() {  # remove_ours PATH WHAT
     fi
 }
 
-say "smtp-gate uninstall.sh: removing $( [ $LIVE = 1 ] && echo "from this system" || echo "from the tree $ROOT (nothing live is touched)")"
+say "smtp-gate uninstall.sh: removing $( [ "$LIVE" = 1 ] && echo "from this system" || echo "from the tree $ROOT (nothing live is touched)")"
 
 # 1. stop and disable the units first: the watcher and the timer would put the table back
 say "systemd units"
-if [ $SYSTEMD_RUNNING = 1 ]; then
+if [ "$SYSTEMD_RUNNING" = 1 ]; then
     for u in "${UNITS[@]}"; do
         [ -e "$UNIT_DIR/$u" ] || continue
         if [ "$u" != smtp-gate-rebuild.service ] && [ "$(systemctl is-enabled "$u" 2>/dev/null || true)" = enabled ]; then
@@ -132,7 +87,7 @@ if [ $SYSTEMD_RUNNING = 1 ]; then
             *) did stopped "$u (stopping removes no enforcement by itself)" ;;
         esac
     done
-elif [ $LIVE = 1 ]; then
+elif [ "$LIVE" = 1 ]; then
     say "  systemd is not running here: nothing to stop"
 fi
 
@@ -146,7 +101,7 @@ for d in "${DRIVERS[@]}"; do
     if [ -L "$HOOKS_DIR/$d" ] || { [ -f "$HOOKS_DIR/$d" ] && is_ours "$HOOKS_DIR/$d"; }; then
         before=$CHANGES
         remove_ours "$HOOKS_DIR/$d" "our hook for libvirt < 6.5"
-        [ $CHANGES = "$before" ] || MONOLITHIC_REMOVED=1
+        [ "$CHANGES" = "$before" ] || MONOLITHIC_REMOVED=1
     elif [ -e "$HOOKS_DIR/$d" ]; then
         same kept "$(shown "$HOOKS_DIR/$d") (someone else's hook; if you made it call $APP_DIR/hooks/$d, remove that line)"
     fi
@@ -160,10 +115,10 @@ done
 #    missing file, until its daemon is reloaded (SIGHUP re-scans the hooks) - so that case is
 #    reloaded without being asked.
 say "libvirt"
-if [ $RESTART_LIBVIRT = 1 ] || [ $MONOLITHIC_REMOVED = 1 ]; then
+if [ "$RESTART_LIBVIRT" = 1 ] || [ $MONOLITHIC_REMOVED = 1 ]; then
     why="--restart-libvirt"
     [ $MONOLITHIC_REMOVED = 0 ] || why="libvirt < 6.5 would fail guest starts on the removed hook until reloaded"
-    if [ $SYSTEMD_RUNNING = 1 ]; then
+    if [ "$SYSTEMD_RUNNING" = 1 ]; then
         for d in libvirtd virtqemud virtlxcd virtxend; do
             if systemctl is-active --quiet "$d.service"; then
                 if systemctl reload-or-restart "$d.service"; then
@@ -173,12 +128,12 @@ if [ $RESTART_LIBVIRT = 1 ] || [ $MONOLITHIC_REMOVED = 1 ]; then
                 fi
             fi
         done
-    elif [ $LIVE = 1 ] && [ $MONOLITHIC_REMOVED = 1 ]; then
+    elif [ "$LIVE" = 1 ] && [ $MONOLITHIC_REMOVED = 1 ]; then
         warn "reload the running libvirt daemon NOW (kill -HUP <its pid>, or restart it): $why"
     elif [ $MONOLITHIC_REMOVED = 1 ]; then
         same note "on the installed system, reload libvirtd (systemctl reload libvirtd): $why"
     else
-        warn "--restart-libvirt ignored: $( [ $LIVE = 1 ] && echo "systemd is not running here" || echo "--root")"
+        warn "--restart-libvirt ignored: $( [ "$LIVE" = 1 ] && echo "systemd is not running here" || echo "--root")"
     fi
 else
     same nothing "libvirt needs no reload: it skips hooks that no longer exist (libvirt >= 6.5)"
@@ -186,7 +141,7 @@ fi
 
 # 3. our nft table
 say "nftables"
-if [ $LIVE = 1 ]; then
+if [ "$LIVE" = 1 ]; then
     removed_table=0
     if [ -x "$BIN" ] && is_ours "$BIN"; then
         if out="$("$BIN" rollback 2>&1)"; then
@@ -224,9 +179,9 @@ UNITS_REMOVED=0
 for u in "${UNITS[@]}"; do
     before=$CHANGES
     remove_ours "$UNIT_DIR/$u" ""
-    [ $CHANGES = "$before" ] || UNITS_REMOVED=1
+    [ "$CHANGES" = "$before" ] || UNITS_REMOVED=1
 done
-if [ $SYSTEMD_RUNNING = 1 ] && [ $UNITS_REMOVED = 1 ]; then
+if [ "$SYSTEMD_RUNNING" = 1 ] && [ $UNITS_REMOVED = 1 ]; then
     systemctl daemon-reload
     systemctl reset-failed "${UNITS[@]}" >/dev/null 2>&1 || true
     did reloaded "systemd (systemctl daemon-reload)"
@@ -245,9 +200,9 @@ fi
 if [ $ERRORS -gt 0 ]; then
     say "uninstall.sh: finished with $ERRORS error(s) (above)"
     exit 1
-elif [ $CHANGES = 0 ]; then
+elif [ "$CHANGES" = 0 ]; then
     say "uninstall.sh: nothing to remove: smtp-gate is not installed (beyond the kept directory)"
 else
-    say "uninstall.sh: done ($CHANGES change(s))$( [ $LIVE = 1 ] && echo "; smtp-gate no longer blocks any guest")"
+    say "uninstall.sh: done ($CHANGES change(s))$( [ "$LIVE" = 1 ] && echo "; smtp-gate no longer blocks any guest")"
 fi
 exit 0
