@@ -1,0 +1,114 @@
+"""The whitelist commands in-process (main([...]): messages and exit codes) and as many
+concurrent processes (nothing lost).  No table is installed here: these prove what the
+commands do to the whitelist and the config file; tests/test_manage.py proves enforcement
+in the kernel.  They only read this machine's links and ruleset, never change them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smtp_gate.cli import main
+from tests import testdriver
+from tests.netlab import REPO
+
+HEADER = "# vmname,mac,added_at,added_by,reason\n"
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    """A config whose libvirt (the test driver) runs two guests on br0; no table installed."""
+    uri = testdriver.write_node(tmp_path, running=2, nics=1, shutoff=1)
+    path = tmp_path / "smtp-gate.conf"
+    path.write_text(f'LIBVIRT_URI="{uri}"\nRUN_DIR="{tmp_path / "run"}"\n# keep this comment\nBLOCKED_PORTS="25,465"\n')
+    (tmp_path / "whitelist.csv").write_text(HEADER)
+    return path
+
+
+def run(conf: Path, capsys: pytest.CaptureFixture, *args: str):  # type: ignore[no-untyped-def]
+    code = main(["--config", str(conf), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_add_and_del_in_process(conf: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUDO_USER", "carol")
+    code, out, err = run(conf, capsys, "add-vm", testdriver.name(0), "verified")
+    assert code == 0, err
+    assert out == f"ok: added guest '{testdriver.name(0)}' (every NIC) at line 2\n"
+    code, out, _ = run(conf, capsys, "add-vm", testdriver.name(0))
+    assert code == 0 and "already there (line 2)" in out
+    code, out, _ = run(conf, capsys, "add-vm", testdriver.name(2))
+    assert code == 0 and "is not running: its NICs are allowed when it starts" in out
+    code, out, err = run(conf, capsys, "add-mac", "5254.00AB.CDEF", "spare")
+    assert code == 0 and "ok: added MAC 52:54:00:ab:cd:ef" in out
+    assert "no running guest has a NIC with MAC 52:54:00:ab:cd:ef" in out
+    code, out, _ = run(conf, capsys, "list", "--json")
+    rows = json.loads(out)["rows"]
+    assert [(r["vmname"], r["mac"], r["added_by"]) for r in rows] == [
+        (testdriver.name(0), "", "carol"), (testdriver.name(2), "", "carol"), ("spare", "52:54:00:ab:cd:ef", "carol")]
+    code, out, _ = run(conf, capsys, "del-mac", "52-54-00-AB-CD-EF")
+    assert code == 0 and "ok: removed" in out
+    code, out, _ = run(conf, capsys, "del-vm", testdriver.uuid(2))
+    assert code == 0 and f"ok: removed guest '{testdriver.name(2)}'" in out
+    code, out, _ = run(conf, capsys, "del-mac", "52:54:00:ab:cd:ef")
+    assert code == 0 and "not in the whitelist" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["add-vm", "ghost"], "guest 'ghost' not found in libvirt"),
+        (["add-mac", "ff:ff:ff:ff:ff:ff"], "bad MAC address 'ff:ff:ff:ff:ff:ff': that is the broadcast address"),
+        (["del-mac", "nonsense"], "bad MAC address 'nonsense'"),
+        (["ports-set", "25,0"], "bad port 0 in '25,0': expected 1-65535"),
+        (["ports-set", "465,25,465"], "duplicate port 465"),
+    ],
+)
+def test_errors_are_one_line_naming_the_value_and_change_nothing(
+    conf: Path, capsys: pytest.CaptureFixture, args, message: str
+) -> None:
+    before = (conf.read_bytes(), (conf.parent / "whitelist.csv").read_bytes())
+    code, out, err = run(conf, capsys, *args)
+    assert (code, out) == (1, "")
+    assert err.startswith("smtp-gate: error: ") and message in err and err.count("\n") == 1
+    assert (conf.read_bytes(), (conf.parent / "whitelist.csv").read_bytes()) == before
+
+
+def test_usage_errors_exit_2(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run(conf, capsys, "add-mac")[0] == 2
+    assert run(conf, capsys, "ports-set", "25", "extra")[0] == 2
+
+
+def test_ports_set_keeps_the_files_other_lines(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(conf, capsys, "ports-set", "587,25,465")
+    assert code == 0 and "ok: blocked ports set to 25,465,587" in out and "(line 4)" in out
+    assert conf.read_text().splitlines()[2:] == ["# keep this comment", 'BLOCKED_PORTS="25,465,587"']
+
+
+def test_many_concurrent_commands_lose_nothing(conf: Path) -> None:
+    """16 processes add and remove MACs at once: every add that was not undone is there once."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    workers = []
+    for w in range(16):
+        script = "; ".join(
+            ["from smtp_gate.cli import main"]
+            + [f"assert main(['--config', {str(conf)!r}, 'add-mac', '52:54:00:10:{w:02x}:{i:02x}', 'w{w}']) == 0"
+               for i in range(6)]
+            + [f"assert main(['--config', {str(conf)!r}, 'del-mac', '52:54:00:10:{w:02x}:{i:02x}']) == 0"
+               for i in (1, 3)]
+        )
+        workers.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True))
+    for proc in workers:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    code_out = subprocess.run([sys.executable, "-m", "smtp_gate", "--config", str(conf), "list", "--json"],
+                              env=env, capture_output=True, text=True, check=True)
+    macs = [row["mac"] for row in json.loads(code_out.stdout)["rows"]]
+    expected = sorted(f"52:54:00:10:{w:02x}:{i:02x}" for w in range(16) for i in (0, 2, 4, 5))
+    assert sorted(macs) == expected, "a concurrent write lost or duplicated a row"
+    assert (conf.parent / "whitelist.csv").read_text().startswith(HEADER)
