@@ -48,8 +48,8 @@ def reconcile(
     records = state.all_records()
     owner: Dict[Pair, Record] = {pair: r for r in records.values() for pair in r.allowed}
 
-    add: List[Tuple[str, str]] = []
-    delete: List[Tuple[str, str]] = []
+    add: List[Tuple[str, ruleset.Element]] = []
+    delete: List[Tuple[str, ruleset.Element]] = []
     messages: List[str] = []
     new_records: Dict[str, Record] = {}
     for dom in running:
@@ -59,10 +59,10 @@ def reconcile(
         record = guests.record_for(dom, config.bridges, allowed, index_of, master_of)
         old = records.get(dom.uuid)
         for pair in sorted(set(record.allowed) - set(old.allowed if old else ())):
-            add.append(("allowed", ruleset.pair_element(pair)))
+            add.append(("allowed", pair))
             messages.append(f"allowed guest {dom.name!r} NIC {pair[1]} on {names.get(pair[0], pair[0])}")
         for name in record.guest_ports:
-            add.append(("guest_ports", ruleset.name_element(name)))
+            add.append(("guest_ports", name))
         new_records[dom.uuid] = record
 
     macs = {m for m in affected_macs}
@@ -77,7 +77,7 @@ def reconcile(
             name, uuid = (record.name, record.uuid) if record else ("", "")
             still = mac in model.allowed_macs(whitelist.Guest(name, uuid, (mac,)))
         if not still:
-            delete.append(("allowed", ruleset.pair_element(pair)))
+            delete.append(("allowed", pair))
             who = f"guest {record.name!r} " if record else ""
             messages.append(f"revoked {who}NIC {mac} on {names.get(index, f'#{index} (gone)')}")
             if record is not None and record.uuid not in new_records:
@@ -86,7 +86,7 @@ def reconcile(
         if not nft.table_exists():
             messages.append("enforcement is not active: the change takes effect at the next `smtp-gate apply`")
             return messages
-        nft.run_batch(ruleset.element_batch(add=add, delete=delete))
+        nft.run_elements(ruleset.element_changes(add=add, delete=delete))
     for record in new_records.values():
         state.write_record(record)
     return messages

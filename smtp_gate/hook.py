@@ -125,18 +125,18 @@ class Hook:
         with self.locked():
             record = self.record(dom)
             old = self.state.read_record(dom.uuid)
-            add = [("guest_ports", ruleset.name_element(p)) for p in record.guest_ports]
-            add += [("foreign_ports", ruleset.name_element(p)) for p in record.foreign_ports]
-            add += [("allowed", ruleset.pair_element(p)) for p in record.allowed]
+            add = [("guest_ports", p) for p in record.guest_ports]
+            add += [("foreign_ports", p) for p in record.foreign_ports]
+            add += [("allowed", p) for p in record.allowed]
             delete = self._stale(old, record) if old else []
-            batch = ruleset.element_batch(add=add, delete=delete)
+            changes = ruleset.element_changes(add=add, delete=delete)
             try:
-                nft.run_batch(batch)  # the common case: one nft call, no check first
-            except NftError:
-                if nft.table_exists():
+                nft.run_elements(changes)  # the common case: one netlink batch, no check first
+            except NftError as exc:
+                if not nft.missing_table_or_set(exc):
                     raise
                 self._install_base()  # the table was missing (prepare did not run, or a flush)
-                nft.run_batch(batch)
+                nft.run_elements(changes)
             self.state.write_record(record)
             self.state.append(domain_event("start", dom))
         if record.allowed:
@@ -153,6 +153,7 @@ class Hook:
 
     def revoke(self) -> None:
         from smtp_gate import nft, ruleset
+        from smtp_gate.errors import NftError
         from smtp_gate.runstate import domain_event
 
         dom = self.domain()
@@ -162,11 +163,15 @@ class Hook:
                 if self.state.journal_end() and self._already_stopped(dom.uuid):
                     return
                 record = self._record_from_kernel(dom)
-            delete = [("guest_ports", ruleset.name_element(p)) for p in record.guest_ports]
-            delete += [("foreign_ports", ruleset.name_element(p)) for p in record.foreign_ports]
-            delete += [("allowed", ruleset.pair_element(p)) for p in record.allowed]
-            if delete and nft.table_exists():
-                nft.run_batch(ruleset.element_batch(delete=delete))
+            delete = [("guest_ports", p) for p in record.guest_ports]
+            delete += [("foreign_ports", p) for p in record.foreign_ports]
+            delete += [("allowed", p) for p in record.allowed]
+            try:
+                nft.run_elements(ruleset.element_changes(delete=delete))
+            except NftError as exc:
+                # no table, nothing to remove; a table without one of our sets is broken: say so
+                if not nft.missing_table_or_set(exc) or nft.table_exists():
+                    raise
             self.state.drop_record(dom.uuid)
             self.state.append(domain_event("stop", dom))
         if record.allowed:
@@ -202,11 +207,9 @@ class Hook:
     @staticmethod
     def _stale(old, new):  # type: ignore[no-untyped-def]
         """What an earlier record of the same guest put in the kernel that is no longer true."""
-        from smtp_gate import ruleset
-
-        out = [("guest_ports", ruleset.name_element(p)) for p in set(old.guest_ports) - set(new.guest_ports)]
-        out += [("foreign_ports", ruleset.name_element(p)) for p in set(old.foreign_ports) - set(new.foreign_ports)]
-        out += [("allowed", ruleset.pair_element(p)) for p in set(old.allowed) - set(new.allowed)]
+        out = [("guest_ports", p) for p in sorted(set(old.guest_ports) - set(new.guest_ports))]
+        out += [("foreign_ports", p) for p in sorted(set(old.foreign_ports) - set(new.foreign_ports))]
+        out += [("allowed", p) for p in sorted(set(old.allowed) - set(new.allowed))]
         return out
 
 

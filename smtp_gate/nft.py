@@ -1,17 +1,26 @@
-"""The one module that talks to nftables (the `nft` command).
+"""The one module that talks to nftables: the `nft` command, and netlink for element changes.
 
 A batch is sent whole through `nft -f -`, which the kernel commits as one
 transaction: it applies completely or not at all, and a failure is reported whole.
-Reading goes through `nft -j` and comes back as plain data.
+Reading goes through `nft -j` and comes back as plain data.  Element changes (a hook at
+every guest start and stop, a whitelist command) go over netlink instead, as one batch
+just as atomic (nfnetlink.py): no process to spawn, and no dump of every network link,
+which nft does to resolve an interface index.  `subprocess` is imported only by the
+functions that run nft, so the hook's common path never imports it.
 """
 
 import json
 import os
-import subprocess
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from smtp_gate import nfnetlink
 from smtp_gate.errors import NftError
-from smtp_gate.ruleset import FAMILY, TABLE, Batch
+from smtp_gate.ruleset import FAMILY, TABLE, Batch, ElementChanges
+
+if TYPE_CHECKING:
+    import subprocess
+
+FAMILY_NUMBER = nfnetlink.NFPROTO_BRIDGE  # FAMILY, "bridge", as netlink numbers it
 
 # libvirt runs hooks with PATH=/usr/sbin:/usr/bin:/sbin:/bin; an operator's sudo may not have sbin.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
@@ -26,7 +35,9 @@ def nft_binary() -> str:
     raise NftError("the nft command was not found: install the nftables package (apt-get install nftables)")
 
 
-def _run(args: List[str], stdin: Optional[str] = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+def _run(args: List[str], stdin: Optional[str] = None, timeout: float = 60.0) -> "subprocess.CompletedProcess[str]":
+    import subprocess  # here, not at the top: importing it costs a hook a few milliseconds
+
     try:
         return subprocess.run(
             [nft_binary(), *args],
@@ -49,6 +60,18 @@ def run_batch(batch: Batch, check_only: bool = False, timeout: float = 60.0) -> 
         raise NftError(
             "nft refused the batch, nothing was changed: " + " | ".join(result.stderr.strip().splitlines()[:6])
         )
+
+
+def run_elements(changes: ElementChanges, timeout: float = 10.0) -> None:
+    """Commit element CHANGES atomically over netlink.  Raises NftError (nfnetlink.NetlinkError,
+    whose `.missing` says our table or one of its sets does not exist); nothing is changed then."""
+    add, delete = changes.keys()
+    nfnetlink.apply_elements(add, delete, table=TABLE, family=FAMILY_NUMBER, timeout=timeout)
+
+
+def missing_table_or_set(exc: Exception) -> bool:
+    """Whether EXC is run_elements() finding no table or set to change (ENOENT)."""
+    return isinstance(exc, nfnetlink.NetlinkError) and exc.missing
 
 
 def table_exists() -> bool:

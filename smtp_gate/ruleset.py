@@ -10,7 +10,7 @@ have never heard of fails closed.  The same check runs on the bridge `input` hoo
 guest whose next hop is the hypervisor itself.
 """
 
-from typing import Iterable, List, NamedTuple, Tuple
+from typing import Iterable, List, NamedTuple, Tuple, Union
 
 from smtp_gate import validate
 from smtp_gate.validate import PortRange
@@ -21,6 +21,7 @@ PRIORITY = -200
 T = f"{FAMILY} {TABLE}"
 
 Pair = Tuple[int, str]  # (interface index, MAC): an allowance a reused interface name cannot inherit
+Element = Union[str, Pair]  # an element of an ifname set (a name) or of `allowed` (a pair)
 
 # Sets whose elements are the desired state: flushed and refilled by every apply.
 STATE_SETS = ("uplinks", "guest_ports", "guest_patterns", "foreign_ports", "blocked_ports", "allowed")
@@ -245,3 +246,57 @@ def pair_element(pair: Pair) -> str:
 
 def name_element(name: str) -> str:
     return _names([validate.ifname(name)])
+
+
+# Sets an element change may touch, by key type: hooks and whitelist commands change these.
+PAIR_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type iface_index . ether_addr;")
+NAME_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type ifname;")
+
+
+def _check_element(set_name: str, element: Element) -> Element:
+    """ELEMENT in normal form, if SET_NAME is one of ours and takes that kind of element."""
+    if set_name in NAME_SETS and isinstance(element, str):
+        return validate.ifname(element)
+    if set_name in PAIR_SETS and isinstance(element, (tuple, list)) and len(element) == 2:
+        index, mac = element
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 < index < 2**32:
+            raise validate.ValidationError(f"bad interface index {index!r}: expected a positive integer")
+        return (index, validate.mac(mac))
+    raise validate.ValidationError(f"{element!r} is not an element of set {set_name!r}")
+
+
+class ElementChanges(NamedTuple):
+    """Element changes as data (set, name or (ifindex, MAC)), checked: the hooks and the
+    whitelist commands send them as key bytes over netlink (keys()); batch() is the same
+    change as nft text, for logs and dry runs."""
+
+    add: Tuple[Tuple[str, Element], ...] = ()
+    delete: Tuple[Tuple[str, Element], ...] = ()
+
+    def batch(self) -> Batch:
+        def text(element: Element) -> str:
+            return _names([element]) if isinstance(element, str) else _pairs([element])
+
+        return element_batch(
+            add=[(s, text(e)) for s, e in self.add], delete=[(s, text(e)) for s, e in self.delete]
+        )
+
+    def keys(self) -> Tuple[List[Tuple[str, bytes]], List[Tuple[str, bytes]]]:
+        """(add, delete) as (set, key bytes) in nft's layout (nfnetlink.ifname_key, pair_key)."""
+        from smtp_gate.nfnetlink import ifname_key, pair_key  # the encoders live with the netlink code
+
+        def key(element: Element) -> bytes:
+            return ifname_key(element) if isinstance(element, str) else pair_key(*element)
+
+        return [(s, key(e)) for s, e in self.add], [(s, key(e)) for s, e in self.delete]
+
+
+def element_changes(
+    add: Iterable[Tuple[str, Element]] = (), delete: Iterable[Tuple[str, Element]] = ()
+) -> ElementChanges:
+    """Checked ElementChanges: every name and MAC validated, MACs in normal form, and each
+    element's kind matching its set's type."""
+    return ElementChanges(
+        add=tuple((s, _check_element(s, e)) for s, e in add),
+        delete=tuple((s, _check_element(s, e)) for s, e in delete),
+    )

@@ -78,6 +78,11 @@ n=$(nft list tables bridge 2>/dev/null | grep -c "^table bridge smtp_gate")
 echo "$2 $3 $n" >> {log}
 """
 
+DENIED_HOOK = """#!/bin/sh
+# smtp-gate e2e test: our hook without CAP_NET_ADMIN, so nftables refuses what it sends over netlink
+exec setpriv --bounding-set -net_admin --inh-caps -net_admin /usr/bin/python3 {hook} "$@"
+"""
+
 FAILING_NFT = """#!/bin/sh
 # smtp-gate e2e test: nft that always fails, bind-mounted over {nft} in the lab's mounts only
 echo "$$ $*" >> {log}
@@ -425,10 +430,11 @@ def test_virsh_destroy_removes_the_allowance(e2e: E2E, after_apply: Dict[str, li
 
 
 def test_failing_nft_never_stops_a_guest_and_it_stays_blocked(e2e: E2E, tmp_path: Path) -> None:
-    """5: nft fails for the hooks (a failing script bind-mounted over /usr/sbin/nft in the lab's
-    mounts, after the real nft installed the base table): `virsh start` succeeds (the hooks exit
-    0), the guest, whitelisted by MAC, is blocked from its first attempt; once nft works again,
-    the next rebuild allows it."""
+    """5: nftables fails for the hooks, both ways they reach it: the nft command (a failing
+    script bind-mounted over /usr/sbin/nft in the lab's mounts) and netlink (the hook runs
+    without CAP_NET_ADMIN, so the kernel refuses its batch), after the real nft installed the
+    base table.  `virsh start` succeeds (the hooks exit 0), the guest, whitelisted by MAC, is
+    blocked from its first attempt; once nftables works again, the next rebuild allows it."""
     lab = e2e.lab
     e2e.cli_ok("apply")  # the base table, by the real nft
     assert e2e.table_exists()
@@ -437,7 +443,11 @@ def test_failing_nft_never_stops_a_guest_and_it_stays_blocked(e2e: E2E, tmp_path
     fake = tmp_path / "nft"
     fake.write_text(FAILING_NFT.format(nft=NFT, log=calls))
     fake.chmod(0o755)
+    denied = tmp_path / "qemu-without-net-admin"
+    denied.write_text(DENIED_HOOK.format(hook=HOOK))
+    denied.chmod(0o755)
     lab.bind_mount(fake, NFT)
+    lab.install_hook("qemu", denied, name=HOOK.name)  # replaces the link to the repo's hook
     try:
         assert lab.run_in_netns([NFT, "list", "tables"], private_mounts=True, check=False).returncode == 1
         calls.write_text("")
@@ -446,6 +456,7 @@ def test_failing_nft_never_stops_a_guest_and_it_stays_blocked(e2e: E2E, tmp_path
         res = lab.wait_round(BROKEN, 1, timeout=120)
     finally:
         lab.unmount(NFT)
+        lab.install_hook("qemu", HOOK, name=HOOK.name)
     assert lab.run_in_netns([NFT, "--version"], private_mounts=True).returncode == 0
     assert lab.domstate(BROKEN) == "running"
     assert e2e.hook_ops(BROKEN, since=t)[:3] == ["prepare begin", "start begin", "started begin"]

@@ -1,0 +1,295 @@
+"""Element changes over netlink (smtp_gate/nfnetlink.py): the key bytes are nft's own, the
+batch is atomic, and the hooks use it.
+
+Kernel tests run inside the lab's namespaces only: netlink calls switch the calling thread
+into the hypervisor namespace (Netns.entered()), the hooks run under `ip netns exec`.
+"""
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from typing import Iterator, List, Sequence, Tuple
+
+import pytest
+
+from smtp_gate import nfnetlink, nft, ruleset
+from smtp_gate.errors import NftError
+from tests.netlab import REPO, BridgeLab
+
+SAMPLES = REPO / "tests" / "data" / "libvirt-samples" / "2nic-virsh-destroy"
+MAC_AUTO, MAC_FIXED = "52:54:00:fa:2f:a5", "52:54:00:aa:00:02"
+HEADER = "# vmname,mac,added_at,added_by,reason\n"
+
+
+# -- without a kernel -------------------------------------------------------------------------
+
+
+def test_key_layouts() -> None:
+    assert nfnetlink.ifname_key("vnet12") == b"vnet12" + b"\0" * 10
+    # iface_index . ether_addr: the index in host byte order, the MAC, two bytes of padding
+    key = nfnetlink.pair_key(3, "52:54:00:12:34:56")
+    assert key == struct.pack("=I", 3) + bytes.fromhex("525400123456") + b"\0\0"
+    if sys.byteorder == "little":
+        assert key.hex() == "03000000" "525400123456" "0000"
+    assert nfnetlink.describe_key(key) == "3 . 52:54:00:12:34:56"
+    assert nfnetlink.describe_key(nfnetlink.ifname_key("vnet12")) == '"vnet12"'
+    for bad in ("", "sixteen-chars-xx", "a\0b"):
+        with pytest.raises(ValueError):
+            nfnetlink.ifname_key(bad)
+    for index, mac in ((0, "52:54:00:12:34:56"), (2**32, "52:54:00:12:34:56"), (3, "52:54:00:12:34"), (3, "zz:54:00:12:34:56")):
+        with pytest.raises(ValueError):
+            nfnetlink.pair_key(index, mac)
+
+
+def test_the_batch_is_one_transaction_with_an_ack_per_change() -> None:
+    add = [("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02"))]
+    delete = [("guest_ports", nfnetlink.ifname_key("vnet3"))]
+    data, ops = nfnetlink._build_batch(add, delete, "smtp_gate", nfnetlink.NFPROTO_BRIDGE)
+    messages = nfnetlink._messages(data)
+    assert [(t, f, s) for t, f, s, _ in messages] == [
+        (nfnetlink.NFNL_MSG_BATCH_BEGIN, 0x1, 1),
+        (0x0A00 | nfnetlink.NFT_MSG_NEWSETELEM, 0x1 | 0x4 | 0x400, 2),
+        (0x0A00 | nfnetlink.NFT_MSG_NEWSETELEM, 0x1 | 0x4 | 0x400, 3),  # delete = add, then delete
+        (0x0A00 | nfnetlink.NFT_MSG_DELSETELEM, 0x1 | 0x4, 4),
+        (nfnetlink.NFNL_MSG_BATCH_END, 0x1, 5),
+    ]
+    assert messages[0][3] == bytes([0, 0, 0, 10]), "BATCH_BEGIN: AF_UNSPEC, v0, res_id NFNL_SUBSYS_NFTABLES (big-endian)"
+    assert all(payload[:2] == bytes([7, 0]) for _, _, _, payload in messages[1:4]), "NFPROTO_BRIDGE"
+    assert [(op.verb, op.set_name) for op in ops] == [("add", "allowed"), ("add", "guest_ports"), ("delete", "guest_ports")]
+
+
+def test_element_changes_check_and_render() -> None:
+    changes = ruleset.element_changes(add=[("allowed", (7, "52-54-00-AA-00-02"))], delete=[("guest_ports", "vnet3")])
+    assert changes.batch() == ruleset.element_batch(
+        add=[("allowed", ruleset.pair_element((7, "52:54:00:AA:00:02")))],
+        delete=[("guest_ports", ruleset.name_element("vnet3"))],
+    )
+    assert changes.keys() == (
+        [("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02"))],
+        [("guest_ports", nfnetlink.ifname_key("vnet3"))],
+    )
+    for bad in (("allowed", "vnet0"), ("guest_ports", (7, "52:54:00:aa:00:02")), ("blocked_ports", "x"),
+                ("guest_ports", 'x" }'), ("allowed", (0, "52:54:00:aa:00:02"))):
+        with pytest.raises(ruleset.validate.ValidationError):
+            ruleset.element_changes(add=[bad])
+
+
+def test_nothing_to_change_opens_no_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object) -> None:
+        raise AssertionError("a socket was opened")
+
+    monkeypatch.setattr(nfnetlink.socket, "socket", refuse)
+    nfnetlink.apply_elements([], [])
+    nft.run_elements(ruleset.element_changes())
+
+
+def test_imports_only_the_standard_library_it_needs() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import smtp_gate.nfnetlink; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO))).stdout.split()
+    assert not {"subprocess", "json", "ctypes"} & set(out), out
+
+
+# -- in the lab's namespaces ----------------------------------------------------------------------
+
+@pytest.fixture
+def applied(lab: BridgeLab) -> Iterator[BridgeLab]:
+    lab.smtp_gate("apply")
+    with lab.hv.entered():  # every netlink socket of this test is the hypervisor namespace's
+        yield lab
+
+
+def listing(lab: BridgeLab, set_name: str) -> str:
+    return lab.nft("list", "set", "bridge", "smtp_gate", set_name).stdout
+
+
+def elements(lab: BridgeLab, set_name: str) -> str:
+    text = listing(lab, set_name)
+    return text[text.find("elements"):] if "elements" in text else ""
+
+
+def pair_of(lab: BridgeLab, guest: str) -> Tuple[int, str]:
+    g = lab.guests[guest]
+    return lab.hv.ifindex(g.port), g.mac
+
+
+@pytest.mark.kernel
+def test_keys_read_back_are_the_bytes_nft_wrote(applied: BridgeLab) -> None:
+    lab = applied
+    index, mac = pair_of(lab, "g1")
+    lab.nft("add", "element", "bridge", "smtp_gate", "allowed", f"{{ vnet0 . {mac} }}")
+    lab.nft("add", "element", "bridge", "smtp_gate", "foreign_ports", '{ "vnet42" }')
+    assert nfnetlink.list_elements("allowed") == [nfnetlink.pair_key(index, mac)]
+    assert nfnetlink.list_elements("foreign_ports") == [nfnetlink.ifname_key("vnet42")]
+
+
+@pytest.mark.kernel
+def test_elements_added_over_netlink_are_listed_as_if_nft_had_added_them(applied: BridgeLab) -> None:
+    lab = applied
+    pairs = [pair_of(lab, "g1"), pair_of(lab, "g2")]
+    names = [("guest_ports", "vnet0"), ("guest_ports", "tap-x.1"), ("foreign_ports", "vnet42")]
+    nft.run_elements(ruleset.element_changes(add=[("allowed", p) for p in pairs] + names))
+    by_netlink = {s: listing(lab, s) for s in ("allowed", "guest_ports", "foreign_ports")}
+    assert f'"vnet0" . {pairs[0][1]}' in by_netlink["allowed"], "a pair shows its device's name"
+    assert f'"vnet1" . {pairs[1][1]}' in by_netlink["allowed"]
+    assert '"tap-x.1"' in by_netlink["guest_ports"] and '"vnet42"' in by_netlink["foreign_ports"]
+
+    lab.nft("flush", "set", "bridge", "smtp_gate", "allowed")
+    lab.nft("flush", "set", "bridge", "smtp_gate", "guest_ports")
+    lab.nft("flush", "set", "bridge", "smtp_gate", "foreign_ports")
+    batch = ruleset.element_changes(add=[("allowed", p) for p in pairs] + names).batch()
+    lab.hv.exec(["nft", "-f", "-"], input=batch.text())
+    assert {s: listing(lab, s) for s in by_netlink} == by_netlink
+
+
+@pytest.mark.kernel
+def test_an_element_nft_added_is_deleted_over_netlink(applied: BridgeLab) -> None:
+    lab = applied
+    index, mac = pair_of(lab, "g1")
+    lab.allow_in_kernel("vnet0", mac)
+    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ports", '{ "vnet7" }')
+    assert mac in listing(lab, "allowed")
+    nft.run_elements(ruleset.element_changes(delete=[("allowed", (index, mac)), ("guest_ports", "vnet7")]))
+    assert mac not in listing(lab, "allowed") and '"vnet7"' not in listing(lab, "guest_ports")
+
+
+@pytest.mark.kernel
+def test_deleting_an_absent_element_and_adding_a_present_one_change_nothing(applied: BridgeLab) -> None:
+    lab = applied
+    index, mac = pair_of(lab, "g1")
+    nft.run_elements(ruleset.element_changes(add=[("allowed", (index, mac)), ("guest_ports", "vnet0")]))
+    before = {s: listing(lab, s) for s in ("allowed", "guest_ports", "foreign_ports")}
+    nft.run_elements(ruleset.element_changes(
+        add=[("allowed", (index, mac)), ("guest_ports", "vnet0")],
+        delete=[("allowed", (index, "52:54:00:00:00:99")), ("allowed", (99999, mac)), ("foreign_ports", "nothere")],
+    ))
+    assert {s: listing(lab, s) for s in before} == before
+
+
+@pytest.mark.kernel
+def test_one_bad_change_fails_the_whole_batch_and_changes_nothing(applied: BridgeLab) -> None:
+    lab = applied
+    index, mac = pair_of(lab, "g1")
+    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ports", '{ "keep0" }')
+    before = {s: listing(lab, s) for s in ("allowed", "guest_ports")}
+    good_add = [("allowed", nfnetlink.pair_key(index, mac)), ("guest_ports", nfnetlink.ifname_key("new0"))]
+    good_delete = [("guest_ports", nfnetlink.ifname_key("keep0"))]
+
+    with pytest.raises(NftError) as info:  # a set that does not exist
+        nfnetlink.apply_elements(good_add + [("nosuchset", nfnetlink.ifname_key("x"))], good_delete)
+    message = str(info.value)
+    assert "nothing was changed" in message and "nosuchset" in message and "No such file or directory" in message
+    assert "\n" not in message and info.value.missing
+    assert {s: listing(lab, s) for s in before} == before
+
+    with pytest.raises(NftError) as info:  # a key of the wrong type for its set
+        nfnetlink.apply_elements(good_add + [("guest_ports", nfnetlink.pair_key(index, mac))], good_delete)
+    assert "Invalid argument" in str(info.value) and "guest_ports" in str(info.value) and not info.value.missing
+    assert {s: listing(lab, s) for s in before} == before
+
+    with pytest.raises(NftError) as info:  # a table that does not exist
+        nfnetlink.apply_elements(good_add, table="no_such_table")
+    assert info.value.missing and "no_such_table" in str(info.value) and "table name" in str(info.value)
+    assert {s: listing(lab, s) for s in before} == before
+
+
+@pytest.mark.kernel
+def test_a_large_batch_and_a_multipart_listing(applied: BridgeLab) -> None:
+    """Thousands of changes: the send and receive buffers grow so that no ACK is lost; the
+    listing comes back in many datagrams."""
+    lab = applied
+    pairs = [(100000 + i, "52:54:00:ee:%02x:%02x" % (i // 256, i % 256)) for i in range(5000)]
+    nft.run_elements(ruleset.element_changes(add=[("allowed", p) for p in pairs]))
+    keys = nfnetlink.list_elements("allowed")
+    assert sorted(keys) == sorted(nfnetlink.pair_key(i, m) for i, m in pairs)
+    nft.run_elements(ruleset.element_changes(delete=[("allowed", p) for p in pairs]))
+    assert nfnetlink.list_elements("allowed") == []
+    assert "elements" not in listing(lab, "allowed")
+
+
+@pytest.mark.kernel
+def test_an_allowance_added_over_netlink_lets_smtp_through_and_its_removal_blocks_it(applied: BridgeLab) -> None:
+    lab = applied
+    g1, g2 = lab.guests["g1"], lab.guests["g2"]
+    assert not lab.tcp_connects(g1, lab.INET4, 25, timeout=0.5)
+    changes = ruleset.element_changes(add=[("allowed", pair_of(lab, "g1"))])
+    nft.run_elements(changes)
+    assert lab.tcp_connects(g1, lab.INET4, 25) and lab.tcp_connects(g1, lab.INET6, 465)
+    assert not lab.tcp_connects(g2, lab.INET4, 25, timeout=0.5), "only the allowed guest"
+    nft.run_elements(ruleset.element_changes(delete=changes.add))
+    assert not lab.tcp_connects(g1, lab.INET4, 25, timeout=0.5)
+    assert lab.tcp_connects(g1, lab.INET4, 80)
+
+
+# -- the hooks over netlink ---------------------------------------------------------------------
+
+
+def run_hook(lab: BridgeLab, op: str, sub: str, xml: bytes, prefix: Sequence[str] = (), **env: str) -> subprocess.CompletedProcess:
+    full_env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+                "SMTP_GATE_CONFIG": str(lab.config_path), **env}
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.hv.name, *prefix, "/usr/bin/python3", str(REPO / "hooks" / "qemu"), "lab2", op, sub, "-"],
+        input=xml, capture_output=True, env=full_env, timeout=30,
+    )
+
+
+@pytest.fixture
+def lab2(bare_lab: BridgeLab) -> BridgeLab:
+    bare_lab.add_guest("lab2a", "vnet1", 10, mac=MAC_AUTO)
+    bare_lab.add_guest("lab2b", "lab2n1", 11, mac=MAC_FIXED)
+    (bare_lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    return bare_lab
+
+
+def imported(stderr: bytes) -> List[str]:
+    return [line.split("|")[-1].strip() for line in stderr.decode().splitlines() if line.startswith("import time:")]
+
+
+@pytest.mark.kernel
+def test_the_hooks_common_paths_never_import_subprocess(lab2: BridgeLab) -> None:
+    lab = lab2
+    lab.smtp_gate("apply")
+    start = run_hook(lab, "start", "begin", (SAMPLES / "02-lab2-start-begin.xml").read_bytes(), PYTHONPROFILEIMPORTTIME="1")
+    assert start.returncode == 0 and MAC_FIXED in listing(lab, "allowed"), start.stderr[-2000:]
+    assert "smtp_gate.nfnetlink" in imported(start.stderr)
+    assert "subprocess" not in imported(start.stderr)
+    stop = run_hook(lab, "stopped", "end", (SAMPLES / "04-lab2-stopped-end.xml").read_bytes(), PYTHONPROFILEIMPORTTIME="1")
+    assert stop.returncode == 0 and MAC_FIXED not in listing(lab, "allowed")
+    assert "subprocess" not in imported(stop.stderr)
+
+
+@pytest.mark.kernel
+def test_start_without_the_table_installs_it_then_allows_and_stop_without_it_succeeds(lab2: BridgeLab) -> None:
+    lab = lab2
+    assert "smtp_gate" not in lab.nft("list", "tables").stdout
+    r = run_hook(lab, "start", "begin", (SAMPLES / "02-lab2-start-begin.xml").read_bytes())
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert b"installed the base enforcement" in r.stderr and b"failed" not in r.stderr, r.stderr
+    assert lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25)
+    assert MAC_FIXED in listing(lab, "allowed") and '"lab2n1"' in listing(lab, "guest_ports")
+    lab.nft("delete", "table", "bridge", "smtp_gate")
+    r = run_hook(lab, "stopped", "end", (SAMPLES / "04-lab2-stopped-end.xml").read_bytes())
+    assert (r.returncode, r.stdout) == (0, b"") and b"failed" not in r.stderr, r.stderr
+    assert not (lab.tmp / "run" / "records" / "56ba75c7-fc96-46bd-a78e-ccf8d5907094.json").exists()
+
+
+@pytest.mark.kernel
+def test_when_netlink_fails_the_guest_still_starts_and_stays_blocked(lab2: BridgeLab) -> None:
+    """Without CAP_NET_ADMIN the kernel refuses the batch (EPERM): the hook logs, exits 0,
+    and the guest stays blocked."""
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv (util-linux)")
+    lab = lab2
+    lab.smtp_gate("apply")
+    no_admin = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+    r = run_hook(lab, "start", "begin", (SAMPLES / "02-lab2-start-begin.xml").read_bytes(), prefix=no_admin)
+    assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
+    assert b"failed" in r.stderr and b"stays blocked" in r.stderr and b"Operation not permitted" in r.stderr, r.stderr
+    assert b"nothing was changed" in r.stderr
+    assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
+    assert MAC_FIXED not in listing(lab, "allowed")
