@@ -7,7 +7,6 @@ the key and what was expected.
 
 import os
 import re
-from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional, Pattern, Tuple
 
 from smtp_gate import validate
@@ -15,8 +14,10 @@ from smtp_gate.errors import ConfigError, ValidationError
 
 ENV_CONFIG = "SMTP_GATE_CONFIG"
 # The application directory is a git checkout (install.sh); its config/ holds the live files.
-APP_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = APP_DIR / "config" / "smtp-gate.conf"
+# Paths are plain strings, not pathlib: the libvirt hook loads this module on every guest
+# start, and pathlib (with urllib.parse and ipaddress) would cost it about 4 ms.
+APP_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+DEFAULT_CONFIG_PATH = os.path.join(APP_DIR, "config", "smtp-gate.conf")
 
 MODES = ("enforce", "audit")
 NON_IP_POLICIES = ("drop", "accept")
@@ -29,7 +30,7 @@ class Config(NamedTuple):
     """The effective configuration.  A NamedTuple, not a dataclass: the libvirt hook loads
     it on every guest start, and importing dataclasses alone costs it about 10 ms."""
 
-    path: Path
+    path: str
     bridges: Tuple[str, ...] = ("br0",)
     blocked_ports: Tuple[validate.PortRange, ...] = ((25, 25), (465, 465))
     log_drops: bool = True
@@ -39,17 +40,17 @@ class Config(NamedTuple):
     uplinks: Tuple[str, ...] = ()
     hypervisor: Tuple[str, ...] = ()  # libvirt drivers; empty: every driver whose daemon answers
     libvirt_uris: Tuple[str, ...] = ()  # explicit URIs; override HYPERVISOR
-    whitelist: Path = Path("whitelist.csv")
+    whitelist: str = "whitelist.csv"
     mode: str = "enforce"
     guest_patterns: Tuple[str, ...] = ("vnet*", "tap*", "veth*", "vif*")
     non_ip: str = "drop"
-    run_dir: Path = Path("/run/smtp-gate")
+    run_dir: str = "/run/smtp-gate"
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
     @property
-    def lock_path(self) -> Path:
-        return self.run_dir / "lock"
+    def lock_path(self) -> str:
+        return os.path.join(self.run_dir, "lock")
 
     @property
     def audit(self) -> bool:
@@ -177,8 +178,9 @@ _LINE = re.compile(
 )
 
 
-def parse(text: str, path: Path) -> Config:
+def parse(text: str, path: "os.PathLike[str] | str") -> Config:
     """Parse the text of a config file.  PATH is used for messages and relative paths."""
+    path = os.fspath(path)
     values: Dict[str, object] = {}
     sources: Dict[str, str] = {}
     seen: Dict[str, int] = {}
@@ -203,24 +205,21 @@ def parse(text: str, path: Path) -> Config:
         except ValidationError as exc:
             raise ConfigError(f"{where}: {key}: {exc}") from None
         sources[attr] = where
-    base = path.parent
-    whitelist = values.get("whitelist", "whitelist.csv")
-    values["whitelist"] = (base / str(whitelist)) if not os.path.isabs(str(whitelist)) else Path(str(whitelist))
-    if "run_dir" in values:
-        values["run_dir"] = Path(str(values["run_dir"]))
+    whitelist = str(values.get("whitelist", "whitelist.csv"))
+    values["whitelist"] = whitelist if os.path.isabs(whitelist) else os.path.join(os.path.dirname(path), whitelist)
     for attr, _parser in KEYS.values():
         sources.setdefault(attr, "default")
     sources["whitelist"] = sources["whitelist"] if "WHITELIST" in seen else "default (beside the config file)"
     return Config(path=path, sources=sources, **values)  # type: ignore[arg-type]
 
 
-def resolve_path(cli_path: Optional[str], environ: Optional[Dict[str, str]] = None) -> Tuple[Path, str]:
+def resolve_path(cli_path: Optional[str], environ: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
     """Where the config comes from: --config, else $SMTP_GATE_CONFIG, else the installed default."""
     env = os.environ if environ is None else environ
     if cli_path:
-        return Path(cli_path), "--config"
+        return cli_path, "--config"
     if env.get(ENV_CONFIG):
-        return Path(env[ENV_CONFIG]), ENV_CONFIG
+        return env[ENV_CONFIG], ENV_CONFIG
     return DEFAULT_CONFIG_PATH, "default"
 
 
@@ -229,7 +228,8 @@ def load(cli_path: Optional[str] = None, environ: Optional[Dict[str, str]] = Non
     a path the operator named must exist."""
     path, origin = resolve_path(cli_path, environ)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
     except FileNotFoundError:
         if origin != "default":
             raise ConfigError(f"config file {str(path)!r} (from {origin}) does not exist") from None
@@ -239,7 +239,7 @@ def load(cli_path: Optional[str] = None, environ: Optional[Dict[str, str]] = Non
     return parse(text, path)
 
 
-def with_value(text: str, path: Path, key: str, value: str) -> Tuple[str, int]:
+def with_value(text: str, path: str, key: str, value: str) -> Tuple[str, int]:
     """TEXT with KEY set to VALUE, every other line and comment kept; and the line it is on.
 
     The key's line is replaced in place (appended when absent), and the result must

@@ -10,7 +10,6 @@ import fcntl
 import os
 import signal
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 from smtp_gate.errors import LockTimeout
@@ -19,17 +18,18 @@ HOOK_TIMEOUT = 5.0  # seconds: libvirt holds the domain's lock while a hook runs
 COMMAND_TIMEOUT = 60.0  # an operator's command may wait out a burst of hooks
 
 
-def _ensure_dir(path: Path) -> None:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+def _ensure_dir(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
 
 
 @contextmanager
-def flock(path: Path, timeout: float = HOOK_TIMEOUT) -> Iterator[None]:
+def flock(path: "os.PathLike[str] | str", timeout: float = HOOK_TIMEOUT) -> Iterator[None]:
     """Hold an exclusive flock on PATH, waiting at most TIMEOUT seconds (main thread only).
 
     A blocking flock interrupted by SIGALRM keeps the kernel's own queueing, so under a
     burst of hooks nobody spins and nobody starves.
     """
+    path = os.fspath(path)
     _ensure_dir(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -50,10 +50,11 @@ def flock(path: Path, timeout: float = HOOK_TIMEOUT) -> Iterator[None]:
 
 
 @contextmanager
-def command_lock(path: Path, timeout: float = COMMAND_TIMEOUT) -> Iterator[None]:
+def command_lock(path: "os.PathLike[str] | str", timeout: float = COMMAND_TIMEOUT) -> Iterator[None]:
     """The same lock for commands, through filelock."""
     import filelock
 
+    path = os.fspath(path)
     _ensure_dir(path)
     lock = filelock.FileLock(str(path), timeout=timeout)
     try:

@@ -144,7 +144,8 @@ def ports_set(config: Config, value: str) -> Change:
     text = validate.format_ports(ranges)
     with lock.command_lock(config.lock_path):
         try:
-            current = config.path.read_text(encoding="utf-8")
+            with open(config.path, encoding="utf-8") as handle:
+                current = handle.read()
         except FileNotFoundError:
             current = ""
         except (OSError, UnicodeDecodeError) as exc:

@@ -18,7 +18,6 @@ empty at boot, when no guest runs.
 
 import json
 import os
-from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from smtp_gate.domain import Domain, Nic
@@ -57,9 +56,10 @@ class Record(NamedTuple):
         )
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: str, text: str) -> None:
     """Write-then-rename: a reader never sees half a record."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)
@@ -68,22 +68,23 @@ def _write(path: Path, text: str) -> None:
 class RunState:
     """The run directory.  A plain object over a path: tests give it a temporary one."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = Path(run_dir)
-        self.records = self.dir / "records"
-        self.journal = self.dir / "journal"
-        self.rebuild_lock = self.dir / "rebuild.lock"
+    def __init__(self, run_dir: "os.PathLike[str] | str") -> None:
+        self.dir = os.fspath(run_dir)
+        self.records = os.path.join(self.dir, "records")
+        self.journal = os.path.join(self.dir, "journal")
+        self.rebuild_lock = os.path.join(self.dir, "rebuild.lock")
 
     def prepare(self) -> None:
-        self.records.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(self.records, mode=0o700, exist_ok=True)
 
     # -- per-guest records ------------------------------------------------------------------
-    def _record_path(self, uuid: str) -> Path:
-        return self.records / f"{uuid}.json"
+    def _record_path(self, uuid: str) -> str:
+        return os.path.join(self.records, f"{uuid}.json")
 
     def read_record(self, uuid: str) -> Optional[Record]:
         try:
-            return Record.from_json(self._record_path(uuid).read_text(encoding="utf-8"))
+            with open(self._record_path(uuid), encoding="utf-8") as handle:
+                return Record.from_json(handle.read())
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, OSError):
@@ -95,7 +96,7 @@ class RunState:
 
     def drop_record(self, uuid: str) -> None:
         try:
-            self._record_path(uuid).unlink()
+            os.unlink(self._record_path(uuid))
         except FileNotFoundError:
             pass
 
@@ -125,7 +126,7 @@ class RunState:
     # -- journal --------------------------------------------------------------------------
     def journal_end(self) -> int:
         try:
-            return self.journal.stat().st_size
+            return os.stat(self.journal).st_size
         except FileNotFoundError:
             return 0
 

@@ -48,15 +48,17 @@ ALREADY = "already"
 ABSENT = "absent"
 
 _BOM = "\ufeff"
-_CANONICAL_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+# Patterns as text, compiled by re (and kept in its cache) on first use: compiling them at
+# import would cost every hook call, which needs at most one of them.
+_CANONICAL_MAC = r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}"
 _ZERO_MAC = "00:00:00:00:00:00"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}")
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}"
 # A quoted field that opens after a comma and closes on the same line.  If every '"' before
 # a line lies in one of these, csv reads each line as a record of its own: a closing quote
 # followed by anything but a comma or the line end is an error that ends the record on
 # that very line (strict mode), and a '"' after it would lie in no such field.
-_QUOTED_FIELD_STR = re.compile(r'"(?<=,")[^"\n]*(?:""[^"\n]*)*"')  # re scans for '"' first: fast
-_QUOTED_FIELD = re.compile(_QUOTED_FIELD_STR.pattern.encode("ascii"))
+_QUOTED_FIELD_STR = r'"(?<=,")[^"\n]*(?:""[^"\n]*)*"'  # re scans for '"' first: fast
+_QUOTED_FIELD = _QUOTED_FIELD_STR.encode("ascii")
 
 
 class Guest(NamedTuple):
@@ -233,7 +235,7 @@ def _classify(raw: str, fields: List[str]) -> Line:
             return Line(raw, BAD, None, f"row {_preview(raw)} has neither a guest name nor a MAC: expected a "
                         "guest name or UUID in vmname, or a MAC in mac")
         return Line(raw, ENTRY, Entry(vmname, "", fields[2], fields[3], fields[4]))
-    if _CANONICAL_MAC.fullmatch(mac_text) and not int(mac_text[:2], 16) & 1 and mac_text != _ZERO_MAC:
+    if re.fullmatch(_CANONICAL_MAC, mac_text) and not int(mac_text[:2], 16) & 1 and mac_text != _ZERO_MAC:
         mac = mac_text  # what validate.unicast_mac() returns for it, at a fifth of the cost
     else:
         try:
@@ -256,7 +258,7 @@ def parse(text: str) -> "Whitelist":
 def _uuid_key(value: str) -> str:
     """A UUID's 32 lower-case hex digits, "" if VALUE is not a UUID (dashed or bare, any case)."""
     text = value.strip().lower()
-    return text.replace("-", "") if _UUID.fullmatch(text) else ""
+    return text.replace("-", "") if re.fullmatch(_UUID, text) else ""
 
 
 def _guest_macs(guest: Guest) -> List[str]:
@@ -591,10 +593,10 @@ def _quotes_safe(hay: Union[str, bytes], end: int) -> bool:
     """True if csv reads each line of hay[:end] as a record of its own (see _fast())."""
     if isinstance(hay, str):
         quote, newline = '"', "\n"
-        covered = "".join(_QUOTED_FIELD_STR.findall(hay, 0, end)).count(quote)
+        covered = "".join(re.compile(_QUOTED_FIELD_STR).findall(hay, 0, end)).count(quote)
     else:
         quote, newline = b'"', b"\n"  # type: ignore[assignment]
-        covered = b"".join(_QUOTED_FIELD.findall(hay, 0, end)).count(quote)  # type: ignore[arg-type]
+        covered = b"".join(re.compile(_QUOTED_FIELD).findall(hay, 0, end)).count(quote)  # type: ignore[arg-type]
     if covered == hay.count(quote, 0, end):  # type: ignore[arg-type]
         return True  # findall, not sub: no copy of the text to allocate
     pos = hay.find(quote, 0, end)  # type: ignore[arg-type]
