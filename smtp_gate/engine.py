@@ -5,7 +5,7 @@ and reports what it did.  Callers hold the lock around apply() (never while they
 to libvirt).
 """
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from smtp_gate import discovery, nft, ruleset, validate
 from smtp_gate.config import Config
@@ -151,8 +151,3 @@ def remove() -> bool:
     existed = nft.table_exists()
     nft.run_batch(ruleset.remove_batch())
     return existed
-
-
-def describe_pairs(pairs: Iterable[Pair], links: Dict[str, Link]) -> List[Tuple[str, str]]:
-    names = {link.ifindex: link.name for link in links.values()}
-    return [(names.get(index, f"#{index} (gone)"), mac) for index, mac in sorted(pairs)]

@@ -18,7 +18,7 @@ empty at boot, when no guest runs.
 
 import json
 import os
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 from smtp_gate.domain import Domain, Nic
 
@@ -187,14 +187,3 @@ def replay(snapshot: Dict[str, Domain], events: Iterable[Dict[str, object]]) -> 
         elif event.get("op") == "stop":
             amended.pop(uuid, None)
     return amended
-
-
-def flatten(records: Iterable[Record]) -> Tuple[List[str], List[str], List[Pair]]:
-    guest_ports: List[str] = []
-    foreign: List[str] = []
-    pairs: List[Pair] = []
-    for record in records:
-        guest_ports += record.guest_ports
-        foreign += record.foreign_ports
-        pairs += record.allowed
-    return guest_ports, foreign, pairs

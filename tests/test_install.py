@@ -59,9 +59,13 @@ def sha(path: Path) -> str:
 
 def tree(root: Path) -> Dict[str, Entry]:
     """Every path under ROOT: ('dir',), ('link', target) or ('file', mode, hash).
-    A .git directory is listed, its contents are not (git's own business)."""
+    A .git directory is listed, its contents are not (git's own business).  __pycache__
+    is not listed at all: Python's bytecode cache, written when the installed hook first
+    runs (it runs with -I, which ignores PYTHONDONTWRITEBYTECODE), is not installed content."""
     listing: Dict[str, Entry] = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        if "__pycache__" in dirnames:
+            dirnames.remove("__pycache__")
         base = Path(dirpath)
         for name in sorted(dirnames + filenames):
             path = base / name
