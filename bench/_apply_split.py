@@ -23,10 +23,8 @@ def main() -> int:
     state = RunState(config.run_dir)
     state.prepare()
     phases = {k: [] for k in ("lock", "discovery", "read_table: nft -j list", "read_table: json parse",
-                              "discovery again (renamed-link check)", "compute + batch build", "nft commit (nft -f)",
+                              "renamed-link check (netlink names)", "compute + batch build", "nft commit (nft -f)",
                               "total")}
-    # engine.apply(keep_kernel=True) reads the links again after the listing (if this version does)
-    recheck = getattr(engine, "stable_links", None)
     sizes = {}
     for _ in range(args.runs):
         t0 = time.perf_counter()
@@ -40,8 +38,8 @@ def main() -> int:
             t3 = time.perf_counter()
             kernel = nft.parse_listing(json.loads(raw.stdout))
             t4 = time.perf_counter()
-            if recheck is not None:
-                links = recheck(links, discovery.read_links())
+            # as engine.apply(keep_kernel=True): names must keep their index across the listing
+            links = engine.stable_links(links, discovery.read_indexes())
             t4b = time.perf_counter()
             recorded = list(state.all_records().values())
             outcome = engine.compute(config, links, recorded, kernel, keep_kernel=True)
