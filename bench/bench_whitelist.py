@@ -1,6 +1,6 @@
 """Time the hook's fast path on a 10 000-row whitelist, the way the hook runs it.
 
-usage: bench_fast_path.py [ROWS] [RUNS]
+usage: sudo .venv/bin/python bench/bench_whitelist.py [ROWS] [RUNS]
 
 Every run is a fresh interpreter (like a hook): it imports smtp_gate.whitelist, reads the
 file, and times its first fast_allowed_macs() call (cold: regexes compiled on the spot).
@@ -9,17 +9,17 @@ full parse of the same file.
 """
 
 import os
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from smtp_gate import whitelist  # noqa: E402
+from tests.test_whitelist import big_file  # noqa: E402  (the suite's realistic large file)
 
 CHILD = """
 import sys, time
@@ -35,27 +35,13 @@ print((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, ",".join(answer))
 """
 
 
-def make(rows: int, quoted: float, seed: int = 1):  # type: ignore[no-untyped-def]
-    rnd = random.Random(seed)
-    out = [whitelist.HEADER]
-    macs = []
-    for i in range(rows):
-        mac = "52:54:00:%02x:%02x:%02x" % (rnd.randrange(256), rnd.randrange(256), rnd.randrange(256))
-        macs.append(mac)
-        reason = rnd.choice(["ok", "relay", "mail server"])
-        if rnd.random() < quoted:
-            reason = f'"ID verified, ticket ""{i}"""'
-        out.append(f"vm-{i:05d},{'' if i % 3 == 0 else mac},2026-11-25T14:03:07+00:00,alice,{reason}\n")
-    return "".join(out), macs
-
-
 def main() -> int:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 15
     env = dict(os.environ, PYTHONPATH=REPO)
     uuid = "6f1a2b3c-0000-4000-8000-123456789abc"
     for quoted in (0.0, 0.1, 0.3, 1.0):
-        text, macs = make(rows, quoted)
+        text, macs = big_file(rows, quoted)
         with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
             f.write(text)
         cases = {
