@@ -361,11 +361,15 @@ else
     fi
 fi
 
-# The units run with ProtectHome=yes: nothing they need may live under /home, /root or /run/user.
-for p in "$(readlink -f -- "$RUN_PY" 2>/dev/null || printf '%s' "$RUN_PY")" "$APP_DIR/"; do
+# The units run with ProtectHome=yes and PrivateTmp=yes: nothing they need may live under
+# /home, /root, /run/user, /tmp or /var/tmp (neither the interpreter as named, e.g. a
+# virtualenv's, nor the one it resolves to).
+for p in "$RUN_PY" "$(readlink -f -- "$RUN_PY" 2>/dev/null || printf '%s' "$RUN_PY")" "$APP_DIR/"; do
     case "$p" in
         /home/*|/root/*|/run/user/*)
             warn "$p is under /home, /root or /run/user, which the systemd units hide (ProtectHome=yes): use a Python and an --app-dir outside them, or lift it with a drop-in (systemctl edit smtp-gate.service: [Service] ProtectHome=no; the same for smtp-gate-rebuild and smtp-gate-watch)" ;;
+        /tmp/*|/var/tmp/*)
+            warn "$p is under /tmp or /var/tmp, which the systemd units replace with a private one (PrivateTmp=yes): use a Python and an --app-dir outside them, or lift it with a drop-in (systemctl edit smtp-gate.service: [Service] PrivateTmp=no; the same for smtp-gate-rebuild and smtp-gate-watch)" ;;
     esac
 done
 

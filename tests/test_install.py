@@ -758,9 +758,10 @@ def test_live_install_under_a_real_systemd(snapshot: Path, tmp_path: Path) -> No
     try:
         ct.start()
         # This environment's Python with lxml/libvirt/filelock may live under /root or /home, which
-        # ProtectHome= hides from the services: a drop-in lifts that one setting for the test.
+        # ProtectHome= hides from the services, and the test venv under /tmp (a clone in /tmp),
+        # which PrivateTmp= replaces: a drop-in lifts those two settings for the test.
         for unit in ("smtp-gate.service", "smtp-gate-rebuild.service", "smtp-gate-watch.service"):
-            ct.write(f"/etc/systemd/system/{unit}.d/test-python.conf", "[Service]\nProtectHome=no\n")
+            ct.write(f"/etc/systemd/system/{unit}.d/test-python.conf", "[Service]\nProtectHome=no\nPrivateTmp=no\n")
         ct.write("/etc/smtp-gate-test-nftables.conf", TEST_NFTABLES_CONF)
         ct.write("/etc/systemd/system/nftables.service", TEST_NFTABLES_UNIT.format(nft=nft))
         ct.write("/etc/systemd/system/libvirtd.service", STANDIN_LIBVIRTD.format(nft=nft))
