@@ -1,8 +1,9 @@
 """The `smtp-gate` command: one small function per subcommand, errors caught once at the top.
 
 Exit codes: 0 success; 1 error (nothing was changed); 2 usage; 3 done, with a warning
-the operator must read (a protected bridge is missing or has no uplink, or no
-hypervisor answered); 4 `status`: enforcement is not active.
+the operator must read (a protected bridge is missing or has no uplink; `list`: a
+whitelist row cannot be used); 4 `status`: enforcement is not active.  No hypervisor
+answering is a note on stderr, not a warning: apply then keeps what the kernel holds.
 """
 
 import argparse
