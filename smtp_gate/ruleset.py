@@ -224,30 +224,6 @@ def remove_batch() -> Batch:
     return Batch((f"add table {T}", f"delete table {T}"))
 
 
-def element_batch(
-    add: Iterable[Tuple[str, str]] = (), delete: Iterable[Tuple[str, str]] = ()
-) -> Batch:
-    """Element changes (set, rendered element) for a hook or a whitelist command.
-
-    A delete of an element that may be absent is preceded by an add of the same element:
-    nft 1.0.6 has no `destroy element`, and the pair is one atomic no-op or removal.
-    """
-    commands = [f"add element {T} {name} {{ {element} }}" for name, element in add]
-    for name, element in delete:
-        commands.append(f"add element {T} {name} {{ {element} }}")
-        commands.append(f"delete element {T} {name} {{ {element} }}")
-    return Batch(tuple(commands))
-
-
-def pair_element(pair: Pair) -> str:
-    index, mac = pair
-    return _pairs([(int(index), validate.mac(mac))])
-
-
-def name_element(name: str) -> str:
-    return _names([validate.ifname(name)])
-
-
 # Sets an element change may touch, by key type: hooks and whitelist commands change these.
 PAIR_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type iface_index . ether_addr;")
 NAME_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type ifname;")
@@ -266,9 +242,13 @@ def _check_element(set_name: str, element: Element) -> Element:
 
 
 class ElementChanges(NamedTuple):
-    """Element changes as data (set, name or (ifindex, MAC)), checked: the hooks and the
-    whitelist commands send them as key bytes over netlink (keys()); batch() is the same
-    change as nft text, for logs and dry runs."""
+    """Element changes as data (set, name or (ifindex, MAC)), checked.  The hooks and the
+    whitelist commands send them over netlink (keys(), nfnetlink.py); batch() is the same
+    change as nft commands, which the tests apply with `nft -f` to prove both agree.
+
+    A delete of an element that may be absent is an add and then a delete of it, in the
+    same atomic batch: nft 1.0.6 has no `destroy element`, and the pair is a no-op or a
+    removal."""
 
     add: Tuple[Tuple[str, Element], ...] = ()
     delete: Tuple[Tuple[str, Element], ...] = ()
@@ -277,9 +257,11 @@ class ElementChanges(NamedTuple):
         def text(element: Element) -> str:
             return _names([element]) if isinstance(element, str) else _pairs([element])
 
-        return element_batch(
-            add=[(s, text(e)) for s, e in self.add], delete=[(s, text(e)) for s, e in self.delete]
-        )
+        commands = [f"add element {T} {name} {{ {text(e)} }}" for name, e in self.add]
+        for name, e in self.delete:
+            commands.append(f"add element {T} {name} {{ {text(e)} }}")
+            commands.append(f"delete element {T} {name} {{ {text(e)} }}")
+        return Batch(tuple(commands))
 
     def keys(self) -> Tuple[List[Tuple[str, bytes]], List[Tuple[str, bytes]]]:
         """(add, delete) as (set, key bytes) in nft's layout (nfnetlink.ifname_key, pair_key)."""

@@ -62,9 +62,10 @@ def test_the_batch_is_one_transaction_with_an_ack_per_change() -> None:
 
 def test_element_changes_check_and_render() -> None:
     changes = ruleset.element_changes(add=[("allowed", (7, "52-54-00-AA-00-02"))], delete=[("guest_ports", "vnet3")])
-    assert changes.batch() == ruleset.element_batch(
-        add=[("allowed", ruleset.pair_element((7, "52:54:00:AA:00:02")))],
-        delete=[("guest_ports", ruleset.name_element("vnet3"))],
+    assert changes.batch().text() == (
+        "add element bridge smtp_gate allowed { 7 . 52:54:00:aa:00:02 }\n"
+        'add element bridge smtp_gate guest_ports { "vnet3" }\n'
+        'delete element bridge smtp_gate guest_ports { "vnet3" }\n'
     )
     assert changes.keys() == (
         [("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02"))],

@@ -57,10 +57,7 @@ def test_upgrade_deletes_obsolete_objects_after_flushing_their_references() -> N
 
 
 def test_element_changes_and_removal_whether_or_not_present() -> None:
-    batch = ruleset.element_batch(
-        add=[("allowed", ruleset.pair_element((7, "52:54:00:AA:00:02")))],
-        delete=[("guest_ports", ruleset.name_element("vnet3"))],
-    )
+    batch = ruleset.element_changes(add=[("allowed", (7, "52:54:00:AA:00:02"))], delete=[("guest_ports", "vnet3")]).batch()
     assert batch.text() == (
         "add element bridge smtp_gate allowed { 7 . 52:54:00:aa:00:02 }\n"
         'add element bridge smtp_gate guest_ports { "vnet3" }\n'
