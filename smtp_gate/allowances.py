@@ -6,30 +6,12 @@ checked against what the kernel actually holds, so an allowance nobody recorded 
 started before smtp-gate ran) is revoked too.
 """
 
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Tuple
 
-from smtp_gate import discovery, guests, nft, ruleset, whitelist
+from smtp_gate import discovery, engine, guests, nft, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.runstate import Pair, Record, RunState
-
-
-def _names_by_index(links: Dict[str, discovery.Link]) -> Dict[int, str]:
-    return {link.ifindex: link.name for link in links.values()}
-
-
-def kernel_allowed(links: Dict[str, discovery.Link]) -> Set[Pair]:
-    """The allowances the kernel holds, as (ifindex, MAC); a gone device keeps its number."""
-    table = nft.read_table()
-    index_by_name = {link.name: link.ifindex for link in links.values()}
-    pairs: Set[Pair] = set()
-    for value in table.elements.get("allowed", []) if table else []:
-        if isinstance(value, tuple) and len(value) == 2:
-            port, mac = str(value[0]), str(value[1])
-            index = index_by_name.get(port) if not port.isdigit() else int(port)
-            if index is not None:
-                pairs.add((index, mac))
-    return pairs
 
 
 def reconcile(
@@ -42,7 +24,7 @@ def reconcile(
     for every kernel allowance of AFFECTED_MACS.  Returns one line per change."""
     state = RunState(config.run_dir)
     links = discovery.read_links()
-    names = _names_by_index(links)
+    names = {link.ifindex: link.name for link in links.values()}
     index_of = lambda name: links[name].ifindex if name in links else None  # noqa: E731
     master_of = lambda name: links[name].master if name in links else None  # noqa: E731
     records = state.all_records()
@@ -66,7 +48,7 @@ def reconcile(
         new_records[dom.uuid] = record
 
     macs = {m for m in affected_macs}
-    for pair in sorted(kernel_allowed(links)):
+    for pair in sorted(engine.kernel_pairs(nft.read_table(), links, keep_gone=True)):
         index, mac = pair
         if mac not in macs:
             continue
@@ -91,6 +73,3 @@ def reconcile(
         state.write_record(record)
     return messages
 
-
-def macs_of(domain: Optional[Domain]) -> List[str]:
-    return guests.nic_macs(domain) if domain else []

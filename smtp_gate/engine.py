@@ -36,8 +36,11 @@ def stable_links(before: Dict[str, Link], after: Dict[str, int]) -> Dict[str, Li
     return {name: link for name, link in before.items() if after.get(name) == link.ifindex}
 
 
-def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Set[Pair]:
-    """Allowances the kernel holds for ports that still exist (LINKS: see stable_links)."""
+def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link], keep_gone: bool = False) -> Set[Pair]:
+    """The allowances the kernel holds, as (ifindex, MAC).  nft lists an interface index as
+    the device's name while it exists (mapped back through LINKS: see stable_links) and as
+    a number once the device is gone: those are dropped, or kept with KEEP_GONE (to revoke
+    them)."""
     if table is None:
         return set()
     by_name = {link.name: link.ifindex for link in links.values()}
@@ -45,10 +48,10 @@ def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Se
     for value in table.elements.get("allowed", []):
         if not (isinstance(value, tuple) and len(value) == 2):
             continue
-        port, mac = value
-        index = by_name.get(str(port))
+        port, mac = str(value[0]), validate.mac(str(value[1]))
+        index = int(port) if port.isdigit() and keep_gone else by_name.get(port)
         if index is not None:
-            pairs.add((index, validate.mac(str(mac))))
+            pairs.add((index, mac))
     return pairs
 
 

@@ -188,20 +188,18 @@ class Hook:
     def _record_from_kernel(self, dom):  # type: ignore[no-untyped-def]
         """No record (the guest started before smtp-gate ran, or /run was wiped): remove the
         guest's MACs from the allowances whose device is gone or named in this XML."""
-        from smtp_gate import nft
+        from smtp_gate import discovery, engine, nft
         from smtp_gate.runstate import Record
 
         macs = {nic.mac for nic in dom.nics if nic.mac}
         targets = {nic.target for nic in dom.nics if nic.target}
-        table = nft.read_table()
-        pairs = []
-        for value in (table.elements.get("allowed", []) if table else []):
-            if isinstance(value, tuple) and len(value) == 2 and str(value[1]) in macs:
-                port = str(value[0])
-                if port.isdigit() and _sysfs_index(port) is None:
-                    pairs.append((int(port), str(value[1])))
-                elif port in targets and _sysfs_index(port) is not None:
-                    pairs.append((_sysfs_index(port), str(value[1])))  # type: ignore[arg-type]
+        links = discovery.read_links()
+        names = {link.ifindex: link.name for link in links.values()}
+        pairs = [
+            (index, mac)
+            for index, mac in sorted(engine.kernel_pairs(nft.read_table(), links, keep_gone=True))
+            if mac in macs and (index not in names or names[index] in targets)
+        ]
         return Record(uuid=dom.uuid, name=dom.name, guest_ports=tuple(sorted(targets)), allowed=tuple(pairs))
 
     @staticmethod

@@ -111,7 +111,7 @@ def del_vm(config: Config, name: str) -> Change:
         config,
         lambda model: model.remove_guest(key, uuid),
         [dom] if found and found[1] else [],
-        allowances.macs_of(dom) + recorded,
+        (guests.nic_macs(dom) if dom else []) + recorded,
     )
     return Change(change.lines, warnings + change.warnings)
 

@@ -50,3 +50,9 @@ def test_a_name_recreated_while_the_table_was_read_inherits_nothing() -> None:
     assert "vnet0" not in stable and "vnet1" in stable
     kernel = table(allowed=[("vnet0", "52:54:00:00:00:01")])
     assert engine.compute(CONF, stable, [], kernel, keep_kernel=True).desired.allowed == ()
+
+
+def test_keep_gone_keeps_the_numbers_of_devices_that_no_longer_exist_for_revoking() -> None:
+    kernel = table(allowed=[("vnet0", "52:54:00:00:00:01"), ("57", "52:54:00:00:00:09")])
+    assert engine.kernel_pairs(kernel, HOST) == {(10, "52:54:00:00:00:01")}
+    assert engine.kernel_pairs(kernel, HOST, keep_gone=True) == {(10, "52:54:00:00:00:01"), (57, "52:54:00:00:00:09")}

@@ -86,6 +86,21 @@ def test_the_lifecycle_of_an_allowed_nic(lab2: BridgeLab) -> None:
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
 
 
+def test_stop_without_a_record_revokes_from_what_the_kernel_holds(lab2: BridgeLab) -> None:
+    """The guest started before smtp-gate ran, or /run was wiped: no record to go by."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    assert hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin")).returncode == 0
+    assert MAC_AUTO in allowed(lab) and MAC_FIXED in allowed(lab)
+    (lab.tmp / "run" / "records" / f"{UUID2}.json").unlink()
+    (lab.tmp / "run" / "journal").unlink()
+    lab.hv.ip("link", "del", "vnet1")  # the auto-named tap is gone, as after a real stop
+    r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"smtp-gate hook: guest 'lab2' stopped: allowance removed\n")
+    assert MAC_AUTO not in allowed(lab), "the pair of a device that is gone is removed by its number"
+    assert MAC_FIXED not in allowed(lab), "the pair of a target named in the stop XML is removed"
+
+
 def test_a_name_row_allows_every_nic_of_the_guest(lab2: BridgeLab) -> None:
     lab = lab2
     (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\"ID verified, ticket \"\"4711\"\"\"\n")
