@@ -25,8 +25,6 @@ def reconcile(
     state = RunState(config.run_dir)
     links = discovery.read_links()
     names = {link.ifindex: link.name for link in links.values()}
-    index_of = lambda name: links[name].ifindex if name in links else None  # noqa: E731
-    master_of = lambda name: links[name].master if name in links else None  # noqa: E731
     records = state.all_records()
     owner: Dict[Pair, Record] = {pair: r for r in records.values() for pair in r.allowed}
 
@@ -38,7 +36,9 @@ def reconcile(
         if not any(nic.target in links for nic in dom.nics if nic.target):
             continue  # it stopped after the caller asked libvirt: its stop hook did the rest
         allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom))))
-        record = guests.record_for(dom, config.bridges, allowed, index_of, master_of)
+        record = guests.record_for(
+            dom, config.bridges, allowed, discovery.index_of(links), discovery.master_of(links)
+        )
         old = records.get(dom.uuid)
         for pair in sorted(set(record.allowed) - set(old.allowed if old else ())):
             add.append(("allowed", pair))

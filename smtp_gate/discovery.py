@@ -8,7 +8,7 @@ substring match also caught `br01` when asked for `br0`, and printed veth ports 
 
 import os
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from smtp_gate import validate
 from smtp_gate.config import Config
@@ -103,6 +103,16 @@ def read_links(root: Path = SYSFS_NET) -> Dict[str, Link]:
                 continue
         links[name] = Link(name=name, ifindex=int(index), kind=kind, master=master, lowers=lowers)
     return links
+
+
+def index_of(links: Dict[str, Link]) -> Callable[[str], Optional[int]]:
+    """Interface name -> index, None if no such link (guests.record_for's lookup)."""
+    return lambda name: links[name].ifindex if name in links else None
+
+
+def master_of(links: Dict[str, Link]) -> Callable[[str], Optional[str]]:
+    """Interface name -> the bridge (or bond) it is a port of, None if none."""
+    return lambda name: links[name].master if name in links else None
 
 
 def read_indexes() -> Dict[str, int]:

@@ -27,22 +27,10 @@ class Result(NamedTuple):
     hypervisor_warnings: List[str]
 
 
-def _lookups(links: Dict[str, discovery.Link]):  # type: ignore[no-untyped-def]
-    def index_of(name: str) -> Optional[int]:
-        link = links.get(name)
-        return link.ifindex if link else None
-
-    def master_of(name: str) -> Optional[str]:
-        link = links.get(name)
-        return link.master if link else None
-
-    return index_of, master_of
-
-
 def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
     """One record per guest, from the whitelist as it is now (call under the lock)."""
     allow = whitelist.load(config.whitelist).index()
-    index_of, master_of = _lookups(links)
+    index_of, master_of = discovery.index_of(links), discovery.master_of(links)
     return [
         guests.record_for(
             d,

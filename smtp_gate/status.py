@@ -135,7 +135,7 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
         expected = [
             (n.target, n.mac)
             for n in dom.nics
-            if running and n.target and n.mac in allowed and guests_mod.nic_bridge(n, _master(links)) in config.bridges
+            if running and n.target and n.mac in allowed and guests_mod.nic_bridge(n, discovery.master_of(links)) in config.bridges
         ]
         held_all = all(pair in held for pair in expected)
         report.guests.append(
@@ -153,10 +153,6 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
             report.warnings.append(
                 f"whitelisted guest {dom.name!r} runs but the kernel does not hold its allowance: run `smtp-gate rebuild`"
             )
-
-
-def _master(links: Dict[str, Link]):  # type: ignore[no-untyped-def]
-    return lambda name: links[name].master if name in links else None
 
 
 def _audit(table: nft.KernelTable) -> bool:
