@@ -54,10 +54,16 @@ def removes_enforcement(block: Iterable[str]) -> bool:
 
 def watch(restore: Callable[[], None], rebuild: Callable[[], None], log: Callable[[str], None]) -> None:
     """Run until killed.  RESTORE must be fast and must not ask libvirt; REBUILD may."""
-    if not nft.table_exists():
-        log("enforcement was missing at start: restoring")
+
+    def repair(what: str) -> None:
+        started = time.monotonic()
         restore()
-        rebuild()
+        log(f"{what}; restored in {time.monotonic() - started:.3f}s")
+        try:
+            rebuild()
+        except Exception as exc:  # noqa: BLE001 - the timer retries; the watch must go on
+            log(f"rebuild after the restore failed (the timer retries): {exc}")
+
     while True:
         # nft block-buffers its output into a pipe; on a terminal it writes each event at once
         master, slave = pty.openpty()
@@ -65,20 +71,14 @@ def watch(restore: Callable[[], None], rebuild: Callable[[], None], log: Callabl
             [nft.nft_binary(), "monitor"], stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
         )
         os.close(slave)
-        # a flush between two monitors would go unseen: check once the new one listens
+        # at start, and between two monitors, a removal would go unseen: look once
         if not nft.table_exists():
-            restore()
+            repair("enforcement was missing")
         with os.fdopen(master, "r", encoding="utf-8", errors="replace", newline=None) as events:
             try:
                 for block in transactions(events):
                     if removes_enforcement(block):
-                        started = time.monotonic()
-                        restore()
-                        log(f"enforcement was removed by another tool; restored in {time.monotonic() - started:.3f}s")
-                        try:
-                            rebuild()
-                        except Exception as exc:  # noqa: BLE001 - the timer retries; the watch must go on
-                            log(f"rebuild after the restore failed (the timer retries): {exc}")
+                        repair("enforcement was removed by another tool")
             except OSError:
                 pass  # EIO: the monitor exited and closed the terminal
         code = process.wait()
