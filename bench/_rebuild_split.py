@@ -50,7 +50,7 @@ def main() -> int:
         t6 = time.perf_counter()
         records = rebuild.records_for(config, listing.domains, links)  # loads the whitelist again
         t7 = time.perf_counter()
-        kernel = nft.read_table()
+        kernel = nft.read_table(elements=False)  # as engine.apply reads it when libvirt answered
         t8 = time.perf_counter()
         outcome = engine.compute(config, links, records, kernel)
         batch = engine.build(outcome, kernel)

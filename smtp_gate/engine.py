@@ -140,7 +140,7 @@ def apply(
 ) -> Tuple[Outcome, ruleset.Batch]:
     """Compute and install the whole desired state in one transaction (or only check it)."""
     links = discovery.read_links() if links is None else links
-    kernel = nft.read_table()
+    kernel = nft.read_table(elements=keep_kernel)  # only kept allowances need the kernel's elements
     if keep_kernel:
         links = stable_links(links, discovery.read_indexes())
     outcome = compute(config, links, guests, kernel, keep_kernel)
