@@ -9,6 +9,7 @@ dying mid-listing) use a stand-in domain or connection, and say so.
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator, List
 
@@ -215,6 +216,53 @@ def test_daemon_lost_mid_listing_makes_the_whole_uri_unreachable(monkeypatch, tm
     assert listing.reached == [other]
     assert "End of file" in listing.unreachable[node]
     assert [d.uri for d in listing.domains] == [other]
+
+
+def _xmldesc_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "smtp-gate-xmldesc"]
+
+
+def test_a_listing_stopped_early_leaves_no_thread_behind(monkeypatch, tmp_path: Path):
+    """The XMLDesc calls run in a thread ahead of the parsing: when the daemon is lost at
+    the first guest of 50, the thread stops too, and is gone when list_running returns."""
+    many = testdriver.write_node(tmp_path, running=50)
+    calls: List[str] = []
+
+    class DeadDomain(_Proxy):
+        def XMLDesc(self, flags: int = 0) -> str:
+            calls.append(self._real.name())
+            raise _error("End of file while reading data: Input/output error")
+
+    class Dying(_Proxy):
+        def listAllDomains(self, flags: int = 0) -> Any:
+            return [DeadDomain(d) for d in self._real.listAllDomains(flags)]
+
+        def isAlive(self) -> int:
+            return 0
+
+    _wrap_connections(monkeypatch, lambda uri, conn: Dying(conn))
+    listing = hypervisor.list_running([many])
+    assert many in listing.unreachable and listing.domains == []
+    assert _xmldesc_threads() == []
+    assert 1 <= len(calls) < 50  # it stopped asking, rather than asking all 50 dead guests
+
+
+def test_an_unexpected_error_in_the_xmldesc_thread_reaches_the_caller(monkeypatch, node: str):
+    """Not libvirt's error (a bug, a MemoryError): raised in the caller, as it would be
+    without the thread, never swallowed as "guest skipped"."""
+
+    class Buggy(_Proxy):
+        def XMLDesc(self, flags: int = 0) -> str:
+            raise RuntimeError("bug in a binding")
+
+    class OneBuggy(_Proxy):
+        def listAllDomains(self, flags: int = 0) -> Any:
+            return [Buggy(d) if d.name() == "vm00001" else d for d in self._real.listAllDomains(flags)]
+
+    _wrap_connections(monkeypatch, lambda uri, conn: OneBuggy(conn))
+    with pytest.raises(RuntimeError, match="bug in a binding"):
+        hypervisor.list_running([node])
+    assert _xmldesc_threads() == []
 
 
 def test_connections_are_closed(monkeypatch, node: str):
