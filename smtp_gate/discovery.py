@@ -25,8 +25,8 @@ class Link(NamedTuple):
     name: str
     ifindex: int
     kind: str  # physical, bond, bridge, vlan, tun, vxlan, other
-    master: Optional[str]  # the bridge (or bond) this link is enslaved to
-    lowers: Tuple[str, ...]  # devices this one is stacked on (VLAN, bond, team members)
+    master: Optional[str]  # the bridge (or bond, team...) this link is enslaved to
+    lowers: Tuple[str, ...]  # what it is stacked on (VLAN, bond, team); () for taps and bridges: never asked
 
 
 class BridgePlan(NamedTuple):
@@ -45,11 +45,18 @@ class PortPlan(NamedTuple):
 
 
 def _read(path: str) -> Optional[str]:
+    """A small sysfs attribute's text; os calls, not open(): a rebuild reads one per link,
+    and the io objects cost more than the read (60 ms against 40 for 2 000 links)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read().decode("ascii", "replace").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 4096).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _kind(path: str) -> str:
@@ -78,30 +85,45 @@ def _kind(path: str) -> str:
 def read_links(root: Path = SYSFS_NET) -> Dict[str, Link]:
     """Every network device of this namespace, by name.  Devices that vanish while we
     read are skipped: a guest may stop at any moment.  Plain os calls, not pathlib: a
-    host with 1 000 guests has thousands of links, and a rebuild reads them all."""
-    links: Dict[str, Link] = {}
+    host with 1 000 guests has thousands of links, and a rebuild reads them all.  A
+    bridge port's master comes from its bridge's brif/ listing (one listdir per bridge,
+    not a readlink per tap); only other links read their own master (a bond's members)."""
     base = os.fspath(root)
     try:
         names = sorted(os.listdir(base))
     except FileNotFoundError:
-        return links
+        return {}
+    found: List[Tuple[str, int, str]] = []
     for name in names:
-        path = f"{base}/{name}"
-        index = _read(f"{path}/ifindex")
-        if index is None or not index.isdigit():
-            continue
-        try:
-            master: Optional[str] = os.path.basename(os.readlink(f"{path}/master"))
-        except OSError:
-            master = None
-        kind = _kind(path)
-        lowers: Tuple[str, ...] = ()
-        if kind != "tun":  # a tap is stacked on nothing
+        index = _read(f"{base}/{name}/ifindex")
+        if index is not None and index.isdigit():
+            found.append((name, int(index), _kind(f"{base}/{name}")))
+    bridge_of: Dict[str, str] = {}
+    for name, _index, kind in found:
+        if kind == "bridge":
             try:
-                lowers = tuple(sorted(e[len("lower_") :] for e in os.listdir(path) if e.startswith("lower_")))
+                bridge_of.update((port, name) for port in os.listdir(f"{base}/{name}/brif"))
             except OSError:
                 continue
-        links[name] = Link(name=name, ifindex=int(index), kind=kind, master=master, lowers=lowers)
+    links: Dict[str, Link] = {}
+    for name, index, kind in found:
+        path = f"{base}/{name}"
+        master = bridge_of.get(name)
+        lowers: Tuple[str, ...] = ()
+        # a tap is stacked on nothing and enslaved to nothing but a bridge; a bridge's
+        # lower_* are its ports: never asked for
+        if kind not in ("tun", "bridge"):
+            try:
+                entries = os.listdir(path)
+            except OSError:
+                continue
+            lowers = tuple(sorted(e[len("lower_") :] for e in entries if e.startswith("lower_")))
+            if master is None and "master" in entries:
+                try:
+                    master = os.path.basename(os.readlink(f"{path}/master"))
+                except OSError:
+                    pass
+        links[name] = Link(name=name, ifindex=index, kind=kind, master=master, lowers=lowers)
     return links
 
 
@@ -111,8 +133,14 @@ def index_of(links: Dict[str, Link]) -> Callable[[str], Optional[int]]:
 
 
 def master_of(links: Dict[str, Link]) -> Callable[[str], Optional[str]]:
-    """Interface name -> the bridge (or bond) it is a port of, None if none."""
-    return lambda name: links[name].master if name in links else None
+    """Interface name -> the bridge it is a port of, None if none (a bond's member, too):
+    what the hook reads from sysfs brport/bridge, so both derive the same records."""
+
+    def bridge(name: str) -> Optional[str]:
+        master = links[name].master if name in links else None
+        return master if master in links and links[master].kind == "bridge" else None
+
+    return bridge
 
 
 def read_indexes() -> Dict[str, int]:

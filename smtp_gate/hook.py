@@ -58,9 +58,11 @@ def _sysfs_index(name: str) -> Optional[int]:
         return None
 
 
-def _sysfs_master(name: str) -> Optional[str]:
+def _sysfs_bridge(name: str) -> Optional[str]:
+    """The bridge NAME is a port of (brport/ exists only for bridge ports), as
+    discovery.master_of answers for a rebuild."""
     try:
-        return os.path.basename(os.readlink(f"/sys/class/net/{name}/master"))
+        return os.path.basename(os.readlink(f"/sys/class/net/{name}/brport/bridge"))
     except OSError:
         return None
 
@@ -90,7 +92,7 @@ class Hook:
 
         text = whitelist.read_text(self.config.whitelist)
         allowed = whitelist.fast_allowed_macs(text, whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom))))
-        return guests.record_for(dom, self.config.bridges, allowed, _sysfs_index, _sysfs_master)
+        return guests.record_for(dom, self.config.bridges, allowed, _sysfs_index, _sysfs_bridge)
 
     def locked(self):  # type: ignore[no-untyped-def]
         from smtp_gate import lock

@@ -1,6 +1,8 @@
 """Bridge ports and uplinks from a sysfs tree (built in a temporary directory)."""
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,6 +39,8 @@ class FakeSysfs:
         (d / "uevent").write_text(f"DEVTYPE={devtype}\nINTERFACE={name}\n" if devtype else f"INTERFACE={name}\n")
         if master:
             os.symlink(f"../{master}", d / "master")
+            if (self.root / master / "brif").is_dir():  # a bridge lists its ports, as the kernel does
+                os.symlink(f"../../{name}/brport", self.root / master / "brif" / name)
         if bus:
             (self.buses / bus).mkdir(parents=True, exist_ok=True)
             device = self.devices / f"{name}-dev"
@@ -45,6 +49,7 @@ class FakeSysfs:
             os.symlink(device, d / "device")
         if bridge:
             (d / "bridge").mkdir()
+            (d / "brif").mkdir()
         if bond:
             (d / "bonding").mkdir()
         if tun:
@@ -64,8 +69,49 @@ def test_links_are_read_with_kind_master_and_lowers(tmp_path: Path) -> None:
     assert links["br0"].kind == "bridge"
     assert links["eno1"].kind == "physical" and links["eno1"].master == "bond0"
     assert links["bond0.100"].kind == "vlan" and links["bond0.100"].lowers == ("bond0",)
-    assert links["vnet0"].kind == "tun" and links["vnet0"].ifindex == 5
+    assert links["vnet0"].kind == "tun" and links["vnet0"].ifindex == 5 and links["vnet0"].master == "br0"
     assert discovery.read_links(tmp_path / "nowhere") == {}
+    bridge_of = discovery.master_of(links)
+    assert bridge_of("vnet0") == "br0" and bridge_of("bond0.100") == "br0"
+    assert bridge_of("eno1") is None  # a bond's member is no bridge's port
+    assert bridge_of("missing0") is None
+
+
+def test_links_of_a_real_namespace_match_what_ip_link_reports(bare_lab) -> None:
+    """sysfs read in a namespace of the test's own (bare_lab: br0, uplink0, no guests), with
+    taps and veths on two bridges and an unattached tap: names, indexes and masters equal
+    what `ip -j link` reports, and each port's bridge is found.  (Bond members: the fake
+    sysfs above; this kernel has no bonding, team, VRF or dummy driver to enslave with.)"""
+    ns = bare_lab.hv
+    commands = [
+        "link add br1 type bridge",
+        "tuntap add dev vnet0 mode tap",
+        "link set vnet0 master br0",
+        "tuntap add dev vnet1 mode tap",
+        "link set vnet1 master br1",
+        "tuntap add dev vnet2 mode tap",
+        "link add veth0 type veth peer name veth0p",
+        "link set veth0 master br1",
+    ]
+    for command in commands:
+        ns.ip(*command.split())
+    got = {name: tuple(value) for name, value in json.loads(ns.exec([sys.executable, "-c", READ_LINKS]).stdout).items()}
+    reported = json.loads(ns.ip("-j", "link").stdout)
+    assert got == {r["ifname"]: (r["ifindex"], r.get("master")) for r in reported}
+    assert got["vnet0"][1] == "br0" and got["vnet1"][1] == "br1" and got["veth0"][1] == "br1"
+    assert got["vnet2"][1] is None
+    bridges = json.loads(ns.exec([sys.executable, "-c", READ_BRIDGES]).stdout)
+    assert bridges == {"vnet0": "br0", "vnet1": "br1", "veth0": "br1", "veth0p": None, "vnet2": None, "uplink0": "br0"}
+
+
+READ_LINKS = (
+    "import json; from smtp_gate import discovery; "
+    "print(json.dumps({l.name: [l.ifindex, l.master] for l in discovery.read_links().values()}))"
+)
+READ_BRIDGES = (
+    "import json; from smtp_gate import discovery; links = discovery.read_links(); of = discovery.master_of(links); "
+    "print(json.dumps({n: of(n) for n in ('vnet0', 'vnet1', 'veth0', 'veth0p', 'vnet2', 'uplink0')}))"
+)
 
 
 def host(tmp_path: Path) -> FakeSysfs:
