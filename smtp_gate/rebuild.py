@@ -8,7 +8,9 @@ The order matters (DESIGN §2):
    snapshot, derive each guest's record, apply everything in one nft transaction, and
    only then write the records and truncate the journal (firewalld's order: kernel
    first, bookkeeping after).
-Rebuilds run one at a time (rebuild.lock), so the journal has one reader.
+Rebuilds run one at a time (rebuild.lock), so the journal has one reader.  Both locks
+are taken with fcntl.flock, as the hooks take the main one (see lock.py: filelock's import
+and exit would be a tenth of a rebuild of 1 000 guests).
 """
 
 from typing import Dict, List, NamedTuple, Optional
@@ -47,7 +49,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> 
     state = RunState(config.run_dir)
     state.prepare()
     with lock.flock(state.rebuild_lock, lock.COMMAND_TIMEOUT):
-        with lock.command_lock(config.lock_path):
+        with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
             offset = state.journal_end()
         listing = hypervisor.list_running(config.uris()) if use_libvirt else None
         notes: List[str] = []
@@ -62,7 +64,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> 
                 )
             elif explicit and listing.unreachable:
                 notes += [f"libvirt {uri} did not answer: {why}" for uri, why in listing.unreachable.items()]
-        with lock.command_lock(config.lock_path):
+        with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
             links = discovery.read_links()
             if listing is not None and listing.reached:
                 snapshot = {d.uuid: d for d in listing.domains}
