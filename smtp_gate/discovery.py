@@ -7,14 +7,15 @@ substring match also caught `br01` when asked for `br0`, and printed veth ports 
 """
 
 import os
-from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from smtp_gate import validate
 from smtp_gate.config import Config
 from smtp_gate.errors import ValidationError
 
-SYSFS_NET = Path("/sys/class/net")
+# a string, not a pathlib.Path: pathlib (with urllib.parse and ipaddress) costs every
+# command and hook that reads links ~8 ms of imports
+SYSFS_NET = "/sys/class/net"
 
 # Buses of real NICs (and of a virtual machine's own NICs, when the hypervisor is nested).
 # Not "xen-backend": a Xen dom0 sees every guest's vifN.M with a device on that bus.
@@ -82,7 +83,7 @@ def _kind(path: str) -> str:
     return "other"
 
 
-def read_links(root: Path = SYSFS_NET) -> Dict[str, Link]:
+def read_links(root: "os.PathLike[str] | str" = SYSFS_NET) -> Dict[str, Link]:
     """Every network device of this namespace, by name.  Devices that vanish while we
     read are skipped: a guest may stop at any moment.  Plain os calls, not pathlib: a
     host with 1 000 guests has thousands of links, and a rebuild reads them all.  A
