@@ -58,12 +58,7 @@ class Traffic:
 
     def stop(self) -> None:
         for server in self.servers:
-            server.terminate()
-            try:
-                server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=5)
+            common.stop_process(server)
 
     def measure(self, guest: common.Guest, port: int) -> float:
         if self.tool == "iperf3":

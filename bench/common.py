@@ -123,6 +123,18 @@ def install_signal_cleanup() -> None:
 # -- statistics and tables ----------------------------------------------------------------
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Terminate PROC if it still runs, kill it if it ignores that, and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -352,13 +364,8 @@ def private_libvirtd() -> Iterator[str]:
             time.sleep(0.05)
         yield f"test+unix:///default?socket={sock}"
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, timeout=10)
         ns.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -53,7 +53,7 @@ def flock(path: "os.PathLike[str] | str", timeout: float = HOOK_TIMEOUT) -> Iter
 
 @contextmanager
 def command_lock(path: "os.PathLike[str] | str", timeout: float = COMMAND_TIMEOUT) -> Iterator[None]:
-    """The same lock for commands, through filelock."""
+    """The same lock for the whitelist commands, through filelock (hooks and rebuilds: flock())."""
     import filelock
 
     path = os.fspath(path)
