@@ -2,8 +2,10 @@
 
 Exit codes: 0 success; 1 error (nothing was changed); 2 usage; 3 done, with a warning
 the operator must read (a protected bridge is missing or has no uplink; `list`: a
-whitelist row cannot be used); 4 `status`: enforcement is not active.  No hypervisor
-answering is a note on stderr, not a warning: apply then keeps what the kernel holds.
+whitelist row cannot be used); 4 `status`: enforcement is not active; 5 the operator
+switched enforcement off (`status`, and `apply --if-enabled`, which then installs nothing).
+No hypervisor answering is a note on stderr, not a warning: apply then keeps what the
+kernel holds.
 """
 
 import argparse
@@ -15,7 +17,7 @@ from smtp_gate import __version__, config as config_mod, validate
 from smtp_gate.config import Config
 from smtp_gate.errors import SmtpGateError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE, EXIT_DISABLED = 0, 1, 2, 3, 4, 5
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -25,14 +27,27 @@ def warn(message: str) -> None:
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
-    """Install the whole desired state in one atomic transaction."""
-    from smtp_gate import rebuild
+    """Install the whole desired state in one atomic transaction.  An operator's apply ends
+    `smtp-gate disable`; the units' `--if-enabled` honours it (exit 5, nothing installed)."""
+    from smtp_gate import offswitch, rebuild
+    from smtp_gate.errors import EnforcementDisabled
 
-    result = rebuild.rebuild(config, use_libvirt=not args.no_libvirt, dry_run=args.dry_run)
+    try:
+        result = rebuild.rebuild(
+            config, use_libvirt=not args.no_libvirt, dry_run=args.dry_run, reenable=not args.if_enabled
+        )
+    except EnforcementDisabled as exc:
+        warn(str(exc))
+        return EXIT_DISABLED
     outcome = result.outcome
+    if result.reenabled is not None:
+        print(f"ok: enforcement re-enabled; it was disabled {result.reenabled.by_line()}")
     if args.dry_run:
         sys.stdout.write(result.batch.text())
         print("# the kernel accepted this batch (nft -c); nothing was changed", file=sys.stderr)
+        off = offswitch.read(config.disabled_path)
+        if off is not None:
+            warn(f"{off.describe()}: `smtp-gate apply` without --dry-run would turn it back on")
     else:
         d = outcome.desired
         if result.guests_seen is not None:
@@ -51,13 +66,38 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     return EXIT_WARNING if outcome.has_warnings else EXIT_OK
 
 
-def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
-    """Remove our table and nothing else."""
-    from smtp_gate import engine
+def cmd_disable(args: argparse.Namespace, config: Config) -> int:
+    """The operator's off-switch: record who, when and why, then remove our table and nothing
+    else.  Under the lock, in that order: a hook or rebuild that installs the table either
+    ran before (and the table is removed here) or sees the switch and installs nothing."""
+    from smtp_gate import engine, lock, manage, offswitch
 
-    existed = engine.remove()
+    by = manage.invoking_user()
+    at = manage.now().isoformat(timespec="seconds")
+    with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+        before = offswitch.read(config.disabled_path)
+        off = offswitch.write(config.disabled_path, by, at, args.reason)
+        try:
+            existed = engine.remove()
+        except SmtpGateError as exc:
+            raise SmtpGateError(
+                f"recorded the off-switch in {off.path!r} but could not remove the table: {exc}; run `smtp-gate disable` again"
+            ) from None
+    if before is not None:
+        print(f"ok: it was already off: {before.describe()}")
+    print(f"ok: {off.describe()}; recorded in {off.path} (kept across reboots)")
     print("ok: removed table bridge smtp_gate" if existed else "ok: table bridge smtp_gate was not installed")
+    print("ok: the watcher, the timer, the boot service and the hooks leave it off until `smtp-gate enable`")
     return EXIT_OK
+
+
+def cmd_enable(args: argparse.Namespace, config: Config) -> int:
+    """End `smtp-gate disable`: apply, as `smtp-gate apply` does, then remove the off-switch."""
+    from smtp_gate import offswitch
+
+    if offswitch.read(config.disabled_path) is None:
+        print("ok: enforcement was not disabled; applying")
+    return cmd_apply(args, config)
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -70,6 +110,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
         sys.stdout.write(status_mod.render(report))
+    if report.disabled is not None:
+        return EXIT_DISABLED
     if not report.active:
         return EXIT_INACTIVE
     return EXIT_WARNING if report.warnings else EXIT_OK
@@ -212,8 +254,9 @@ def cmd_selftest(args: argparse.Namespace, config: Config) -> int:
 COMMANDS: Dict[str, Handler] = {
     "apply": cmd_apply,
     "rebuild": cmd_apply,
-    "rollback": cmd_rollback,
-    "disable": cmd_rollback,
+    "disable": cmd_disable,
+    "rollback": cmd_disable,
+    "enable": cmd_enable,
     "status": cmd_status,
     "debug": cmd_debug,
     "add-vm": cmd_add_vm,
@@ -232,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtp-gate",
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 done with a warning, 4 (status) not active",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 done with a warning, 4 (status) not active, "
+        "5 disabled by the operator (status, apply --if-enabled)",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -262,7 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="do not ask libvirt (boot time: keep the kernel's allowances for ports that exist)",
         )
-    add("rollback", "remove smtp-gate's nft table and nothing else", "sudo smtp-gate rollback", aliases=["disable"])
+        p.add_argument(
+            "--if-enabled",
+            action="store_true",
+            help="for the systemd units: install nothing and exit 5 while `smtp-gate disable` is in force "
+            "(without it, an operator's apply turns enforcement back on)",
+        )
+    p = add(
+        "disable",
+        "emergency off-switch: remove smtp-gate's nft table and nothing else, and keep it off (across reboots) "
+        "until `smtp-gate enable`",
+        'sudo smtp-gate disable --reason "mail outage, ticket 4711"',
+        aliases=["rollback"],
+    )
+    p.add_argument("--reason", default="", help="why (shown by `smtp-gate status`; no control characters)")
+    p = add(
+        "enable",
+        "end `smtp-gate disable`: install the whole desired state, as `apply` does, and remove the off-switch",
+        "sudo smtp-gate enable",
+    )
+    p.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt (keep the recorded allowances)")
+    p.set_defaults(dry_run=False, if_enabled=False)
     p = add("status", "show what the kernel enforces, allowances and blocked attempts", "smtp-gate status --json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt about guests")
@@ -309,7 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
-    command = {"disable": "rollback"}.get(args.command, args.command)
+    command = {"rollback": "disable"}.get(args.command, args.command)
     try:
         config = config_mod.load(args.config)
         return COMMANDS[command](args, config)

@@ -53,6 +53,11 @@ class Config(NamedTuple):
         return os.path.join(self.run_dir, "lock")
 
     @property
+    def disabled_path(self) -> str:
+        """The operator's off-switch (offswitch.py): beside the config, so it survives reboots."""
+        return os.path.join(os.path.dirname(self.path), "disabled")
+
+    @property
     def audit(self) -> bool:
         return self.mode == "audit"
 

@@ -1,5 +1,10 @@
 """The domain exceptions: caught once at the top of the CLI and printed as one line."""
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from smtp_gate.offswitch import Disabled
+
 
 class SmtpGateError(Exception):
     """An error the operator can act on; its message quotes the bad value and what was expected."""
@@ -27,3 +32,11 @@ class LockTimeout(SmtpGateError):
 
 class DomainXMLError(SmtpGateError):
     """A domain XML we cannot read: not XML, or missing the <name>/<uuid> every guest has."""
+
+
+class EnforcementDisabled(SmtpGateError):
+    """The operator switched enforcement off (`smtp-gate disable`): nothing unattended installs it."""
+
+    def __init__(self, off: "Disabled") -> None:
+        super().__init__(f"{off.describe()}: not installing (`smtp-gate enable` turns it back on)")
+        self.off = off

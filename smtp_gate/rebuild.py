@@ -8,6 +8,9 @@ The order matters (DESIGN §2):
    snapshot, derive each guest's record, apply everything in one nft transaction, and
    only then write the records and truncate the journal (firewalld's order: kernel
    first, bookkeeping after).
+The operator's off-switch (offswitch.py) is read under the lock in step 3, where
+`smtp-gate disable` removes the table: an unattended rebuild (the timer, the boot service,
+the watcher) then installs nothing; an operator's `apply` installs and removes the switch.
 Rebuilds run one at a time (rebuild.lock), so the journal has one reader.  Both locks
 are taken with fcntl.flock, as the hooks take the main one (see lock.py: filelock's import
 and exit would be a tenth of a rebuild of 1 000 guests).
@@ -15,10 +18,11 @@ and exit would be a tenth of a rebuild of 1 000 guests).
 
 from typing import Dict, List, NamedTuple, Optional
 
-from smtp_gate import discovery, engine, guests, hypervisor, lock, ruleset, whitelist
+from smtp_gate import discovery, engine, guests, hypervisor, lock, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.engine import Outcome
+from smtp_gate.errors import EnforcementDisabled
 from smtp_gate.runstate import Record, RunState, replay
 
 
@@ -27,6 +31,7 @@ class Result(NamedTuple):
     batch: ruleset.Batch
     guests_seen: Optional[int]  # None: no hypervisor was asked (use_libvirt False) or none answered
     hypervisor_warnings: List[str]
+    reenabled: Optional[offswitch.Disabled] = None  # the off-switch this (operator's) apply removed
 
 
 def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
@@ -45,7 +50,18 @@ def records_for(config: Config, domains: List[Domain], links: Dict[str, discover
     ]
 
 
-def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> Result:
+def _off_switch(config: Config, reenable: bool) -> Optional[offswitch.Disabled]:
+    """The off-switch, if set; raises EnforcementDisabled unless REENABLE (an operator's apply)."""
+    off = offswitch.read(config.disabled_path)
+    if off is not None and not reenable:
+        raise EnforcementDisabled(off)
+    return off
+
+
+def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, reenable: bool = False) -> Result:
+    """REENABLE: an operator's explicit apply, which ends `smtp-gate disable`; every other caller
+    (the timer, the boot service, the watcher) honours the off-switch and installs nothing."""
+    _off_switch(config, reenable)  # early too: a disabled host is not worth asking libvirt
     state = RunState(config.run_dir)
     state.prepare()
     with lock.flock(state.rebuild_lock, lock.COMMAND_TIMEOUT):
@@ -65,6 +81,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> 
             elif explicit and listing.unreachable:
                 notes += [f"libvirt {uri} did not answer: {why}" for uri, why in listing.unreachable.items()]
         with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+            off = _off_switch(config, reenable)
             links = discovery.read_links()
             if listing is not None and listing.reached:
                 snapshot = {d.uuid: d for d in listing.domains}
@@ -82,5 +99,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False) -> 
                 # no libvirt: what hooks and the last rebuild recorded, and what the kernel holds
                 recorded = list(state.all_records().values())
                 outcome, batch = engine.apply(config, recorded, keep_kernel=True, dry_run=dry_run, links=links)
+            if off is not None and not dry_run:
+                offswitch.clear(off.path)  # installed: only now is enforcement back on
     seen = len(listing.domains) if listing is not None and listing.reached else None
-    return Result(outcome, batch, seen, notes)
+    return Result(outcome, batch, seen, notes, None if dry_run else off)

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from smtp_gate import discovery, nft, ruleset, validate
+from smtp_gate import discovery, nft, offswitch, ruleset, validate
 from smtp_gate.config import Config
 from smtp_gate.discovery import Link
 
@@ -32,6 +32,8 @@ class Report:
     # filled by callers that know about guests and the whitelist
     guests: List[Dict[str, object]] = field(default_factory=list)
     unprotected: List[Dict[str, str]] = field(default_factory=list)
+    # the operator's off-switch (`smtp-gate disable`): path, by, at, reason; exit code 5
+    disabled: Optional[Dict[str, str]] = None
 
     def to_json(self) -> Dict[str, object]:
         return asdict(self)
@@ -49,13 +51,17 @@ def _ports_text(values: List[object]) -> str:
 
 def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
     """The kernel's table compared with the configuration; warnings for what the operator must fix."""
+    off = offswitch.read(config.disabled_path)
+    disabled = off.to_json() if off is not None else None
     links = discovery.read_links() if links is None else links
     table = nft.read_table()
     if table is None:
+        fix = "`smtp-gate enable` turns it back on" if off else "run `smtp-gate apply`"
         return Report(
             active=False,
             mode=config.mode,
-            warnings=[f"enforcement is not active: table {ruleset.T} does not exist (run `smtp-gate apply`)"],
+            warnings=[f"enforcement is not active: table {ruleset.T} does not exist ({fix})"],
+            disabled=disabled,
         )
     names_by_index = {l.ifindex: l.name for l in links.values()}
     uplinks = sorted(str(v) for v in table.elements.get("uplinks", []))
@@ -70,7 +76,13 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
         blocked_ports=_ports_text(table.elements.get("blocked_ports", [])),
         counters={name: table.counters.get(name, (0, 0))[0] for name in ruleset.COUNTERS},
         warnings=list(plan.warnings),
+        disabled=disabled,
     )
+    if off is not None:
+        report.warnings.append(
+            f"{off.describe()}, yet table {ruleset.T} exists: something other than smtp-gate installed it; "
+            "`smtp-gate disable` removes it again, `smtp-gate enable` makes it smtp-gate's"
+        )
     for bridge in plan.bridges:
         report.bridges.append(
             {
@@ -160,8 +172,20 @@ def _audit(table: nft.KernelTable) -> bool:
     return any(expr == [{"accept": None}] for expr in table.chains.get("smtp4", []))
 
 
+def _disabled_lines(off: Dict[str, str]) -> List[str]:
+    return [
+        f"smtp-gate: DISABLED by {off['by']} at {off['at']}",
+        f"  reason: {off['reason'] or '(none given)'}",
+        "  OUTBOUND SMTP FROM GUESTS IS NOT BLOCKED.  The watcher, the timer, the boot service and",
+        f"  the hooks leave it off until `smtp-gate enable` (off-switch: {off['path']}).",
+    ]
+
+
 def render(report: Report) -> str:
-    lines = []
+    lines = _disabled_lines(report.disabled) if report.disabled is not None else []
+    if report.disabled is not None and not report.active:
+        lines += [f"warning: {w}" for w in report.warnings]
+        return "\n".join(lines) + "\n"
     if not report.active:
         lines.append("smtp-gate: INACTIVE")
         lines += [f"warning: {w}" for w in report.warnings]
