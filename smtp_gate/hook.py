@@ -101,22 +101,38 @@ class Hook:
 
     # -- actions --------------------------------------------------------------------------
     def ensure(self) -> None:
-        """Make sure the base table exists, even if the boot service has not run."""
+        """Make sure the base table exists, even if the boot service has not run, unless the
+        operator switched enforcement off (`smtp-gate disable`)."""
         from smtp_gate import nft
 
-        if nft.table_exists():
+        if self._disabled() or nft.table_exists():
             return
         with self.locked():
             if not nft.table_exists():
                 self._install_base()
 
-    def _install_base(self) -> None:
+    def _disabled(self) -> bool:
+        """Whether the operator's off-switch is set (one open()); says so in the log.  Hooks
+        still keep their records and journal then, so that `enable` comes back exact."""
+        from smtp_gate import offswitch
+
+        off = offswitch.read(self.config.disabled_path)
+        if off is not None:
+            _log(f"{off.describe()}: guest {self.guest!r} runs without enforcement until `smtp-gate enable`")
+        return off is not None
+
+    def _install_base(self) -> bool:
+        """Install the base table (callers hold the lock, under which `disable` removes it).
+        False, and nothing installed, while the operator has switched enforcement off."""
         from smtp_gate import engine
 
+        if self._disabled():
+            return False
         outcome, _batch = engine.apply(self.config, list(self.state.all_records().values()), keep_kernel=True)
         _log(f"installed the base enforcement (table was missing) for {self.guest!r}")
         for message in outcome.warnings:
             _log(f"warning: {message}")
+        return True
 
     def allow(self) -> None:
         from smtp_gate import nft, ruleset
@@ -137,8 +153,8 @@ class Hook:
             except NftError as exc:
                 if not nft.missing_table_or_set(exc):
                     raise
-                self._install_base()  # the table was missing (prepare did not run, or a flush)
-                nft.run_elements(changes)
+                if self._install_base():  # the table was missing (prepare did not run, or a flush)
+                    nft.run_elements(changes)
             self.state.write_record(record)
             self.state.append(domain_event("start", dom))
         if record.allowed:

@@ -214,3 +214,29 @@ def test_the_hook_finds_its_configuration_without_the_environment(tmp_path: Path
     assert (r.returncode, r.stdout) == (0, b"")
     assert str(app / "config" / "smtp-gate.conf").encode() in r.stderr, r.stderr
     assert stat.S_IMODE((REPO / "hooks" / "qemu").stat().st_mode) & 0o111
+
+
+def test_while_disabled_the_hooks_install_nothing_but_keep_their_records(lab2: BridgeLab) -> None:
+    """`smtp-gate disable` is honoured by prepare and start (the base table stays away, the guest
+    still starts: exit 0, nothing on stdout), and the start is recorded, so `enable` comes back
+    exact without asking libvirt."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"lab2-second-nic,{MAC_FIXED},2026-01-01T00:00:00+00:00,root,ok\n")
+    lab.smtp_gate("apply")
+    lab.smtp_gate("disable", "--reason", "incident 42", env={"SUDO_USER": "alice"})
+    xen = sample("02-lab2-start-begin").replace(b"type='qemu'", b"type='xen'")
+    calls = (("qemu", "prepare", sample("01-lab2-prepare-begin")), ("qemu", "start", sample("02-lab2-start-begin")),
+             ("libxl", "start", xen))
+    for driver, op, xml in calls:
+        r = hook(lab, driver, "lab2", op, "begin", xml)
+        assert (r.returncode, r.stdout) == (0, b""), (driver, op, r)
+        assert "smtp_gate" not in lab.nft("list", "tables").stdout, f"{driver} {op} begin brought the table back"
+        assert b"enforcement is disabled by alice at " in r.stderr and b"failed" not in r.stderr, r.stderr
+    record = json.loads((lab.tmp / "run" / "records" / f"{UUID2}.json").read_text())
+    assert [mac for _index, mac in record["allowed"]] == [MAC_FIXED], "the start is recorded while disabled"
+
+    lab.smtp_gate("enable")  # no hypervisor answers here: enable restores from the hooks' records
+    assert lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25), "the allowance recorded while disabled is back"
+    assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+    r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"))
+    assert (r.returncode, r.stdout) == (0, b"") and MAC_FIXED not in allowed(lab)
