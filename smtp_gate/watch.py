@@ -7,6 +7,12 @@ rebuild timer would leave guests unblocked for up to a minute.  This process fol
 or rules of ours without adding any back (our own rebuilds delete and add in one
 transaction), restores enforcement from what hooks and rebuilds recorded, without
 waiting for libvirt, then rebuilds from libvirt to be exact.
+
+While the operator has switched enforcement off (`smtp-gate disable`, offswitch.py) it
+restores nothing: the restore, like every unattended rebuild, refuses under the lock.  It
+then stops following events and looks for the off-switch once a second; when it is gone
+(`smtp-gate enable`, or the file removed by hand) it says so, follows events again and
+repairs what is missing.
 """
 
 import os
@@ -14,10 +20,11 @@ import pty
 import subprocess
 import sys
 import time
-from typing import Callable, Iterable, Iterator, List
+from typing import Callable, Iterable, Iterator, List, Optional
 
-from smtp_gate import nft
+from smtp_gate import nft, offswitch
 from smtp_gate.config import Config
+from smtp_gate.errors import EnforcementDisabled
 from smtp_gate.ruleset import FAMILY, TABLE
 
 OURS = f"{FAMILY} {TABLE}"
@@ -52,17 +59,35 @@ def removes_enforcement(block: Iterable[str]) -> bool:
     return bool(deleted_table or deleted_chains > added_chains or (deleted_rules and not added_rules))
 
 
-def watch(restore: Callable[[], None], rebuild: Callable[[], None], log: Callable[[str], None]) -> None:
-    """Run until killed.  RESTORE must be fast and must not ask libvirt; REBUILD may."""
+def watch(
+    restore: Callable[[], None],
+    rebuild: Callable[[], None],
+    log: Callable[[str], None],
+    disabled: Callable[[], Optional[offswitch.Disabled]],
+    poll: float = 1.0,
+) -> None:
+    """Run until killed.  RESTORE must be fast and must not ask libvirt; REBUILD may.  Both
+    raise EnforcementDisabled while DISABLED() finds the operator's off-switch."""
 
-    def repair(what: str) -> None:
+    def repair(what: str) -> bool:
+        """Restore and rebuild; False when the operator disabled enforcement (nothing restored)."""
         started = time.monotonic()
-        restore()
+        try:
+            restore()
+        except EnforcementDisabled as exc:
+            log(f"{what}, but {exc}")
+            return False
         log(f"{what}; restored in {time.monotonic() - started:.3f}s")
         try:
             rebuild()
         except Exception as exc:  # noqa: BLE001 - the timer retries; the watch must go on
             log(f"rebuild after the restore failed (the timer retries): {exc}")
+        return True
+
+    def wait_until_enabled() -> None:
+        while disabled() is not None:
+            time.sleep(poll)
+        log("enforcement was re-enabled (the off-switch is gone): following nft events again")
 
     while True:
         # nft block-buffers its output into a pipe; on a terminal it writes each event at once
@@ -72,15 +97,23 @@ def watch(restore: Callable[[], None], rebuild: Callable[[], None], log: Callabl
         )
         os.close(slave)
         # at start, and between two monitors, a removal would go unseen: look once
-        if not nft.table_exists():
-            repair("enforcement was missing")
-        with os.fdopen(master, "r", encoding="utf-8", errors="replace", newline=None) as events:
-            try:
-                for block in transactions(events):
-                    if removes_enforcement(block):
-                        repair("enforcement was removed by another tool")
-            except OSError:
-                pass  # EIO: the monitor exited and closed the terminal
+        enforced = nft.table_exists() or repair("enforcement was missing")
+        if enforced:
+            with os.fdopen(master, "r", encoding="utf-8", errors="replace", newline=None) as events:
+                try:
+                    for block in transactions(events):
+                        if removes_enforcement(block) and not repair("enforcement was removed by another tool"):
+                            enforced = False
+                            break
+                except OSError:
+                    pass  # EIO: the monitor exited and closed the terminal
+        else:
+            os.close(master)
+        if not enforced:  # the operator's off-switch: no monitor while it lasts
+            process.terminate()
+            process.wait()
+            wait_until_enabled()
+            continue
         code = process.wait()
         log(f"nft monitor ended (exit {code}); restarting it")
         time.sleep(1)
@@ -96,5 +129,6 @@ def main_loop(config: Config) -> int:
         restore=lambda: rebuild_mod.rebuild(config, use_libvirt=False),
         rebuild=lambda: rebuild_mod.rebuild(config),
         log=log,
+        disabled=lambda: offswitch.read(config.disabled_path),
     )
     return 0

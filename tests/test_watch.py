@@ -77,3 +77,33 @@ def test_enforcement_comes_back_by_itself_with_the_allowances(bare_lab: BridgeLa
         os.killpg(watcher.pid, signal.SIGTERM)
         _out, err = watcher.communicate(timeout=10)
     assert "restored in" in err
+
+
+@pytest.mark.kernel
+def test_the_watcher_leaves_a_disabled_table_away_until_enable(lab) -> None:
+    """`smtp-gate disable` with the watcher running (the installed default): the table stays away;
+    after `enable` the watcher follows events again and restores after a flush."""
+    lab.smtp_gate("apply")
+    watcher = subprocess.Popen(
+        ["ip", "netns", "exec", lab.hv.name, sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), "watch"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    has_table = lambda: "table bridge smtp_gate" in lab.nft("list", "tables").stdout  # noqa: E731
+    try:
+        time.sleep(1.0)  # let it start following nft events
+        lab.smtp_gate("disable", "--reason", "incident 42", env={"SUDO_USER": "alice"})
+        time.sleep(2.0)
+        assert not has_table(), "the watcher brought a disabled table back"
+        assert lab.tcp_connects(lab.guests["g1"], lab.INET4, 25)
+        lab.smtp_gate("enable")
+        assert has_table()
+        time.sleep(1.5)  # it looks for the off-switch once a second
+        lab.nft("flush", "ruleset")
+        assert wait_for(has_table) < 3.0, "after enable, the watcher restores again"
+        assert not lab.tcp_connects(lab.guests["g1"], lab.INET4, 25, timeout=0.5)
+    finally:
+        os.killpg(watcher.pid, signal.SIGTERM)
+        _out, err = watcher.communicate(timeout=10)
+    assert "enforcement is disabled by alice at " in err and "(incident 42): not installing" in err, err
+    assert "re-enabled" in err and "restored in" in err, err
