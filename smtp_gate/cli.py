@@ -75,8 +75,9 @@ def cmd_disable(args: argparse.Namespace, config: Config) -> int:
     by = manage.invoking_user()
     at = manage.now().isoformat(timespec="seconds")
     with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+        # already off: keep the first record, which says since when and why
         before = offswitch.read(config.disabled_path)
-        off = offswitch.write(config.disabled_path, by, at, args.reason)
+        off = before if before is not None else offswitch.write(config.disabled_path, by, at, args.reason)
         try:
             existed = engine.remove()
         except SmtpGateError as exc:
@@ -84,8 +85,9 @@ def cmd_disable(args: argparse.Namespace, config: Config) -> int:
                 f"recorded the off-switch in {off.path!r} but could not remove the table: {exc}; run `smtp-gate disable` again"
             ) from None
     if before is not None:
-        print(f"ok: it was already off: {before.describe()}")
-    print(f"ok: {off.describe()}; recorded in {off.path} (kept across reboots)")
+        print(f"ok: it was already off, and that record is kept: {before.describe()}")
+    else:
+        print(f"ok: {off.describe()}; recorded in {off.path} (kept across reboots)")
     print("ok: removed table bridge smtp_gate" if existed else "ok: table bridge smtp_gate was not installed")
     print("ok: the watcher, the timer, the boot service and the hooks leave it off until `smtp-gate enable`")
     return EXIT_OK
