@@ -537,6 +537,11 @@ else
     [ "$RESTART_LIBVIRT" = 0 ] || warn "--restart-libvirt is ignored with --root"
 fi
 
+# the operator's off-switch (smtp-gate disable) outlives an update, an uninstall and a reinstall
+if [ -e "$APP/config/disabled" ]; then
+    warn "enforcement is disabled by the operator ($(shown "$APP/config/disabled"); see smtp-gate status): the units and hooks install nothing until: smtp-gate enable"
+fi
+
 # ---------------------------------------------------------------- 10. summary
 if [ "$CHANGES" = 0 ]; then
     say "install.sh: nothing changed: smtp-gate is already installed as above"

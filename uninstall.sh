@@ -144,6 +144,8 @@ say "nftables"
 if [ "$LIVE" = 1 ]; then
     removed_table=0
     if [ -x "$BIN" ] && is_ours "$BIN"; then
+        had_switch=0
+        [ ! -e "$APP/config/disabled" ] || had_switch=1
         if out="$("$BIN" rollback 2>&1)"; then
             removed_table=1
             case "$out" in
@@ -153,6 +155,9 @@ if [ "$LIVE" = 1 ]; then
         else
             warn "smtp-gate rollback failed: $out; removing the table with nft directly"
         fi
+        # rollback records the operator's off-switch (config/disabled); one made only by this
+        # uninstall would keep a later reinstall from enforcing.  One the operator set before stays.
+        [ $had_switch = 1 ] || rm -f -- "$APP/config/disabled"
     fi
     if [ $removed_table = 0 ]; then
         if ! command -v nft >/dev/null 2>&1; then
