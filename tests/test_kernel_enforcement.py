@@ -614,6 +614,7 @@ def test_a_relay_is_reachable_and_nothing_else_is_widened(lab: BridgeLab) -> Non
         assert not arrives6(lambda m: frames.ipv6_dest_options(6, 1) + seg6(m), 60, tags), "an extension header"
     report = json.loads(lab.smtp_gate("status", "--json").stdout)
     assert sorted(report["relays"]) == ["10.77.0.1 port 25", "10.77.0.254 port 25", "fd77::1 any port"]
+    assert 'ALLOWED_DESTINATIONS="10.77.0.1:25 fd77::1 10.77.0.254:25"  <- ' in lab.smtp_gate("debug").stdout
 
 
 def test_the_attempts_set_expires_so_a_full_set_counts_again(lab: BridgeLab) -> None:
