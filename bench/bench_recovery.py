@@ -136,7 +136,7 @@ class SynLoop(threading.Thread):
 
 def enforcing(lab: common.BridgeLab) -> bool:
     out = common.nft(lab, "list", "chain", "bridge", "smtp_gate", "forward", check=False)
-    return out.returncode == 0 and "goto outbound" in out.stdout
+    return out.returncode == 0 and "goto egress" in out.stdout
 
 
 def wait_quiet(monitor: Monitor, seconds: float = 1.0, limit: float = 30.0) -> None:

@@ -43,8 +43,8 @@ def reconcile(
         for pair in sorted(set(record.allowed) - set(old.allowed if old else ())):
             add.append(("allowed", pair))
             messages.append(f"allowed guest {dom.name!r} NIC {pair[1]} on {names.get(pair[0], pair[0])}")
-        for name in record.guest_ports:
-            add.append(("guest_ports", name))
+        for _name, index in record.guest_ports:
+            add.append(("guest_ifaces", index))
         new_records[dom.uuid] = record
 
     macs = {m for m in affected_macs}

@@ -125,6 +125,8 @@ def _shown(value: object) -> str:
         return ""
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple) and len(value[0]) == 3:
+        return " ".join(validate.format_relay(relay) for relay in value)  # type: ignore[arg-type]
     if isinstance(value, tuple) and value and isinstance(value[0], tuple):
         return validate.format_ports(value)  # type: ignore[arg-type]
     if isinstance(value, tuple):

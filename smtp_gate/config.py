@@ -45,6 +45,7 @@ class Config(NamedTuple):
     guest_patterns: Tuple[str, ...] = ("vnet*", "tap*", "veth*", "vif*")
     non_ip: str = "drop"
     run_dir: str = "/run/smtp-gate"
+    allowed_destinations: Tuple[validate.Relay, ...] = ()  # relays every guest may reach on blocked ports
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
@@ -151,6 +152,11 @@ def _patterns(value: str) -> Tuple[str, ...]:
     return tuple(validate.ifname_pattern(item) for item in _split(value))
 
 
+def _destinations(value: str) -> Tuple[validate.Relay, ...]:
+    relays = [validate.relay_destination(item) for item in _split(value)]
+    return tuple(dict.fromkeys(relays))
+
+
 def _path(value: str) -> str:
     if not value.strip():
         raise ValidationError("expected a file path")
@@ -173,6 +179,7 @@ KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "GUEST_PATTERNS": ("guest_patterns", _patterns),
     "NON_IP": ("non_ip", _choice(NON_IP_POLICIES)),
     "RUN_DIR": ("run_dir", _path),
+    "ALLOWED_DESTINATIONS": ("allowed_destinations", _destinations),
 }
 
 _LINE = re.compile(
@@ -181,6 +188,22 @@ _LINE = re.compile(
         \s*(?:\#.*)?""",
     re.VERBOSE,
 )
+
+
+def _refuse_guest_uplinks(values: Dict[str, object], seen: Dict[str, int], path: str) -> None:
+    """An uplink whose name says "guest port" is a contradiction that would exempt a guest's
+    traffic as inbound if a guest's port ever carried the name: refused, not guessed."""
+    uplinks = values.get("uplinks", ())
+    patterns = values.get("guest_patterns", Config._field_defaults["guest_patterns"])
+    for name in uplinks:  # type: ignore[attr-defined]
+        for pattern in patterns:  # type: ignore[attr-defined]
+            if validate.pattern_matches(pattern, name):
+                where = f"{path}:{seen['UPLINKS']}"
+                raise ConfigError(
+                    f"{where}: UPLINKS: {name!r} matches the guest port pattern {pattern!r} (GUEST_PATTERNS): "
+                    "an uplink must not be named like a guest's port; rename the device, or remove the "
+                    "pattern from GUEST_PATTERNS if no guest port is ever named like that"
+                )
 
 
 def parse(text: str, path: "os.PathLike[str] | str") -> Config:
@@ -210,6 +233,7 @@ def parse(text: str, path: "os.PathLike[str] | str") -> Config:
         except ValidationError as exc:
             raise ConfigError(f"{where}: {key}: {exc}") from None
         sources[attr] = where
+    _refuse_guest_uplinks(values, seen, path)
     whitelist = str(values.get("whitelist", "whitelist.csv"))
     values["whitelist"] = whitelist if os.path.isabs(whitelist) else os.path.join(os.path.dirname(path), whitelist)
     for attr, _parser in KEYS.values():

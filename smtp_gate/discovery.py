@@ -170,8 +170,9 @@ def plan_ports(config: Config, links: Dict[str, Link], guest_ports: Sequence[str
 
     Uplinks: UPLINKS if set, else ports matching UPLINK_REGEX, else auto-detection.  A
     port that is a guest's (reported by a hypervisor or matching GUEST_PATTERNS) is never
-    an auto-detected uplink: a Xen vif has a device of its own, and trusting it as an
-    uplink would let its guest out.
+    an uplink found by UPLINK_REGEX or auto-detection: a Xen vif has a device of its own,
+    and trusting it as an uplink would let its guest out.  (config.parse refuses UPLINKS
+    that match GUEST_PATTERNS; the engine drops UPLINKS a hypervisor reports as a guest's.)
     """
     bridges: List[BridgePlan] = []
     uplinks: List[str] = list(config.uplinks)
@@ -200,7 +201,13 @@ def plan_ports(config: Config, links: Dict[str, Link], guest_ports: Sequence[str
         if config.uplinks:
             found = tuple(p for p in ports if p in config.uplinks)
         elif config.uplink_regex is not None:
-            found = tuple(p for p in ports if config.uplink_regex.search(p))
+            matched = [p for p in ports if config.uplink_regex.search(p)]
+            found = tuple(p for p in matched if not _is_guest_port(p, config.guest_patterns, guest_ports))
+            if len(found) != len(matched):
+                warnings.append(
+                    f"UPLINK_REGEX matches guest ports of bridge {bridge!r}, which are never uplinks: "
+                    + ", ".join(p for p in matched if p not in found)
+                )
         else:
             found = tuple(
                 p

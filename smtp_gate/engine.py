@@ -55,10 +55,13 @@ def kernel_pairs(table: Optional[nft.KernelTable], links: Dict[str, Link], keep_
     return pairs
 
 
-def kernel_guest_ports(table: Optional[nft.KernelTable], links: Dict[str, Link]) -> Set[str]:
+def kernel_indexes(table: Optional[nft.KernelTable], set_name: str, links: Dict[str, Link]) -> Set[int]:
+    """The interface indexes an iface_index set of the kernel's holds, for devices that still
+    exist (nft lists those by name; see stable_links)."""
     if table is None:
         return set()
-    return {str(name) for name in table.elements.get("guest_ports", []) if str(name) in links}
+    by_name = {link.name: link.ifindex for link in links.values()}
+    return {by_name[str(v)] for v in table.elements.get(set_name, []) if str(v) in by_name}
 
 
 def compute(
@@ -77,28 +80,42 @@ def compute(
     unblocks or blocks a running guest.  Anything naming a device that no longer exists
     is dropped: an interface index is never reused, a name may be.
     """
-    indexes = {link.ifindex for link in links.values()}
-    extra_foreign: Set[str] = set()
+    name_of = {link.ifindex: link.name for link in links.values()}
+    foreign: Set[int] = kernel_indexes(kernel, "foreign_ifaces", links) if keep_kernel else set()
     pairs: Set[Pair] = kernel_pairs(kernel, links) if keep_kernel else set()
-    guest_ports: Set[str] = kernel_guest_ports(kernel, links) if keep_kernel else set()
+    guest_ifaces: Set[int] = kernel_indexes(kernel, "guest_ifaces", links) if keep_kernel else set()
     for record in guests:
-        guest_ports.update(p for p in record.guest_ports if p in links)
-        extra_foreign.update(p for p in record.foreign_ports if p in links)
-        pairs.update(p for p in record.allowed if p[0] in indexes)
-    plan = discovery.plan_ports(config, links, sorted(guest_ports))
+        guest_ifaces.update(i for _name, i in record.guest_ports if i in name_of)
+        foreign.update(i for _name, i in record.foreign_ports if i in name_of)
+        pairs.update(p for p in record.allowed if p[0] in name_of)
+    guest_names = sorted(name_of[i] for i in guest_ifaces)
+    plan = discovery.plan_ports(config, links, guest_names)
     warnings = list(plan.warnings)
     if plan.skipped:
         warnings.append(
             "ports with names that cannot be written into a rule are treated as unknown (blocked): "
             + ", ".join(repr(name) for name in plan.skipped)
         )
+    # a port the hypervisor reported as a guest's is never an uplink, whatever UPLINKS says
+    claimed = sorted(set(plan.uplinks) & set(guest_names))
+    if claimed:
+        warnings.append(
+            "UPLINKS names ports a hypervisor reports as guest ports; they are treated as guest "
+            "ports (outbound mail from them stays blocked): " + ", ".join(claimed)
+        )
+    foreign.update(links[name].ifindex for name in plan.foreign_ports if name in links)
+    if config.non_ip == "accept":
+        warnings.append(
+            'NON_IP="accept": non-IP frames from guests (QinQ double tags, PPPoE, ...) leave '
+            "unfiltered, and can carry mail past every check"
+        )
     desired = Desired(
-        uplinks=plan.uplinks,
-        guest_ports=tuple(sorted(guest_ports - set(plan.uplinks))),
-        guest_patterns=config.guest_patterns,
-        foreign_ports=tuple(sorted(set(plan.foreign_ports) | extra_foreign)),
+        uplinks=tuple(u for u in plan.uplinks if u not in claimed),
+        guest_ifaces=tuple(sorted(guest_ifaces)),
+        foreign_ifaces=tuple(sorted(foreign - guest_ifaces)),
         blocked_ports=config.blocked_ports,
         allowed=tuple(sorted(pairs)),
+        relays=config.allowed_destinations,
         audit=config.audit,
         log_drops=config.log_drops,
         log_rate=config.log_rate,
@@ -108,26 +125,37 @@ def compute(
     return Outcome(desired=desired, plan=plan, warnings=warnings)
 
 
-def obsolete(kernel: Optional[nft.KernelTable]) -> Tuple[List[str], List[str]]:
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def obsolete(kernel: Optional[nft.KernelTable], attempts_timeout: str = ruleset.ATTEMPTS_TIMEOUT) -> Tuple[List[str], List[str]]:
     """Chains and sets an older version left in our table, or sets whose type changed."""
     if kernel is None:
         return [], []
     chains = [name for name in kernel.chains if name not in ruleset.CHAINS]
+    specs = dict(ruleset.SET_TYPES, **{ruleset.ATTEMPTS_SET: ruleset.attempts_spec()})
     sets = []
     for name, entry in kernel.sets.items():
-        if name not in ruleset.SET_TYPES:
+        if name not in specs:
             sets.append(name)
             continue
-        expected = ruleset.SET_TYPES[name].split(";")[0].replace("type ", "").strip()
+        expected = specs[name].split(";")[0].replace("type ", "").strip()
         actual = entry.get("type")
         actual_text = " . ".join(actual) if isinstance(actual, list) else str(actual)
-        if actual_text != expected:
+        flags = entry.get("flags", [])
+        flags = set(flags if isinstance(flags, list) else [flags])
+        # `add set` with other flags than the kernel's fails: such a set is re-created
+        if actual_text != expected or ("interval" in flags) != ("interval" in specs[name]):
             sets.append(name)
+        elif name == ruleset.ATTEMPTS_SET and (
+            "timeout" not in flags or entry.get("timeout") != int(attempts_timeout[:-1]) * _SECONDS[attempts_timeout[-1]]
+        ):
+            sets.append(name)  # an older version's attempts set, which never expired, or another timeout
     return chains, sets
 
 
 def build(outcome: Outcome, kernel: Optional[nft.KernelTable]) -> ruleset.Batch:
-    chains, sets = obsolete(kernel)
+    chains, sets = obsolete(kernel, outcome.desired.attempts_timeout)
     return ruleset.apply_batch(outcome.desired, obsolete_chains=chains, obsolete_sets=sets)
 
 

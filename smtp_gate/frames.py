@@ -119,10 +119,27 @@ def pppoe_session(ppp_protocol: int, payload: bytes, session: int = 0x0001) -> b
 
 
 def tcp4_frame(
-    src_mac: str, dst_mac: str, src: str, dst: str, dport: int, marker: bytes, tags: Iterable[Tuple[int, int]] = ()
+    src_mac: str, dst_mac: str, src: str, dst: str, dport: int, marker: bytes, tags: Iterable[Tuple[int, int]] = (),
+    options: bytes = b"",
 ) -> bytes:
     seg = tcp_segment(socket.inet_aton(src), socket.inet_aton(dst), 40000, dport, marker)
-    return ethernet(dst_mac, src_mac, ETH_P_IP, ipv4_packet(src, dst, seg), tags)
+    return ethernet(dst_mac, src_mac, ETH_P_IP, ipv4_packet(src, dst, seg, options=options), tags)
+
+
+def loose_source_route(via: str) -> bytes:
+    """An IPv4 Loose Source Route option through VIA, padded to a whole word: a packet to a
+    relay with this option would be forwarded on by a host that honours source routes."""
+    return struct.pack("!BBB", 0x83, 7, 4) + socket.inet_aton(via) + b"\x00"
+
+
+def ipv6_tcp_first_fragment(
+    src_mac: str, dst_mac: str, src: str, dst: str, dport: int, marker: bytes, tags: Iterable[Tuple[int, int]] = ()
+) -> bytes:
+    """The first fragment of an IPv6 TCP segment to DPORT: its header and the marker."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    seg = tcp_segment(s, d, 40000, dport, marker * 2)[:40]
+    payload = ipv6_fragment_header(IPPROTO_TCP, 0, True) + seg + marker
+    return ethernet(dst_mac, src_mac, ETH_P_IPV6, ipv6_packet(src, dst, payload, next_header=IPPROTO_FRAGMENT), tags)
 
 
 def tcp6_frame(

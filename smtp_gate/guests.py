@@ -8,7 +8,7 @@ allowed on its own port's interface index.  Pure: the caller passes the lookups.
 from typing import Callable, Collection, List, Optional, Tuple
 
 from smtp_gate.domain import Domain, Nic
-from smtp_gate.runstate import Record
+from smtp_gate.runstate import Port, Record
 
 IndexOf = Callable[[str], Optional[int]]  # interface name -> ifindex, None if it does not exist
 MasterOf = Callable[[str], Optional[str]]  # interface name -> the bridge it is a port of
@@ -30,24 +30,25 @@ def record_for(
 ) -> Record:
     """What the kernel must hold for DOMAIN: its ports on protected bridges are guest ports
     (guest-to-guest traffic toward them is untouched), its ports on other bridges are left
-    alone, and each allowed NIC is an (ifindex, MAC) pair."""
-    guest_ports: List[str] = []
-    foreign: List[str] = []
+    alone, and each allowed NIC is an (ifindex, MAC) pair.  Every port is keyed by the
+    index its device has now: a later device that reuses the name inherits nothing.  A NIC
+    whose device does not exist is skipped (an unknown port is blocked anyway)."""
+    guest_ports: List[Port] = []
+    foreign: List[Port] = []
     allowed: List[Tuple[int, str]] = []
     for nic in domain.nics:
         if not nic.target or not nic.bridge_visible:
             continue
         bridge = nic_bridge(nic, master_of)
-        if bridge is None:
+        index = index_of(nic.target)
+        if bridge is None or index is None:
             continue
         if bridge not in protected:
-            foreign.append(nic.target)
+            foreign.append((nic.target, index))
             continue
-        guest_ports.append(nic.target)
+        guest_ports.append((nic.target, index))
         if nic.mac and nic.mac in allowed_macs:
-            index = index_of(nic.target)
-            if index is not None:
-                allowed.append((index, nic.mac))
+            allowed.append((index, nic.mac))
     return Record(
         uuid=domain.uuid,
         name=domain.name,

@@ -143,10 +143,8 @@ class Hook:
         with self.locked():
             record = self.record(dom)
             old = self.state.read_record(dom.uuid)
-            add = [("guest_ports", p) for p in record.guest_ports]
-            add += [("foreign_ports", p) for p in record.foreign_ports]
-            add += [("allowed", p) for p in record.allowed]
-            delete = self._stale(old, record) if old else []
+            add = record.elements()
+            delete = sorted(set(old.elements()) - set(add), key=repr) if old else []
             changes = ruleset.element_changes(add=add, delete=delete)
             try:
                 nft.run_elements(changes)  # the common case: one netlink batch, no check first
@@ -181,9 +179,7 @@ class Hook:
                 if self.state.journal_end() and self._already_stopped(dom.uuid):
                     return
                 record = self._record_from_kernel(dom)
-            delete = [("guest_ports", p) for p in record.guest_ports]
-            delete += [("foreign_ports", p) for p in record.foreign_ports]
-            delete += [("allowed", p) for p in record.allowed]
+            delete = record.elements()
             try:
                 nft.run_elements(ruleset.element_changes(delete=delete))
             except NftError as exc:
@@ -205,7 +201,9 @@ class Hook:
 
     def _record_from_kernel(self, dom):  # type: ignore[no-untyped-def]
         """No record (the guest started before smtp-gate ran, or /run was wiped): remove the
-        guest's MACs from the allowances whose device is gone or named in this XML."""
+        guest's MACs from the allowances whose device is gone or named in this XML, and the
+        guest ports of the devices this XML names.  (Indexes of gone devices left in
+        guest_ifaces exempt nothing, indexes are not reused; the next rebuild drops them.)"""
         from smtp_gate import discovery, engine, nft
         from smtp_gate.runstate import Record
 
@@ -218,15 +216,8 @@ class Hook:
             for index, mac in sorted(engine.kernel_pairs(nft.read_table(), links, keep_gone=True))
             if mac in macs and (index not in names or names[index] in targets)
         ]
-        return Record(uuid=dom.uuid, name=dom.name, guest_ports=tuple(sorted(targets)), allowed=tuple(pairs))
-
-    @staticmethod
-    def _stale(old, new):  # type: ignore[no-untyped-def]
-        """What an earlier record of the same guest put in the kernel that is no longer true."""
-        out = [("guest_ports", p) for p in sorted(set(old.guest_ports) - set(new.guest_ports))]
-        out += [("foreign_ports", p) for p in sorted(set(old.foreign_ports) - set(new.foreign_ports))]
-        out += [("allowed", p) for p in sorted(set(old.allowed) - set(new.allowed))]
-        return out
+        ports = tuple(sorted((name, links[name].ifindex) for name in targets if name in links))
+        return Record(uuid=dom.uuid, name=dom.name, guest_ports=ports, allowed=tuple(pairs))
 
 
 def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO] = None) -> int:

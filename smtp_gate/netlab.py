@@ -267,10 +267,11 @@ def tcp_connects(ns: Netns, addr: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def frame_arrives(
-    sender: Netns, frame: bytes, receiver: Netns, dev: str = "eth0", wait: float = 0.3, sender_dev: str = "eth0"
+    sender: Netns, frame: bytes, receiver: Netns, dev: str = "eth0", wait: float = 0.3, sender_dev: str = "eth0",
+    marker: Optional[bytes] = None,
 ) -> bool:
     """Send FRAME from SENDER's SENDER_DEV and report whether it reached RECEIVER's DEV within
-    WAIT seconds.  The frame's last 16 bytes must be a marker unique to this call (marker())."""
+    WAIT seconds.  MARKER (by default the frame's last 16 bytes) is unique to this call (marker())."""
     rx = receiver.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
         tx = sender.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
@@ -278,7 +279,7 @@ def frame_arrives(
             rx.bind((dev, 0))
             tx.bind((sender_dev, 0))
             rx.setblocking(False)
-            marker_bytes = frame[-16:]
+            marker_bytes = marker or frame[-16:]
             tx.send(frame)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:

@@ -102,6 +102,13 @@ def ifname_key(name: str) -> bytes:
     return raw.ljust(IFNAMSIZ, b"\0")
 
 
+def index_key(ifindex: int) -> bytes:
+    """A `type iface_index` key as nft stores it: the index in host byte order, 4 bytes."""
+    if not isinstance(ifindex, int) or isinstance(ifindex, bool) or not 0 < ifindex < 2**32:
+        raise ValueError(f"bad interface index {ifindex!r}: expected a positive 32-bit integer")
+    return struct.pack("=I", ifindex)
+
+
 def pair_key(ifindex: int, mac: str) -> bytes:
     """A `type iface_index . ether_addr` key as nft lays it out: each part of a concatenation
     padded to a 4-byte multiple, so the index in host byte order (4 bytes), then the 6 MAC
@@ -123,6 +130,8 @@ def describe_key(key: bytes) -> str:
         name = key.rstrip(b"\0")
         if name and b"\0" not in name:
             return '"' + name.decode("utf-8", "replace") + '"'
+    if len(key) == 4:
+        return str(struct.unpack("=I", key)[0])
     if len(key) == 12 and key[10:] == b"\0\0":
         (index,) = struct.unpack("=I", key[:4])
         return f"{index} . " + ":".join(f"{b:02x}" for b in key[4:10])

@@ -21,26 +21,39 @@ PRIORITY = -200
 T = f"{FAMILY} {TABLE}"
 
 Pair = Tuple[int, str]  # (interface index, MAC): an allowance a reused interface name cannot inherit
-Element = Union[str, Pair]  # an element of an ifname set (a name) or of `allowed` (a pair)
+Element = Union[str, int, Pair]  # an element of an ifname set (a name), an iface_index set, or `allowed`
+Relay = Tuple[int, str, PortRange]  # (4 or 6, address or prefix in normal form, port range)
 
 # Sets whose elements are the desired state: flushed and refilled by every apply.
-STATE_SETS = ("uplinks", "guest_ports", "guest_patterns", "foreign_ports", "blocked_ports", "allowed")
-# Blocked attempts per guest port and MAC: statistics, never flushed by an apply.
+STATE_SETS = ("uplinks", "guest_ifaces", "foreign_ifaces", "blocked_ports", "allowed", "relay4", "relay6")
+# Blocked attempts per guest port and MAC: statistics, never flushed by an apply.  Entries
+# expire a day after a guest's last attempt, so a set filled by spoofed MACs empties
+# itself and per-guest counting resumes (the drop never depends on it).
 ATTEMPTS_SET = "attempts"
 ATTEMPTS_SIZE = 65536
+ATTEMPTS_TIMEOUT = "1d"
 COUNTERS = ("blocked4", "blocked6", "nonip", "malformed")
-CHAINS = ("forward", "input", "outbound", "out4", "out6", "smtp4", "smtp6", "nonip", "malformed")
+CHAINS = ("forward", "input", "egress", "outbound", "out4", "out6", "smtp4", "smtp6", "nonip", "malformed")
 BASE_CHAINS = {"forward": "forward", "input": "input"}
 
 SET_TYPES = {
+    # names, because an uplink must be recognised before it exists (boot) and is the
+    # operator's own device; never an exemption for a frame from a known guest port
     "uplinks": "type ifname;",
-    "guest_ports": "type ifname;",
-    "guest_patterns": "type ifname; flags interval;",
-    "foreign_ports": "type ifname;",
+    # interface indexes: what the hypervisor reported for this device, never inherited by
+    # a later device that reuses the name (indexes are not reused)
+    "guest_ifaces": "type iface_index;",
+    "foreign_ifaces": "type iface_index;",
     "blocked_ports": "type inet_service; flags interval;",
     "allowed": "type iface_index . ether_addr;",
-    ATTEMPTS_SET: f"type ifname . ether_addr; size {ATTEMPTS_SIZE}; flags dynamic; counter;",
+    "relay4": "type ipv4_addr . inet_service; flags interval;",
+    "relay6": "type ipv6_addr . inet_service; flags interval;",
 }
+
+
+def attempts_spec(timeout: str = ATTEMPTS_TIMEOUT) -> str:
+    return f"type ifname . ether_addr; size {ATTEMPTS_SIZE}; flags dynamic,timeout; timeout {timeout}; counter;"
+
 
 ETHERTYPE_RARP = 0x8035  # QEMU announces a migrated guest with RARP
 
@@ -49,31 +62,40 @@ class Desired(NamedTuple):
     """Everything the kernel should hold.  check() validates it before any nft text is built."""
 
     uplinks: Tuple[str, ...] = ()
-    guest_ports: Tuple[str, ...] = ()
-    guest_patterns: Tuple[str, ...] = ()
-    foreign_ports: Tuple[str, ...] = ()
+    guest_ifaces: Tuple[int, ...] = ()
+    foreign_ifaces: Tuple[int, ...] = ()
     blocked_ports: Tuple[PortRange, ...] = ((25, 25), (465, 465))
     allowed: Tuple[Pair, ...] = ()
+    relays: Tuple[Relay, ...] = ()
     audit: bool = False
     log_drops: bool = True
     log_rate: str = "5/second"
     log_burst: int = 50
     non_ip: str = "drop"
+    attempts_timeout: str = ATTEMPTS_TIMEOUT
 
+
+def _index(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**32:
+        raise validate.ValidationError(f"bad interface index {value!r}: expected a positive 32-bit integer")
+    return value
 
 
 def check(state: Desired) -> Desired:
-    """Refuse anything that is not a safe interface name, pattern, MAC or port list."""
-    for name in (*state.uplinks, *state.guest_ports, *state.foreign_ports):
+    """Refuse anything that is not a safe interface name, index, MAC, address or port list."""
+    for name in state.uplinks:
         validate.ifname(name)
-    for pattern in state.guest_patterns:
-        validate.ifname_pattern(pattern)
+    for index in (*state.guest_ifaces, *state.foreign_ifaces):
+        _index(index)
     for index, mac in state.allowed:
-        if not isinstance(index, int) or index <= 0:
-            raise validate.ValidationError(f"bad interface index {index!r}: expected a positive integer")
+        _index(index)
         if validate.mac(mac) != mac:
             raise validate.ValidationError(f"MAC {mac!r} is not in normal form")
+    for relay in state.relays:
+        if validate.relay_destination(validate.format_relay(relay)) != relay:
+            raise validate.ValidationError(f"relay destination {relay!r} is not in normal form")
     validate.port_list(validate.format_ports(state.blocked_ports))
+    validate.timeout(state.attempts_timeout)
     return state
 
 
@@ -90,6 +112,10 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(f'"{name}"' for name in names)
 
 
+def _indexes(indexes: Iterable[int]) -> str:
+    return ", ".join(str(index) for index in indexes)
+
+
 def _pairs(pairs: Iterable[Pair]) -> str:
     return ", ".join(f"{index} . {mac}" for index, mac in pairs)
 
@@ -98,14 +124,19 @@ def _ports(ranges: Iterable[PortRange]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
+def _relays(relays: Iterable[Relay], family: int) -> str:
+    return ", ".join(f"{net} . {a}-{b}" for fam, net, (a, b) in relays if fam == family)
+
+
 def _elements(state: Desired) -> List[Tuple[str, str]]:
     return [
         ("uplinks", _names(sorted(state.uplinks))),
-        ("guest_ports", _names(sorted(state.guest_ports))),
-        ("guest_patterns", _names(sorted(state.guest_patterns))),
-        ("foreign_ports", _names(sorted(state.foreign_ports))),
+        ("guest_ifaces", _indexes(sorted(set(state.guest_ifaces)))),
+        ("foreign_ifaces", _indexes(sorted(set(state.foreign_ifaces)))),
         ("blocked_ports", _ports(state.blocked_ports)),
         ("allowed", _pairs(sorted(set(state.allowed)))),
+        ("relay4", _relays(sorted(set(state.relays)), 4)),
+        ("relay6", _relays(sorted(set(state.relays)), 6)),
     ]
 
 
@@ -113,20 +144,45 @@ def _verdict(state: Desired) -> str:
     return "accept" if state.audit else "drop"
 
 
+# The fast path: the first rules of both base chains.  They accept only what the full
+# checks would accept from any port in any direction -- IP that is not TCP, and TCP to a
+# port that is not blocked, with IPv6 only when TCP follows the fixed header directly (an
+# IPv6 fragment carrying TCP is dropped by the full checks, so no fragment may pass here).
+# `meta l4proto` is set only for a valid IPv4/IPv6 header (never for ARP, QinQ, PPPoE);
+# `meta protocol` is the protocol inside a single VLAN tag, and placed before `ip6 nexthdr`
+# it keeps nft from adding an `ether type` dependency that would read the tag.  See
+# docs/verdicts.md for the equivalence argument.
+FAST_PATH = (
+    "meta l4proto != tcp accept",
+    "meta protocol ip tcp dport != @blocked_ports accept",
+    "meta protocol ip6 ip6 nexthdr tcp tcp dport != @blocked_ports accept",
+)
+
+
 def rules(state: Desired) -> List[Tuple[str, str]]:
     """(chain, rule) in order.  The drop is always a rule of its own, after the counting and
     logging rules: a `limit ... log ... drop` rule lets everything over the rate through,
-    and an `update @set ... drop` rule stops matching once the set is full."""
+    and an `update @set ... drop` rule stops matching once the set is full.
+
+    Direction (DESIGN §1), keyed on interface indexes wherever an exemption is granted:
+    a frame from a known guest port is never inbound, whatever its port's name; a frame
+    from an uplink (by name: an uplink may not exist yet at boot) or from a port of a bridge
+    we do not protect is left alone; a frame that leaves by an uplink is outbound, and one
+    that leaves by a known guest port is guest-to-guest.  Everything else is outbound."""
     verdict = _verdict(state)
-    out: List[Tuple[str, str]] = [
-        ("forward", "iifname @foreign_ports accept"),
-        ("forward", "iifname @uplinks accept"),
-        ("forward", "oifname @guest_ports accept"),
-        ("forward", "oifname @guest_patterns accept"),
-        ("forward", "goto outbound"),
-        ("input", "iifname @foreign_ports accept"),
-        ("input", "iifname @uplinks accept"),
-        ("input", "goto outbound"),
+    out: List[Tuple[str, str]] = []
+    for chain, after in (("forward", "goto egress"), ("input", "goto outbound")):
+        out += [(chain, rule) for rule in FAST_PATH]
+        out += [
+            (chain, f"iif @guest_ifaces {after}"),
+            (chain, "iifname @uplinks accept"),
+            (chain, "iif @foreign_ifaces accept"),
+            (chain, after),
+        ]
+    out += [
+        ("egress", "oifname @uplinks goto outbound"),
+        ("egress", "oif @guest_ifaces accept"),
+        ("egress", "goto outbound"),
         # An allowed guest NIC is exempt: the key is the ingress port's index and the
         # source MAC, so the same MAC from another port, or a new device that reuses the
         # port's name, does not match.
@@ -138,12 +194,21 @@ def rules(state: Desired) -> List[Tuple[str, str]]:
             f"meta protocol vmap {{ ip : goto out4, ip6 : goto out6, arp : accept, {ETHERTYPE_RARP:#06x} : accept }}",
         ),
         ("outbound", "goto nonip"),
+        # TCP never needs IPv6 fragmentation (path MTU discovery, MSS), and an IPv6
+        # fragment's TCP header may sit beyond the first fragment, where nft would read the
+        # bytes trailing the packet instead: every IPv6 fragment carrying TCP is dropped.
+        # `meta protocol ip6` first: without it nft guards `exthdr` with `ether type`.
+        ("out6", "meta protocol ip6 meta l4proto tcp exthdr frag exists goto malformed"),
+        # The relay exception: plain TCP to an allowed destination.  No IPv4 options and no
+        # IPv6 extension header (a source route or routing header could carry the segment
+        # past the relay to another host).
+        ("out4", "ip hdrlength 5 ip daddr . tcp dport @relay4 accept"),
+        ("out6", "meta protocol ip6 ip6 nexthdr tcp ip6 daddr . tcp dport @relay6 accept"),
     ]
-    # TCP never needs IPv6 fragmentation (path MTU discovery, MSS), and an IPv6 fragment's
-    # TCP header may sit beyond the first fragment, where nft would read the bytes trailing
-    # the packet instead: every IPv6 fragment carrying TCP is dropped.
-    out.append(("out6", "meta l4proto tcp exthdr frag exists goto malformed"))
-    for family, chain, nonfirst in (("4", "out4", "ip frag-off & 0x1fff != 0"), ("6", "out6", "frag frag-off != 0")):
+    for family, chain, nonfirst in (
+        ("4", "out4", "ip frag-off & 0x1fff != 0"),
+        ("6", "out6", "meta protocol ip6 frag frag-off != 0"),
+    ):
         out += [
             (chain, f"tcp dport @blocked_ports goto smtp{family}"),
             (chain, "tcp dport != @blocked_ports accept"),
@@ -187,9 +252,10 @@ def _declare_chains() -> List[str]:
     return commands
 
 
-def _declare_objects() -> List[str]:
+def _declare_objects(state: Desired) -> List[str]:
     commands = [f"add counter {T} {name}" for name in COUNTERS]
     commands += [f"add set {T} {name} {{ {spec} }}" for name, spec in SET_TYPES.items()]
+    commands.append(f"add set {T} {ATTEMPTS_SET} {{ {attempts_spec(state.attempts_timeout)} }}")
     return commands
 
 
@@ -212,7 +278,7 @@ def apply_batch(state: Desired, obsolete_chains: Iterable[str] = (), obsolete_se
         commands.append(f"delete chain {T} {chain}")
     for name in obsolete_sets:
         commands.append(f"delete set {T} {name}")
-    commands += _declare_objects()
+    commands += _declare_objects(state)
     commands += [f"flush set {T} {name}" for name in STATE_SETS]
     commands += [f"add rule {T} {chain} {rule}" for chain, rule in rules(state)]
     commands += [f"add element {T} {name} {{ {elements} }}" for name, elements in _elements(state) if elements]
@@ -227,17 +293,18 @@ def remove_batch() -> Batch:
 # Sets an element change may touch, by key type: hooks and whitelist commands change these.
 PAIR_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type iface_index . ether_addr;")
 NAME_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type ifname;")
+INDEX_SETS = frozenset(name for name, spec in SET_TYPES.items() if spec == "type iface_index;")
 
 
 def _check_element(set_name: str, element: Element) -> Element:
     """ELEMENT in normal form, if SET_NAME is one of ours and takes that kind of element."""
     if set_name in NAME_SETS and isinstance(element, str):
         return validate.ifname(element)
+    if set_name in INDEX_SETS and isinstance(element, int):
+        return _index(element)
     if set_name in PAIR_SETS and isinstance(element, (tuple, list)) and len(element) == 2:
         index, mac = element
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 < index < 2**32:
-            raise validate.ValidationError(f"bad interface index {index!r}: expected a positive integer")
-        return (index, validate.mac(mac))
+        return (_index(index), validate.mac(mac))
     raise validate.ValidationError(f"{element!r} is not an element of set {set_name!r}")
 
 
@@ -255,7 +322,9 @@ class ElementChanges(NamedTuple):
 
     def batch(self) -> Batch:
         def text(element: Element) -> str:
-            return _names([element]) if isinstance(element, str) else _pairs([element])
+            if isinstance(element, str):
+                return _names([element])
+            return str(element) if isinstance(element, int) else _pairs([element])
 
         commands = [f"add element {T} {name} {{ {text(e)} }}" for name, e in self.add]
         for name, e in self.delete:
@@ -264,11 +333,13 @@ class ElementChanges(NamedTuple):
         return Batch(tuple(commands))
 
     def keys(self) -> Tuple[List[Tuple[str, bytes]], List[Tuple[str, bytes]]]:
-        """(add, delete) as (set, key bytes) in nft's layout (nfnetlink.ifname_key, pair_key)."""
-        from smtp_gate.nfnetlink import ifname_key, pair_key  # the encoders live with the netlink code
+        """(add, delete) as (set, key bytes) in nft's layout (nfnetlink.ifname_key, index_key, pair_key)."""
+        from smtp_gate.nfnetlink import ifname_key, index_key, pair_key  # the encoders live with the netlink code
 
         def key(element: Element) -> bytes:
-            return ifname_key(element) if isinstance(element, str) else pair_key(*element)
+            if isinstance(element, str):
+                return ifname_key(element)
+            return index_key(element) if isinstance(element, int) else pair_key(*element)
 
         return [(s, key(e)) for s, e in self.add], [(s, key(e)) for s, e in self.delete]
 

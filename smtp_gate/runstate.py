@@ -1,7 +1,8 @@
 """What hooks and rebuilds leave for each other in the run directory (/run/smtp-gate).
 
 - records/<uuid>.json: what smtp-gate put into the kernel for one running guest (its
-  guest ports, ports left alone, allowances).  A stop hook removes exactly that, because
+  guest ports and the ports left alone, each as (name, interface index), and its
+  allowances).  A stop hook removes exactly that, because
   the stop XML no longer names auto-created taps; a reconnect hook compares with it and
   does nothing when nothing changed.
 - journal: one line per guest start or stop a hook saw.  A rebuild reads libvirt without
@@ -18,27 +19,46 @@ empty at boot, when no guest runs.
 
 import json
 import os
-from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from smtp_gate.domain import Domain, Nic
 
 Pair = Tuple[int, str]
+Port = Tuple[str, int]  # (name, interface index): the kernel is given the index, people the name
+
+
+def _ports(values: object) -> Tuple[Port, ...]:
+    """Ports of a record file.  A bare name (an older version's record) carries no index and
+    is skipped: the set it went into no longer exists, and a name must never exempt a port."""
+    out = []
+    for value in values if isinstance(values, list) else []:
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) and not isinstance(value[1], bool):
+            out.append((str(value[0]), value[1]))
+    return tuple(out)
 
 
 class Record(NamedTuple):
     uuid: str
     name: str
-    guest_ports: Tuple[str, ...] = ()
-    foreign_ports: Tuple[str, ...] = ()
+    guest_ports: Tuple[Port, ...] = ()
+    foreign_ports: Tuple[Port, ...] = ()
     allowed: Tuple[Pair, ...] = ()
+
+    def elements(self) -> List[Tuple[str, object]]:
+        """(set, element) for everything this record puts into the kernel: what a start adds
+        and a stop removes."""
+        out: List[Tuple[str, object]] = [("guest_ifaces", index) for _name, index in self.guest_ports]
+        out += [("foreign_ifaces", index) for _name, index in self.foreign_ports]
+        out += [("allowed", pair) for pair in self.allowed]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "uuid": self.uuid,
                 "name": self.name,
-                "guest_ports": list(self.guest_ports),
-                "foreign_ports": list(self.foreign_ports),
+                "guest_ports": [list(p) for p in self.guest_ports],
+                "foreign_ports": [list(p) for p in self.foreign_ports],
                 "allowed": [list(p) for p in self.allowed],
             },
             sort_keys=True,
@@ -50,8 +70,8 @@ class Record(NamedTuple):
         return cls(
             uuid=str(data["uuid"]),
             name=str(data["name"]),
-            guest_ports=tuple(str(p) for p in data.get("guest_ports", [])),
-            foreign_ports=tuple(str(p) for p in data.get("foreign_ports", [])),
+            guest_ports=_ports(data.get("guest_ports")),
+            foreign_ports=_ports(data.get("foreign_ports")),
             allowed=tuple((int(i), str(m)) for i, m in data.get("allowed", [])),
         )
 

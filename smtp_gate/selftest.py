@@ -55,6 +55,8 @@ GUEST_PORT = "vnet0"
 ALLOWED_PORT = "tapallowed0"
 LATE_PORT = "mystery0"  # matches no guest pattern: a device smtp-gate never heard of
 LATE_UPLINK = "uplink1"
+GUESTLIKE_UPLINK = "vethup0"  # an uplink whose name matches a guest port pattern
+RELAY4, RELAY6 = "10.77.0.25", "fd77::25"  # the lab's ALLOWED_DESTINATIONS, a second address of the internet
 ROUTED_LINK = "wan0"
 ALLOWED_NAME = "sgself-allowed"
 ALLOWED_UUID = "5e1f7e57-0000-4000-8000-000000000001"
@@ -198,6 +200,8 @@ class Lab:
         self.inet = self.netns("inet")
         netlab.veth(self.hv, UPLINK, self.inet, "eth0", ip4=f"{INET4}/24", ip6=f"{INET6}/64")
         self.inet_mac = self.inet.link_mac("eth0")
+        self.inet.ip("addr", "add", f"{RELAY4}/24", "dev", "eth0")
+        self.inet.ip("-6", "addr", "add", f"{RELAY6}/64", "dev", "eth0", "nodad")
         self.guest = self._guest("guest", GUEST_PORT, 2)
         self.allowed = self._guest("allowed", ALLOWED_PORT, 3)
         # the hypervisor as a next hop: an address on the bridge, forwarding, a routed link
@@ -252,7 +256,8 @@ class Lab:
             f'BLOCKED_PORTS="{validate.format_ports(config.blocked_ports)}"\n'
             f'MODE="{config.mode}"\nNON_IP="{config.non_ip}"\n'
             f'LOG_DROPS="{int(config.log_drops)}"\nLOG_RATE="{config.log_rate}"\nLOG_BURST="{config.log_burst}"\n'
-            f'LIBVIRT_URI="test://{node}"\nWHITELIST="{allow_path}"\nRUN_DIR="{self.dir / "run"}"\n',
+            f'LIBVIRT_URI="test://{node}"\nWHITELIST="{allow_path}"\nRUN_DIR="{self.dir / "run"}"\n'
+            f'ALLOWED_DESTINATIONS="{RELAY4} {RELAY6}"\n',
             encoding="utf-8",
         )
 
@@ -358,6 +363,32 @@ def traffic_checks(lab: Lab, blocked: Sequence[int], web: int) -> List[Tuple[str
             lambda: blocked_frame(g.ns, frames.ipv6_split_chain_first_fragment(g.mac, lab.inet_mac, g.ip6, INET6, mark()), inet),
         ),
         (
+            f"a single-tagged (VID 0, 802.1Q, 802.1ad) IPv6 first fragment of TCP {web} is blocked",
+            BLOCKED,
+            lambda: combine({
+                name: blocked_frame(g.ns, frames.ipv6_tcp_first_fragment(g.mac, lab.inet_mac, g.ip6, INET6, web, mark(), tags), inet)
+                for name, tags in (("VID 0", [(frames.ETH_P_8021Q, 0)]), ("802.1Q", tagged), ("802.1ad", [(frames.ETH_P_8021AD, 10)]))
+            }),
+        ),
+        (
+            f"the relay (ALLOWED_DESTINATIONS) is reachable on TCP {first} (IPv4 and IPv6)",
+            PASSES,
+            both(IPv4=lambda: passing_tcp(g.ns, RELAY4, first), IPv6=lambda: passing_tcp(g.ns, RELAY6, first)),
+        ),
+        (
+            f"the relay does not widen: a tagged IPv6 fragment or an IPv4 source route to it (TCP {first}) is blocked",
+            BLOCKED,
+            lambda: combine({
+                "fragment": blocked_frame(
+                    g.ns, frames.ipv6_tcp_first_fragment(g.mac, lab.inet_mac, g.ip6, RELAY6, first, mark(), tagged), inet
+                ),
+                "source route": blocked_frame(
+                    g.ns, frames.tcp4_frame(g.mac, lab.inet_mac, g.ip4, RELAY4, first, mark(), options=frames.loose_source_route(FAR4)),
+                    inet,
+                ),
+            }),
+        ),
+        (
             f"inbound TCP {first} from the internet to a guest passes (IPv4 and IPv6)",
             PASSES,
             both(IPv4=lambda: passing_tcp(inet, g.ip4, first), IPv6=lambda: passing_tcp(inet, g.ip6, first)),
@@ -402,6 +433,9 @@ def late_checks(lab: Lab, first: int, web: int) -> List[Tuple[str, str, Callable
     inet2 = lab.netns("inet2")
     netlab.veth(lab.hv, LATE_UPLINK, inet2, "eth0")
     inet2_mac = inet2.link_mac("eth0")
+    inet3 = lab.netns("inet3")
+    netlab.veth(lab.hv, GUESTLIKE_UPLINK, inet3, "eth0")
+    inet3_mac = inet3.link_mac("eth0")
     mark = netlab.marker
 
     def late_port() -> Outcome:
@@ -415,7 +449,17 @@ def late_checks(lab: Lab, first: int, web: int) -> List[Tuple[str, str, Callable
         web_ok = passing_frame(g.ns, frames.tcp4_frame(g.mac, inet2_mac, g.ip4, "10.77.0.99", web, mark()), inet2)
         return combine({f"TCP {first}": smtp, f"TCP {web}": web_ok})
 
+    def guestlike_uplink() -> Outcome:
+        smtp = blocked_frame(g.ns, frames.tcp4_frame(g.mac, inet3_mac, g.ip4, "10.77.0.98", first, mark()), inet3)
+        smtp6 = blocked_frame(g.ns, frames.tcp6_frame(g.mac, inet3_mac, g.ip6, "fd77::98", first, mark()), inet3)
+        return combine({f"IPv4 TCP {first}": smtp, f"IPv6 TCP {first}": smtp6})
+
     return [
+        (
+            f"an uplink named like a guest port ({GUESTLIKE_UPLINK}) does not carry a guest's TCP {first}",
+            BLOCKED,
+            guestlike_uplink,
+        ),
         (
             f"the allowed guest's MAC sent from the other guest's port is blocked (TCP {first})",
             BLOCKED,

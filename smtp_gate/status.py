@@ -21,9 +21,10 @@ class Report:
     mode: str
     bridges: List[Dict[str, object]] = field(default_factory=list)
     uplinks: List[str] = field(default_factory=list)
-    guest_ports: List[str] = field(default_factory=list)
-    guest_patterns: List[str] = field(default_factory=list)
+    guest_ports: List[str] = field(default_factory=list)  # from the kernel's guest_ifaces
+    foreign_ports: List[str] = field(default_factory=list)  # ports of bridges we do not protect
     blocked_ports: str = ""
+    relays: List[str] = field(default_factory=list)  # ALLOWED_DESTINATIONS as the kernel holds them
     allowed: List[Dict[str, str]] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
     attempts: List[Attempts] = field(default_factory=list)
@@ -49,6 +50,31 @@ def _ports_text(values: List[object]) -> str:
     return validate.format_ports(sorted(ranges))
 
 
+def _port_names(values: List[object], names_by_index: Dict[int, str]) -> List[str]:
+    """An iface_index set's elements as names: nft lists a device that exists by its name,
+    and one that is gone by its number."""
+    out = []
+    for value in values:
+        text = str(value)
+        out.append(f"#{text} (gone)" if text.isdigit() and int(text) not in names_by_index else text)
+    return sorted(out)
+
+
+def _relay_text(value: object) -> str:
+    """A relay4/relay6 element as nft JSON gives it: (address or {prefix}, port or {range})."""
+    if not (isinstance(value, tuple) and len(value) == 2):
+        return str(value)
+    address, port = value
+    if isinstance(address, dict) and "prefix" in address:
+        address = f"{address['prefix']['addr']}/{address['prefix']['len']}"
+    if isinstance(port, dict) and "range" in port:
+        first, last = port["range"]
+        port = "any port" if (first, last) == validate.ANY_PORT else f"ports {first}-{last}"
+    else:
+        port = f"port {port}"
+    return f"{address} {port}"
+
+
 def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
     """The kernel's table compared with the configuration; warnings for what the operator must fix."""
     off = offswitch.read(config.disabled_path)
@@ -65,15 +91,16 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
         )
     names_by_index = {l.ifindex: l.name for l in links.values()}
     uplinks = sorted(str(v) for v in table.elements.get("uplinks", []))
-    guest_ports = sorted(str(v) for v in table.elements.get("guest_ports", []))
+    guest_ports = _port_names(table.elements.get("guest_ifaces", []), names_by_index)
     plan = discovery.plan_ports(config, links, guest_ports)
     report = Report(
         active=True,
         mode="audit" if _audit(table) else "enforce",
         uplinks=uplinks,
         guest_ports=guest_ports,
-        guest_patterns=sorted(str(v) for v in table.elements.get("guest_patterns", [])),
+        foreign_ports=_port_names(table.elements.get("foreign_ifaces", []), names_by_index),
         blocked_ports=_ports_text(table.elements.get("blocked_ports", [])),
+        relays=[_relay_text(v) for v in (*table.elements.get("relay4", []), *table.elements.get("relay6", []))],
         counters={name: table.counters.get(name, (0, 0))[0] for name in ruleset.COUNTERS},
         warnings=list(plan.warnings),
         disabled=disabled,
@@ -109,8 +136,13 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
         if len(report.attempts) >= ruleset.ATTEMPTS_SIZE:
             report.warnings.append(
                 f"the per-guest attempts set is full ({ruleset.ATTEMPTS_SIZE} entries, likely MAC spoofing): "
-                "new sources are still blocked but no longer counted per guest"
+                "new sources are still blocked, and are counted per guest again as entries expire (a day after their last attempt)"
             )
+    if config.non_ip == "accept":
+        report.warnings.append(
+            'NON_IP="accept": non-IP frames from guests (QinQ double tags, PPPoE, ...) leave unfiltered, '
+            "and can carry mail past every check"
+        )
     if report.mode != config.mode:
         report.warnings.append(f"the kernel runs in {report.mode} mode but the config says {config.mode}: run `smtp-gate apply`")
     return report
@@ -199,7 +231,9 @@ def render(report: Report) -> str:
             f"ports {', '.join(bridge['ports']) or 'none'}"  # type: ignore[arg-type]
         )
     lines.append(f"guest ports (from hypervisors): {', '.join(report.guest_ports) or 'none'}")
-    lines.append(f"guest port patterns: {', '.join(report.guest_patterns) or 'none'}")
+    if report.foreign_ports:
+        lines.append(f"ports of unprotected bridges (left alone): {', '.join(report.foreign_ports)}")
+    lines.append(f"relays every guest may reach (ALLOWED_DESTINATIONS): {', '.join(report.relays) or 'none'}")
     lines.append(f"allowed (port, MAC): {len(report.allowed)}")
     for pair in report.allowed:
         lines.append(f"  {pair['port']:<16} {pair['mac']}")

@@ -127,3 +127,61 @@ def port_list(value: str) -> List[PortRange]:
 def format_ports(ranges: Iterable[PortRange]) -> str:
     """The inverse of port_list: "25,465,2525-2530"."""
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+Relay = Tuple[int, str, PortRange]  # (4 or 6, address or prefix in normal form, port range)
+ANY_PORT: PortRange = (1, 65535)
+
+
+def relay_destination(value: str) -> Relay:
+    """Parse one ALLOWED_DESTINATIONS entry: an IPv4/IPv6 address or prefix, optionally with
+    a port (`192.0.2.25`, `192.0.2.0/28:25`, `2001:db8::25`, `[2001:db8::/64]:587`).
+    Without a port, every port.  Host bits set under a prefix are refused, not masked:
+    `192.0.2.7/24` is almost always a typo for something narrower."""
+    import ipaddress  # only configs that name relays pay for it (the hook loads the config)
+
+    text = value.strip() if isinstance(value, str) else ""
+    address, port = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or (close + 1 < len(text) and text[close + 1] != ":"):
+            raise ValidationError(f"bad destination {value!r}: expected [IPv6 address or prefix] or [..]:PORT")
+        address, port = text[1:close], text[close + 2 :]
+        if close + 1 < len(text) and not port:
+            raise ValidationError(f"bad destination {value!r}: a port is missing after ':'")
+    elif text.count(":") == 1:
+        address, port = text.split(":")
+        if not port:
+            raise ValidationError(f"bad destination {value!r}: a port is missing after ':'")
+    try:
+        network = ipaddress.ip_network(address, strict=True)
+    except ValueError as exc:
+        raise ValidationError(
+            f"bad destination {value!r}: expected an IPv4 or IPv6 address or prefix, optionally "
+            f"with :PORT (IPv6 with a port in brackets, [2001:db8::25]:25): {exc}"
+        ) from None
+    ports = ANY_PORT
+    if port:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValidationError(f"bad port {port!r} in destination {value!r}: expected 1-65535")
+        ports = (int(port), int(port))
+    full = network.prefixlen == network.max_prefixlen
+    return (network.version, str(network.network_address) if full else str(network), ports)
+
+
+def format_relay(relay: Relay) -> str:
+    """The inverse of relay_destination, in the form it accepts."""
+    family, network, ports = relay
+    if ports == ANY_PORT:
+        return network
+    return f"[{network}]:{ports[0]}" if family == 6 else f"{network}:{ports[0]}"
+
+
+_TIMEOUT = re.compile(r"[1-9][0-9]{0,5}[smhd]")
+
+
+def timeout(value: str) -> str:
+    """An nft timeout such as `1d` or `90s`."""
+    if not isinstance(value, str) or not _TIMEOUT.fullmatch(value):
+        raise ValidationError(f"bad timeout {value!r}: expected a number and s, m, h or d, e.g. 1d")
+    return value

@@ -101,6 +101,28 @@ class BridgeLab:
     def nft(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.hv.exec(["nft", *args], check=check)
 
+    def run_hook(self, op: str, sub: str, xml: bytes, driver: str = "qemu", name: str = "guest") -> subprocess.CompletedProcess:
+        """Run hooks/<driver> in the hypervisor namespace as libvirt runs it: argv, the domain
+        XML on stdin, libvirt's environment plus SMTP_GATE_CONFIG."""
+        env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+               "SMTP_GATE_CONFIG": str(self.config_path)}
+        return subprocess.run(
+            ["ip", "netns", "exec", self.hv.name, "/usr/bin/python3", str(REPO / "hooks" / driver), name, op, sub, "-"],
+            input=xml, capture_output=True, env=env, timeout=30,
+        )
+
+    def start_guest(self, *guests: Guest, bridge: str = "br0") -> None:
+        """Tell smtp-gate that GUESTS are libvirt guests, as libvirt does: `start begin` with a
+        domain XML naming each one's port (which then becomes a known guest port)."""
+        for guest in guests:
+            xml = (
+                f"<domain type='kvm'><name>{guest.name}</name><uuid>{uuid.uuid5(uuid.NAMESPACE_DNS, guest.name)}</uuid>"
+                f"<devices><interface type='bridge'><mac address='{guest.mac}'/><source bridge='{bridge}'/>"
+                f"<target dev='{guest.port}'/></interface></devices></domain>"
+            ).encode()
+            result = self.run_hook("start", "begin", xml, name=guest.name)
+            assert (result.returncode, result.stdout) == (0, b"") and b"failed" not in result.stderr, result.stderr
+
     def allow_in_kernel(self, port: str, mac: str) -> None:
         """Add an allowance the way a hook does (an element in the allowed set)."""
         index = self.hv.ifindex(port)
@@ -112,8 +134,10 @@ class BridgeLab:
 
     def frame_arrives(
         self, sender: Netns, frame: bytes, receiver: Optional[Netns] = None, dev: str = "eth0", wait: float = 0.3,
-        sender_dev: str = "eth0",
+        sender_dev: str = "eth0", marker: Optional[bytes] = None,
     ) -> bool:
         """Send FRAME from SENDER and report whether it reached RECEIVER's DEV (the internet
-        side by default).  The frame must end with a marker unique to this call."""
-        return netlab.frame_arrives(sender, frame, receiver or self.inet, dev=dev, wait=wait, sender_dev=sender_dev)
+        side by default).  The frame must end with (or MARKER be) a marker unique to this call."""
+        return netlab.frame_arrives(
+            sender, frame, receiver or self.inet, dev=dev, wait=wait, sender_dev=sender_dev, marker=marker
+        )

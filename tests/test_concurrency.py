@@ -185,7 +185,7 @@ def test_concurrent_starts_stops_and_rebuilds_end_in_the_truth(bare_lab: BridgeL
         listing = json.loads(lab.nft("-j", "list", "table", "bridge", "smtp_gate").stdout)
         sets: Dict[str, list] = {item["set"]["name"]: item["set"].get("elem", []) for item in listing["nftables"] if "set" in item}
         allowed = {(str(e["concat"][0]), str(e["concat"][1])) for e in sets["allowed"]}
-        return allowed, {str(e) for e in sets["guest_ports"]}
+        return allowed, {str(e) for e in sets["guest_ifaces"]}
 
     assert kernel() == (expected_allowed, expected_ports), "hooks racing rebuilds lost or resurrected state"
     records = {p.stem for p in (lab.tmp / "run" / "records").glob("*.json")}

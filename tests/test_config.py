@@ -163,3 +163,21 @@ def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture) -
 def test_port_lists_round_trip() -> None:
     ranges = validate.port_list(" 465, 25 2525-2530 ")
     assert validate.format_ports(ranges) == "25,465,2525-2530"
+
+
+def test_allowed_destinations_are_parsed_into_normal_form_and_bad_ones_named() -> None:
+    c = config.parse('ALLOWED_DESTINATIONS="192.0.2.25:25, [2001:db8::/64]:587 198.51.100.0/28"\n', Path("/c.conf"))
+    assert c.allowed_destinations == (
+        (4, "192.0.2.25", (25, 25)), (6, "2001:db8::/64", (587, 587)), (4, "198.51.100.0/28", (1, 65535)),
+    )
+    for bad in ("192.0.2.7/24", "mail.example.com", "192.0.2.1:0", "[2001:db8::1"):
+        with pytest.raises(ConfigError) as info:
+            config.parse(f'ALLOWED_DESTINATIONS="{bad}"\n', Path("/c.conf"))
+        assert "/c.conf:1: ALLOWED_DESTINATIONS:" in str(info.value) and repr(bad) in str(info.value)
+
+
+def test_an_uplink_named_like_a_guest_port_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse('BRIDGE="br0"\nUPLINKS="eno1 vethup0"\n', Path("/c.conf"))
+    assert "/c.conf:2: UPLINKS: 'vethup0' matches the guest port pattern 'veth*'" in str(info.value)
+    assert config.parse('UPLINKS="vethup0"\nGUEST_PATTERNS="vnet* tap*"\n', Path("/c.conf")).uplinks == ("vethup0",)

@@ -193,7 +193,7 @@ class E2E:
         records = {}
         for path in sorted((self.run_dir / "records").glob("*.json")):
             records[path.name] = json.loads(path.read_text())
-        return {"allowed": sorted(self.allowed()), "guest_ports": sorted(map(str, self.set_elements("guest_ports"))),
+        return {"allowed": sorted(self.allowed()), "guest_ports": sorted(map(str, self.set_elements("guest_ifaces"))),
                 "records": records}
 
     # -- guests ---------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_unlisted_guest_blocked_from_first_attempt_with_nothing_applied(
     assert e2e.table_probe_log.read_text().splitlines()[:3] == ["prepare begin 1", "start begin 1", "started begin 1"]
     assert e2e.table_exists()
     ((tap, mac),) = e2e.taps(UNLISTED_BOOT)
-    assert tap in e2e.set_elements("guest_ports")
+    assert tap in e2e.set_elements("guest_ifaces")
     assert not [p for p in e2e.allowed() if p[1] == mac]
     assert e2e.set_elements("uplinks") == [UPLINK]
 
@@ -341,7 +341,7 @@ def test_guest_allowed_by_mac_connects_from_first_attempt_its_other_nic_stays_bl
     assert mac0 == MAC_ALLOWED and tap0.startswith("vnet") and tap1 == "mac-2nicn1"
     mine = {p for p in e2e.allowed() if p[1] in (mac0, mac1)}
     assert mine == {(tap0, MAC_ALLOWED)}, "allowed on its own port's index, and only that NIC"
-    assert {tap0, tap1} <= set(e2e.set_elements("guest_ports"))
+    assert {tap0, tap1} <= set(e2e.set_elements("guest_ifaces"))
 
 
 def test_guest_allowed_by_name_connects_from_first_attempt(
@@ -419,7 +419,7 @@ def test_virsh_destroy_removes_the_allowance(e2e: E2E, after_apply: Dict[str, li
     assert e2e.hook_ops(MAC_GUEST, since=t) == ["stopped end", "release end"]
     assert not [p for p in e2e.allowed() if p[1] == MAC_ALLOWED]
     assert other in e2e.allowed()
-    ports = set(map(str, e2e.set_elements("guest_ports")))
+    ports = set(map(str, e2e.set_elements("guest_ifaces")))
     assert tap1 not in ports and tap0 not in ports, ports
     status = e2e.status()
     assert MAC_ALLOWED not in [a["mac"] for a in status["allowed"]], status["allowed"]

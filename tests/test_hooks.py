@@ -68,7 +68,7 @@ def test_the_lifecycle_of_an_allowed_nic(lab2: BridgeLab) -> None:
     assert (r.returncode, r.stdout) == (0, b"")
     assert lab.tcp_connects(fixed, lab.INET4, 25) and lab.tcp_connects(fixed, lab.INET6, 465)
     assert not lab.tcp_connects(auto, lab.INET4, 25, timeout=0.5), "only the NIC with the whitelisted MAC"
-    guest_ports = lab.nft("list", "set", "bridge", "smtp_gate", "guest_ports").stdout
+    guest_ports = lab.nft("list", "set", "bridge", "smtp_gate", "guest_ifaces").stdout
     assert '"vnet1"' in guest_ports and '"lab2n1"' in guest_ports
 
     for name, op, sub in (("03-lab2-started-begin", "started", "begin"),):
@@ -79,7 +79,7 @@ def test_the_lifecycle_of_an_allowed_nic(lab2: BridgeLab) -> None:
     r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"))
     assert (r.returncode, r.stdout) == (0, b"")
     assert MAC_FIXED not in allowed(lab)
-    assert '"vnet1"' not in lab.nft("list", "set", "bridge", "smtp_gate", "guest_ports").stdout
+    assert '"vnet1"' not in lab.nft("list", "set", "bridge", "smtp_gate", "guest_ifaces").stdout
     assert not lab.tcp_connects(fixed, lab.INET4, 25, timeout=0.5)
     assert not (lab.tmp / "run" / "records" / f"{UUID2}.json").exists()
     r = hook(lab, "qemu", "lab2", "release", "end", sample("05-lab2-release-end"))
@@ -193,9 +193,9 @@ def test_a_nic_on_an_unprotected_bridge_is_left_alone(lab: BridgeLab) -> None:
     xml = sample("02-lab2-start-begin").replace(b"<source bridge='br0'/>\n      <target dev='vnet1'/>",
                                                 b"<source bridge='virbr0'/>\n      <target dev='vnet5'/>")
     assert hook(lab, "qemu", "lab2", "start", "begin", xml).returncode == 0
-    assert '"vnet5"' in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ports").stdout
+    assert '"vnet5"' in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout
     record = json.loads((lab.tmp / "run" / "records" / f"{UUID2}.json").read_text())
-    assert record["foreign_ports"] == ["vnet5"] and record["allowed"] == []
+    assert record["foreign_ports"] == [["vnet5", lab.hv.ifindex("vnet5")]] and record["allowed"] == []
 
 
 def test_the_hook_finds_its_configuration_without_the_environment(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ or TCP connections from a guest's side of a bridge port, then looks at what arri
 the other side.
 """
 
+import json
 import os
 import random
+import re
 import socket
 import struct
 import threading
@@ -14,7 +16,8 @@ import time
 
 import pytest
 
-from smtp_gate import frames, netlab
+from smtp_gate import frames, netlab, ruleset
+from smtp_gate.netlab import Netns
 from tests.netlab import BridgeLab, Guest
 
 pytestmark = pytest.mark.kernel
@@ -68,12 +71,95 @@ def test_inbound_smtp_to_a_guest_passes(lab: BridgeLab) -> None:
     assert lab.tcp_connects(inet_as_guest, g1.ip6, 25)
 
 
-def test_guest_to_guest_smtp_passes(lab: BridgeLab) -> None:
+def test_guest_to_guest_smtp_passes_only_toward_a_port_the_hypervisor_reported(lab: BridgeLab) -> None:
     applied(lab)
     g1, g2 = lab.guests["g1"], lab.guests["g2"]
     lab.listen(g2.ns, [25])
+    assert not lab.tcp_connects(g1, g2.ip4, 25, timeout=0.5), "a port named like a guest's is not a guest's"
+    lab.start_guest(g2)
     assert lab.tcp_connects(g1, g2.ip4, 25)
     assert lab.tcp_connects(g1, g2.ip6, 25)
+
+
+def _uplink_named(lab: BridgeLab, name: str) -> Netns:
+    """A second internet behind an uplink port called NAME."""
+    inet2 = lab.netns(f"up{name[:4]}")
+    lab.connect(inet2, "eth0", name)
+    return inet2
+
+
+@pytest.mark.parametrize("config", [
+    'GUEST_PATTERNS="vnet*"\nUPLINKS="uplink0 vethup0"\n',  # an uplink named like a container's veth
+    'UPLINK_REGEX="^(uplink|veth)"\n',  # a regex that also catches guest-pattern names
+    "",  # auto-detection
+])
+def test_an_uplink_named_like_a_guest_port_never_exempts_outbound_smtp(lab: BridgeLab, config: str) -> None:
+    inet2 = _uplink_named(lab, "vethup0")
+    lab.write_config(config)
+    result = lab.smtp_gate("apply", check=False)
+    assert result.returncode in (0, 3), result.stderr  # 3: a bridge without an uplink found is a warning
+    g1 = lab.guests["g1"]
+    lab.start_guest(g1, lab.guests["g2"])
+    mac2 = inet2.link_mac("eth0")
+    for port, arrives in ((25, False), (465, False), (80, True)):
+        frame4 = frames.tcp4_frame(g1.mac, mac2, g1.ip4, "10.77.0.99", port, netlab.marker())
+        frame6 = frames.tcp6_frame(g1.mac, mac2, g1.ip6, "fd77::99", port, netlab.marker())
+        assert lab.frame_arrives(g1.ns, frame4, receiver=inet2) is arrives, (config, port)
+        assert lab.frame_arrives(g1.ns, frame6, receiver=inet2) is arrives, (config, port)
+
+
+def test_an_uplink_in_uplinks_that_matches_a_guest_pattern_is_refused(lab: BridgeLab) -> None:
+    lab.write_config('UPLINKS="uplink0 tap9"\n')
+    result = lab.smtp_gate("apply", check=False)
+    assert result.returncode == 1 and "'tap9' matches the guest port pattern 'tap*'" in result.stderr, result.stderr
+
+
+def test_a_veth_patch_to_an_unprotected_bridge_is_outbound(lab: BridgeLab) -> None:
+    """br0 (protected) -- patch0 <veth> patch1 -- br1 (not protected) -- the real uplink."""
+    lab.hv.ip("link", "add", "br1", "type", "bridge")
+    lab.hv.ip("link", "set", "br1", "up")
+    lab.hv.ip("link", "add", "vethpatch0", "type", "veth", "peer", "name", "vethpatch1")
+    lab.hv.ip("link", "set", "vethpatch0", "master", "br0", "up")
+    lab.hv.ip("link", "set", "vethpatch1", "master", "br1", "up")
+    inet2 = lab.netns("inet2")
+    lab.connect(inet2, "eth0", "realup0", bridge="br1")
+    applied(lab, 'UPLINKS="uplink0"\n')
+    g1 = lab.guests["g1"]
+    lab.start_guest(g1)
+    mac2 = inet2.link_mac("eth0")
+    for port, arrives in ((25, False), (465, False), (80, True)):
+        frame4 = frames.tcp4_frame(g1.mac, mac2, g1.ip4, "10.77.0.99", port, netlab.marker())
+        frame6 = frames.tcp6_frame(g1.mac, mac2, g1.ip6, "fd77::99", port, netlab.marker())
+        assert lab.frame_arrives(g1.ns, frame4, receiver=inet2) is arrives, port
+        assert lab.frame_arrives(g1.ns, frame6, receiver=inet2) is arrives, port
+    # and the unprotected bridge's own ports are still left alone
+    report = json.loads(lab.smtp_gate("status", "--json", check=False).stdout)
+    assert "vethpatch1" in report["foreign_ports"] and "realup0" in report["foreign_ports"]
+
+
+def test_a_device_reusing_a_guest_or_foreign_port_name_inherits_no_exemption(lab: BridgeLab) -> None:
+    lab.hv.ip("link", "add", "docker0", "type", "bridge")
+    lab.hv.ip("link", "set", "docker0", "up")
+    c = lab.netns("c1")
+    lab.connect(c, "eth0", "vethc1", mac="02:42:00:00:00:02", bridge="docker0")
+    applied(lab)
+    g1, g2 = lab.guests["g1"], lab.guests["g2"]
+    lab.start_guest(g1, g2)
+    # g2's port goes away (its guest stopped, no hook ran) and the names come back on new
+    # devices: vnet1 now leads to a router, vethc1 is a new port of br0
+    lab.hv.ip("link", "del", "vnet1")
+    lab.hv.ip("link", "del", "vethc1")
+    router = lab.netns("router")
+    lab.connect(router, "eth0", "vnet1")
+    c2 = lab.netns("c2")
+    lab.connect(c2, "eth0", "vethc1", ip4="10.77.0.50/24", mac="02:42:00:00:00:03")
+    to_router = frames.tcp4_frame(g1.mac, router.link_mac("eth0"), g1.ip4, "192.0.2.1", 25, netlab.marker())
+    assert not lab.frame_arrives(g1.ns, to_router, receiver=router), "a reused guest port name made SMTP guest-to-guest"
+    from_c2 = frames.tcp4_frame("02:42:00:00:00:03", lab.inet_mac, "10.77.0.50", lab.INET4, 25, netlab.marker())
+    assert not lab.frame_arrives(c2, from_c2), "a reused foreign port name exempted a port of br0"
+    assert lab.smtp_gate("rebuild").returncode == 0  # no hypervisor: kernel state kept, gone devices dropped
+    assert not lab.frame_arrives(g1.ns, to_router, receiver=router)
+    assert not lab.frame_arrives(c2, from_c2)
 
 
 def test_allowed_pair_passes_and_its_mac_spoofed_from_another_port_is_blocked(lab: BridgeLab) -> None:
@@ -132,8 +218,12 @@ def test_qinq_double_tags_and_pppoe_are_blocked_arp_passes(lab: BridgeLab) -> No
     assert "packets 0 " not in counters
 
 
-def test_non_ip_policy_accept_lets_pppoe_through(lab: BridgeLab) -> None:
-    applied(lab, 'UPLINKS="uplink0"\nNON_IP="accept"\n')
+def test_non_ip_policy_accept_lets_pppoe_through_and_warns(lab: BridgeLab) -> None:
+    lab.write_config('UPLINKS="uplink0"\nNON_IP="accept"\n')
+    result = lab.smtp_gate("apply", check=False)
+    assert result.returncode == 3 and 'NON_IP="accept"' in result.stderr and "QinQ" in result.stderr, result.stderr
+    status = lab.smtp_gate("status", check=False)
+    assert status.returncode == 3 and 'warning: NON_IP="accept"' in status.stdout
     g1 = lab.guests["g1"]
     seg = frames.tcp_segment(socket.inet_aton(g1.ip4), socket.inet_aton(lab.INET4), 40000, 80, netlab.marker())
     pppoe = frames.pppoe_session(frames.PPP_IP, frames.ipv4_packet(g1.ip4, lab.INET4, seg))
@@ -257,8 +347,6 @@ def test_audit_mode_passes_and_counts(lab: BridgeLab) -> None:
     assert lab.tcp_connects(g1, lab.INET4, 25)
     assert lab.tcp_connects(g1, lab.INET6, 465)
     status = lab.smtp_gate("status", "--json")
-    import json
-
     report = json.loads(status.stdout)
     assert report["mode"] == "audit"
     assert report["counters"]["blocked4"] >= 1 and report["counters"]["blocked6"] >= 1
@@ -409,8 +497,8 @@ def test_apply_is_idempotent_and_dry_run_after_it_changes_nothing(lab: BridgeLab
     lab.allow_in_kernel("vnet0", g1.mac)
     send4(lab, lab.guests["g2"], 25)  # one blocked attempt, counted
 
-    def listing() -> str:
-        return lab.nft("list", "table", "bridge", "smtp_gate").stdout
+    def listing() -> str:  # the attempts' countdowns run on: not a change
+        return re.sub(r" expires \S+", "", lab.nft("list", "table", "bridge", "smtp_gate").stdout)
 
     first = listing()
     assert lab.smtp_gate("apply").returncode == 0
@@ -425,3 +513,142 @@ def test_debug_shows_ports_the_table_and_where_each_value_came_from(lab: BridgeL
     assert 'MODE="enforce"  <- default' in out and 'GUEST_PATTERNS="vnet*,tap*,veth*,vif*"  <- default' in out
     assert "vnet0" in out and "master=br0" in out
     assert "table bridge smtp_gate {" in out and "goto outbound" in out
+
+
+# -- every frame case, untagged and with one tag, with and without the fast path ---------------
+from tests import frame_corpus  # noqa: E402
+
+
+def corpus_lab(lab: BridgeLab) -> list:
+    """g1 and g2 are libvirt guests (their ports are known guest ports), g2 is allowed; g3's
+    port is one smtp-gate never heard of.  The cases: g1 -> internet (outbound, not allowed),
+    g3 -> internet (unknown port), and the exemptions: inbound, guest-to-guest, allowed."""
+    (lab.tmp / "whitelist.csv").write_text(f"# vmname,mac,added_at,added_by,reason\n,{lab.guests['g2'].mac},,,\n")
+    applied(lab)
+    lab.start_guest(lab.guests["g1"], lab.guests["g2"])
+    g3 = lab.add_guest("g3", "mystery0", 4)
+    g1, g2 = lab.guests["g1"], lab.guests["g2"]
+    inet = Guest("inet", lab.inet, "uplink0", lab.inet_mac, lab.INET4, lab.INET6)
+    out = frame_corpus.cases(g1, lab.inet_mac, lab.INET4, lab.INET6, "g1", "inet")
+    out += frame_corpus.cases(g3, lab.inet_mac, lab.INET4, lab.INET6, "g3", "inet")
+    for src, dst, name in ((inet, g1, "inbound"), (g1, g2, "guest-to-guest"), (g2, inet, "allowed")):
+        out += [c._replace(sender=src.name, receiver=dst.name, arrives=True)
+                for c in frame_corpus.cases(src, dst.mac, dst.ip4, dst.ip6, src.name, dst.name)]
+    # toward a port that is not a known guest's: outbound, not guest-to-guest
+    out += frame_corpus.cases(g1, g3.mac, g3.ip4, g3.ip6, "g1", "g3")
+    return out
+
+
+def send_case(lab: BridgeLab):  # type: ignore[no-untyped-def]
+    def ns(name: str):  # type: ignore[no-untyped-def]
+        return lab.inet if name == "inet" else lab.guests[name].ns
+
+    return lambda sender, receiver, frame, marker: lab.frame_arrives(ns(sender), frame, receiver=ns(receiver), marker=marker)
+
+
+def test_every_case_untagged_and_single_tagged_gets_its_verdict(lab: BridgeLab) -> None:
+    cases = corpus_lab(lab)
+    results = frame_corpus.run(cases, send_case(lab))
+    wrong = [(name, tag, expected) for name, tag, expected, arrived in results if arrived != expected]
+    assert len(results) == len(cases) * len(frame_corpus.TAGS)
+    assert wrong == [], "frames with the wrong verdict (case, tag, should arrive): " + repr(wrong)
+
+
+def test_the_fast_path_changes_no_verdict(lab: BridgeLab) -> None:
+    """The same corpus with the fast-path rules deleted from the kernel: every verdict equal."""
+    cases = corpus_lab(lab)
+    fast = frame_corpus.run(cases, send_case(lab))
+    for chain in ("forward", "input"):  # the fast path is the first rules of both base chains
+        listing = lab.nft("-a", "list", "chain", "bridge", "smtp_gate", chain).stdout
+        handles = [line.rsplit(" ", 1)[1] for line in listing.splitlines() if "# handle" in line and "chain " not in line]
+        for handle in handles[: len(ruleset.FAST_PATH)]:
+            lab.nft("delete", "rule", "bridge", "smtp_gate", chain, "handle", handle)
+        rest = lab.nft("list", "chain", "bridge", "smtp_gate", chain).stdout
+        assert "l4proto != tcp" not in rest and "!= @blocked_ports" not in rest, rest
+    full = frame_corpus.run(cases, send_case(lab))
+    assert [r[3] for r in full] == [r[3] for r in fast], [
+        (f[0], f[1], f[3], s[3]) for f, s in zip(fast, full) if f[3] != s[3]
+    ]
+    assert [r[3] for r in full] == [r[2] for r in full]
+
+
+def test_a_relay_is_reachable_and_nothing_else_is_widened(lab: BridgeLab) -> None:
+    lab.hv.ip("addr", "add", "10.77.0.254/24", "dev", "br0")
+    lab.listen(lab.hv, [25, 465])
+    applied(lab, 'UPLINKS="uplink0"\nALLOWED_DESTINATIONS="10.77.0.1:25 fd77::1 10.77.0.254:25"\n')
+    g1 = lab.guests["g1"]
+    lab.start_guest(g1)
+    assert lab.tcp_connects(g1, lab.INET4, 25), "the relay on its port"
+    assert not lab.tcp_connects(g1, lab.INET4, 465, timeout=0.5), "a relay with a port allows only that port"
+    assert lab.tcp_connects(g1, lab.INET6, 465), "a relay without a port allows every blocked port"
+    assert lab.tcp_connects(g1, "10.77.0.254", 25), "an MTA on the hypervisor itself (the input chain)"
+    assert not lab.tcp_connects(g1, "10.77.0.254", 465, timeout=0.5)
+
+    def arrives(dst4: str, dport: int, tags=(), **kw) -> bool:
+        m = netlab.marker()
+        seg = frames.tcp_segment(socket.inet_aton(g1.ip4), socket.inet_aton(dst4), 40000, dport, m * 2)
+        packet = frames.ipv4_packet(g1.ip4, dst4, seg if not kw.get("more_fragments") else seg[:40], **kw)
+        return lab.frame_arrives(g1.ns, frames.ethernet(lab.inet_mac, g1.mac, frames.ETH_P_IP, packet, tags), marker=m)
+
+    for tags in ((), ((frames.ETH_P_8021Q, 0),), ((frames.ETH_P_8021Q, 10),), ((frames.ETH_P_8021AD, 10),)):
+        assert arrives(lab.INET4, 25, tags), tags
+        assert not arrives("10.77.0.99", 25, tags), f"another destination, {tags}"
+        assert not arrives("10.77.0.99", 25, tags, more_fragments=True), f"a first fragment elsewhere, {tags}"
+        assert not arrives(lab.INET4, 25, tags, options=b"\x83\x07\x04" + socket.inet_aton("10.77.0.99") + b"\x00"), (
+            f"a loose source route through the relay, {tags}"
+        )
+
+    def arrives6(payload, first: int, tags=()) -> bool:
+        m = netlab.marker()
+        packet = frames.ipv6_packet(g1.ip6, lab.INET6, payload(m), next_header=first)
+        return lab.frame_arrives(g1.ns, frames.ethernet(lab.inet_mac, g1.mac, frames.ETH_P_IPV6, packet, tags), marker=m)
+
+    src6, dst6 = socket.inet_pton(socket.AF_INET6, g1.ip6), socket.inet_pton(socket.AF_INET6, lab.INET6)
+
+    def seg6(m: bytes) -> bytes:
+        return frames.tcp_segment(src6, dst6, 40000, 25, m * 2)
+
+    for tags in ((), ((frames.ETH_P_8021Q, 10),)):
+        assert arrives6(seg6, 6, tags)
+        assert not arrives6(lambda m: frames.ipv6_fragment_header(6, 0, True) + seg6(m)[:40], 44, tags), "a fragment"
+        assert not arrives6(lambda m: frames.ipv6_dest_options(6, 1) + seg6(m), 60, tags), "an extension header"
+    report = json.loads(lab.smtp_gate("status", "--json").stdout)
+    assert sorted(report["relays"]) == ["10.77.0.1 port 25", "10.77.0.254 port 25", "fd77::1 any port"]
+    assert 'ALLOWED_DESTINATIONS="10.77.0.1:25 fd77::1 10.77.0.254:25"  <- ' in lab.smtp_gate("debug").stdout
+
+
+def test_the_attempts_set_expires_so_a_full_set_counts_again(lab: BridgeLab) -> None:
+    """A guest spoofing MACs fills the per-guest attempts set; its entries expire (a day in
+    production; here the same ruleset with a 20-second timeout), and counting resumes."""
+    applied(lab)
+    g = lab.guests["g1"]
+    batch = ruleset.apply_batch(ruleset.Desired(uplinks=("uplink0",), attempts_timeout="20s"),
+                                obsolete_sets=[ruleset.ATTEMPTS_SET])
+    lab.hv.exec(["nft", "-f", "-"], input=batch.text())
+    tx = g.ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    tx.bind(("eth0", 0))
+    base = frames.tcp4_frame("02:00:00:00:00:00", lab.inet_mac, g.ip4, lab.INET4, 25, b"x" * 16)
+    rng = random.Random(9)
+
+    def entries() -> int:
+        return lab.nft("list", "set", "bridge", "smtp_gate", "attempts").stdout.count("counter packets")
+
+    try:
+        for chunk in range(40):
+            for _ in range(4000):
+                tx.send(base[:6] + b"\x02" + rng.getrandbits(40).to_bytes(5, "big") + base[12:])
+            time.sleep(0.01)
+            if chunk >= 16 and entries() >= ruleset.ATTEMPTS_SIZE:
+                break
+    finally:
+        tx.close()
+    assert entries() >= ruleset.ATTEMPTS_SIZE, "the flood did not fill the set"
+    assert not send4(lab, g, 25)
+    assert g.mac not in lab.nft("list", "set", "bridge", "smtp_gate", "attempts").stdout, "full: not counted"
+    deadline = time.monotonic() + 60
+    while entries() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert entries() == 0, "the spoofed entries never expired"
+    assert not send4(lab, g, 25)
+    listing = lab.nft("list", "set", "bridge", "smtp_gate", "attempts").stdout
+    assert f'"vnet0" . {g.mac}' in listing, "counting per guest resumed"

@@ -45,7 +45,7 @@ def test_key_layouts() -> None:
 
 def test_the_batch_is_one_transaction_with_an_ack_per_change() -> None:
     add = [("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02"))]
-    delete = [("guest_ports", nfnetlink.ifname_key("vnet3"))]
+    delete = [("guest_ifaces", nfnetlink.index_key(3))]
     data, ops = nfnetlink._build_batch(add, delete, "smtp_gate", nfnetlink.NFPROTO_BRIDGE)
     messages = nfnetlink._messages(data)
     assert [(t, f, s) for t, f, s, _ in messages] == [
@@ -57,22 +57,26 @@ def test_the_batch_is_one_transaction_with_an_ack_per_change() -> None:
     ]
     assert messages[0][3] == bytes([0, 0, 0, 10]), "BATCH_BEGIN: AF_UNSPEC, v0, res_id NFNL_SUBSYS_NFTABLES (big-endian)"
     assert all(payload[:2] == bytes([7, 0]) for _, _, _, payload in messages[1:4]), "NFPROTO_BRIDGE"
-    assert [(op.verb, op.set_name) for op in ops] == [("add", "allowed"), ("add", "guest_ports"), ("delete", "guest_ports")]
+    assert [(op.verb, op.set_name) for op in ops] == [("add", "allowed"), ("add", "guest_ifaces"), ("delete", "guest_ifaces")]
 
 
 def test_element_changes_check_and_render() -> None:
-    changes = ruleset.element_changes(add=[("allowed", (7, "52-54-00-AA-00-02"))], delete=[("guest_ports", "vnet3")])
+    changes = ruleset.element_changes(
+        add=[("allowed", (7, "52-54-00-AA-00-02")), ("uplinks", "eno1")], delete=[("guest_ifaces", 3)]
+    )
     assert changes.batch().text() == (
         "add element bridge smtp_gate allowed { 7 . 52:54:00:aa:00:02 }\n"
-        'add element bridge smtp_gate guest_ports { "vnet3" }\n'
-        'delete element bridge smtp_gate guest_ports { "vnet3" }\n'
+        'add element bridge smtp_gate uplinks { "eno1" }\n'
+        "add element bridge smtp_gate guest_ifaces { 3 }\n"
+        "delete element bridge smtp_gate guest_ifaces { 3 }\n"
     )
     assert changes.keys() == (
-        [("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02"))],
-        [("guest_ports", nfnetlink.ifname_key("vnet3"))],
+        [("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02")), ("uplinks", nfnetlink.ifname_key("eno1"))],
+        [("guest_ifaces", nfnetlink.index_key(3))],
     )
-    for bad in (("allowed", "vnet0"), ("guest_ports", (7, "52:54:00:aa:00:02")), ("blocked_ports", "x"),
-                ("guest_ports", 'x" }'), ("allowed", (0, "52:54:00:aa:00:02"))):
+    assert nfnetlink.index_key(3) == (3).to_bytes(4, sys.byteorder) and nfnetlink.describe_key(nfnetlink.index_key(3)) == "3"
+    for bad in (("allowed", "vnet0"), ("guest_ifaces", (7, "52:54:00:aa:00:02")), ("blocked_ports", "x"),
+                ("uplinks", 'x" }'), ("guest_ifaces", "vnet0"), ("guest_ifaces", False), ("allowed", (0, "52:54:00:aa:00:02"))):
         with pytest.raises(ruleset.validate.ValidationError):
             ruleset.element_changes(add=[bad])
 
@@ -124,25 +128,28 @@ def test_keys_read_back_are_the_bytes_nft_wrote(applied: BridgeLab) -> None:
     lab = applied
     index, mac = pair_of(lab, "g1")
     lab.nft("add", "element", "bridge", "smtp_gate", "allowed", f"{{ vnet0 . {mac} }}")
-    lab.nft("add", "element", "bridge", "smtp_gate", "foreign_ports", '{ "vnet42" }')
+    lab.nft("add", "element", "bridge", "smtp_gate", "foreign_ifaces", "{ 4242 }")
+    lab.nft("add", "element", "bridge", "smtp_gate", "uplinks", '{ "vnet42" }')
     assert nfnetlink.list_elements("allowed") == [nfnetlink.pair_key(index, mac)]
-    assert nfnetlink.list_elements("foreign_ports") == [nfnetlink.ifname_key("vnet42")]
+    assert nfnetlink.list_elements("foreign_ifaces") == [nfnetlink.index_key(4242)]
+    assert nfnetlink.ifname_key("vnet42") in nfnetlink.list_elements("uplinks")
 
 
 @pytest.mark.kernel
 def test_elements_added_over_netlink_are_listed_as_if_nft_had_added_them(applied: BridgeLab) -> None:
     lab = applied
     pairs = [pair_of(lab, "g1"), pair_of(lab, "g2")]
-    names = [("guest_ports", "vnet0"), ("guest_ports", "tap-x.1"), ("foreign_ports", "vnet42")]
+    names = [("guest_ifaces", pairs[0][0]), ("guest_ifaces", 4243), ("foreign_ifaces", 4242), ("uplinks", "tap-x.1")]
     nft.run_elements(ruleset.element_changes(add=[("allowed", p) for p in pairs] + names))
-    by_netlink = {s: listing(lab, s) for s in ("allowed", "guest_ports", "foreign_ports")}
+    by_netlink = {s: listing(lab, s) for s in ("allowed", "guest_ifaces", "foreign_ifaces", "uplinks")}
     assert f'"vnet0" . {pairs[0][1]}' in by_netlink["allowed"], "a pair shows its device's name"
     assert f'"vnet1" . {pairs[1][1]}' in by_netlink["allowed"]
-    assert '"tap-x.1"' in by_netlink["guest_ports"] and '"vnet42"' in by_netlink["foreign_ports"]
+    assert '"vnet0"' in by_netlink["guest_ifaces"] and "4243" in by_netlink["guest_ifaces"]
+    assert "4242" in by_netlink["foreign_ifaces"] and '"tap-x.1"' in by_netlink["uplinks"]
 
-    lab.nft("flush", "set", "bridge", "smtp_gate", "allowed")
-    lab.nft("flush", "set", "bridge", "smtp_gate", "guest_ports")
-    lab.nft("flush", "set", "bridge", "smtp_gate", "foreign_ports")
+    for name in ("allowed", "guest_ifaces", "foreign_ifaces"):  # uplinks keeps the lab's uplink0
+        lab.nft("flush", "set", "bridge", "smtp_gate", name)
+    lab.nft("delete", "element", "bridge", "smtp_gate", "uplinks", '{ "tap-x.1" }')
     batch = ruleset.element_changes(add=[("allowed", p) for p in pairs] + names).batch()
     lab.hv.exec(["nft", "-f", "-"], input=batch.text())
     assert {s: listing(lab, s) for s in by_netlink} == by_netlink
@@ -153,21 +160,21 @@ def test_an_element_nft_added_is_deleted_over_netlink(applied: BridgeLab) -> Non
     lab = applied
     index, mac = pair_of(lab, "g1")
     lab.allow_in_kernel("vnet0", mac)
-    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ports", '{ "vnet7" }')
-    assert mac in listing(lab, "allowed")
-    nft.run_elements(ruleset.element_changes(delete=[("allowed", (index, mac)), ("guest_ports", "vnet7")]))
-    assert mac not in listing(lab, "allowed") and '"vnet7"' not in listing(lab, "guest_ports")
+    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ifaces", "{ 4247 }")
+    assert mac in listing(lab, "allowed") and "4247" in listing(lab, "guest_ifaces")
+    nft.run_elements(ruleset.element_changes(delete=[("allowed", (index, mac)), ("guest_ifaces", 4247)]))
+    assert mac not in listing(lab, "allowed") and "4247" not in listing(lab, "guest_ifaces")
 
 
 @pytest.mark.kernel
 def test_deleting_an_absent_element_and_adding_a_present_one_change_nothing(applied: BridgeLab) -> None:
     lab = applied
     index, mac = pair_of(lab, "g1")
-    nft.run_elements(ruleset.element_changes(add=[("allowed", (index, mac)), ("guest_ports", "vnet0")]))
-    before = {s: listing(lab, s) for s in ("allowed", "guest_ports", "foreign_ports")}
+    nft.run_elements(ruleset.element_changes(add=[("allowed", (index, mac)), ("guest_ifaces", index)]))
+    before = {s: listing(lab, s) for s in ("allowed", "guest_ifaces", "foreign_ifaces")}
     nft.run_elements(ruleset.element_changes(
-        add=[("allowed", (index, mac)), ("guest_ports", "vnet0")],
-        delete=[("allowed", (index, "52:54:00:00:00:99")), ("allowed", (99999, mac)), ("foreign_ports", "nothere")],
+        add=[("allowed", (index, mac)), ("guest_ifaces", index)],
+        delete=[("allowed", (index, "52:54:00:00:00:99")), ("allowed", (99999, mac)), ("foreign_ifaces", 99998)],
     ))
     assert {s: listing(lab, s) for s in before} == before
 
@@ -176,10 +183,10 @@ def test_deleting_an_absent_element_and_adding_a_present_one_change_nothing(appl
 def test_one_bad_change_fails_the_whole_batch_and_changes_nothing(applied: BridgeLab) -> None:
     lab = applied
     index, mac = pair_of(lab, "g1")
-    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ports", '{ "keep0" }')
-    before = {s: listing(lab, s) for s in ("allowed", "guest_ports")}
-    good_add = [("allowed", nfnetlink.pair_key(index, mac)), ("guest_ports", nfnetlink.ifname_key("new0"))]
-    good_delete = [("guest_ports", nfnetlink.ifname_key("keep0"))]
+    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ifaces", "{ 4000 }")
+    before = {s: listing(lab, s) for s in ("allowed", "guest_ifaces")}
+    good_add = [("allowed", nfnetlink.pair_key(index, mac)), ("guest_ifaces", nfnetlink.index_key(4001))]
+    good_delete = [("guest_ifaces", nfnetlink.index_key(4000))]
 
     with pytest.raises(NftError) as info:  # a set that does not exist
         nfnetlink.apply_elements(good_add + [("nosuchset", nfnetlink.ifname_key("x"))], good_delete)
@@ -189,8 +196,8 @@ def test_one_bad_change_fails_the_whole_batch_and_changes_nothing(applied: Bridg
     assert {s: listing(lab, s) for s in before} == before
 
     with pytest.raises(NftError) as info:  # a key of the wrong type for its set
-        nfnetlink.apply_elements(good_add + [("guest_ports", nfnetlink.pair_key(index, mac))], good_delete)
-    assert "Invalid argument" in str(info.value) and "guest_ports" in str(info.value) and not info.value.missing
+        nfnetlink.apply_elements(good_add + [("guest_ifaces", nfnetlink.pair_key(index, mac))], good_delete)
+    assert "Invalid argument" in str(info.value) and "guest_ifaces" in str(info.value) and not info.value.missing
     assert {s: listing(lab, s) for s in before} == before
 
     with pytest.raises(NftError) as info:  # a table that does not exist
@@ -272,7 +279,7 @@ def test_start_without_the_table_installs_it_then_allows_and_stop_without_it_suc
     assert (r.returncode, r.stdout) == (0, b"")
     assert b"installed the base enforcement" in r.stderr and b"failed" not in r.stderr, r.stderr
     assert lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25)
-    assert MAC_FIXED in listing(lab, "allowed") and '"lab2n1"' in listing(lab, "guest_ports")
+    assert MAC_FIXED in listing(lab, "allowed") and '"lab2n1"' in listing(lab, "guest_ifaces")
     lab.nft("delete", "table", "bridge", "smtp_gate")
     r = run_hook(lab, "stopped", "end", (SAMPLES / "04-lab2-stopped-end.xml").read_bytes())
     assert (r.returncode, r.stdout) == (0, b"") and b"failed" not in r.stderr, r.stderr

@@ -1,6 +1,12 @@
-"""The nft batch as text, against golden files (SMTP_GATE_REGENERATE=1 rewrites them)."""
+"""The nft batch as text, and the program the kernel runs for it, against golden files
+(SMTP_GATE_REGENERATE=1 rewrites them)."""
 
+import re
+import shutil
+import subprocess
+import uuid
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -8,34 +14,36 @@ from smtp_gate import ruleset
 from smtp_gate.errors import ValidationError
 from smtp_gate.ruleset import Desired
 from tests.golden import assert_golden
+from tests.netlab import missing_kernel_features
 
 GOLDEN = Path(__file__).parent / "golden" / "ruleset"
+NETLINK = Path(__file__).parent / "golden" / "netlink"
 
-
-def test_default_ruleset() -> None:
-    state = Desired(uplinks=("eno1",), guest_patterns=("vnet*", "tap*", "veth*", "vif*"))
-    assert_golden(GOLDEN / "default.nft", ruleset.apply_batch(state).text())
-
-
-def test_full_ruleset_with_guests_and_allowances() -> None:
-    state = Desired(
+VARIANTS: Dict[str, Desired] = {
+    "default": Desired(uplinks=("eno1",)),
+    "guests": Desired(
         uplinks=("eno1", "bond0.100"),
-        guest_ports=("lab2n1", "vnet3"),
-        guest_patterns=("vnet*",),
-        foreign_ports=("veth77",),
+        guest_ifaces=(7, 12),
+        foreign_ifaces=(31,),
         blocked_ports=((25, 25), (465, 465), (2525, 2530)),
         allowed=((12, "52:54:00:aa:00:02"), (7, "52:54:00:fa:2f:a5")),
         log_rate="10/minute",
         log_burst=3,
-    )
-    assert_golden(GOLDEN / "guests.nft", ruleset.apply_batch(state).text())
+    ),
+    "audit": Desired(uplinks=("eno1",), audit=True, log_drops=False, non_ip="accept"),
+    "relay": Desired(
+        uplinks=("eno1",),
+        relays=((4, "192.0.2.25", (1, 65535)), (4, "198.51.100.0/28", (25, 25)), (6, "2001:db8::/64", (587, 587))),
+    ),
+}
 
 
-def test_audit_mode_without_logging_and_non_ip_accepted() -> None:
-    state = Desired(uplinks=("eno1",), audit=True, log_drops=False, non_ip="accept")
-    text = ruleset.apply_batch(state).text()
-    assert_golden(GOLDEN / "audit.nft", text)
-    assert " drop\n" not in text, "audit mode never drops"
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_ruleset_text(variant: str) -> None:
+    text = ruleset.apply_batch(VARIANTS[variant]).text()
+    assert_golden(GOLDEN / f"{variant}.nft", text)
+    if VARIANTS[variant].audit:
+        assert " drop\n" not in text, "audit mode never drops"
 
 
 def test_the_drop_is_a_rule_of_its_own_after_counting_and_logging() -> None:
@@ -45,40 +53,165 @@ def test_the_drop_is_a_rule_of_its_own_after_counting_and_logging() -> None:
         assert all("drop" not in rule for rule in chain[:-1])
 
 
+def test_no_name_grants_an_exemption_except_the_uplinks_inbound() -> None:
+    """Every accept or exemption keyed on an interface is keyed on its index; the one name
+    set (uplinks) only ever accepts frames that did not come from a known guest port."""
+    rules = ruleset.rules(Desired())
+    named = [(chain, rule) for chain, rule in rules if "ifname" in rule and "update @attempts" not in rule]
+    assert named == [
+        ("forward", "iifname @uplinks accept"),
+        ("input", "iifname @uplinks accept"),
+        ("egress", "oifname @uplinks goto outbound"),
+    ]
+    for chain in ("forward", "input"):
+        body = [rule for name, rule in rules if name == chain]
+        assert body.index(f"iif @guest_ifaces {'goto egress' if chain == 'forward' else 'goto outbound'}") < body.index(
+            "iifname @uplinks accept"
+        ), "a known guest port must be classified before any name is trusted"
+    assert not any("pattern" in name for name in ruleset.SET_TYPES)
+
+
 def test_upgrade_deletes_obsolete_objects_after_flushing_their_references() -> None:
-    text = ruleset.apply_batch(Desired(), obsolete_chains=["old"], obsolete_sets=["allowed"]).text().splitlines()
+    text = ruleset.apply_batch(Desired(), obsolete_chains=["old"], obsolete_sets=["guest_ports"]).text().splitlines()
     flush_old = text.index("flush chain bridge smtp_gate old")
-    assert flush_old < text.index("delete chain bridge smtp_gate old") < text.index("delete set bridge smtp_gate allowed")
-    assert text.index("flush chain bridge smtp_gate outbound") < text.index("delete set bridge smtp_gate allowed")
-    assert text.index("delete set bridge smtp_gate allowed") < text.index(
-        "add set bridge smtp_gate allowed { type iface_index . ether_addr; }"
-    )
+    assert flush_old < text.index("delete chain bridge smtp_gate old") < text.index("delete set bridge smtp_gate guest_ports")
+    assert text.index("flush chain bridge smtp_gate forward") < text.index("delete set bridge smtp_gate guest_ports")
     assert not any(line.startswith("delete table") for line in text), "the table is never deleted by an apply"
 
 
 def test_element_changes_and_removal_whether_or_not_present() -> None:
-    batch = ruleset.element_changes(add=[("allowed", (7, "52:54:00:AA:00:02"))], delete=[("guest_ports", "vnet3")]).batch()
+    batch = ruleset.element_changes(
+        add=[("allowed", (7, "52:54:00:AA:00:02")), ("guest_ifaces", 7)], delete=[("foreign_ifaces", 9)]
+    ).batch()
     assert batch.text() == (
         "add element bridge smtp_gate allowed { 7 . 52:54:00:aa:00:02 }\n"
-        'add element bridge smtp_gate guest_ports { "vnet3" }\n'
-        'delete element bridge smtp_gate guest_ports { "vnet3" }\n'
+        "add element bridge smtp_gate guest_ifaces { 7 }\n"
+        "add element bridge smtp_gate foreign_ifaces { 9 }\n"
+        "delete element bridge smtp_gate foreign_ifaces { 9 }\n"
     )
     assert ruleset.remove_batch().text() == "add table bridge smtp_gate\ndelete table bridge smtp_gate\n"
+    for bad in [("guest_ifaces", "vnet0"), ("guest_ifaces", True), ("guest_ifaces", 0), ("uplinks", 3)]:
+        with pytest.raises(ValidationError):
+            ruleset.element_changes(add=[bad])
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"uplinks": ('eth0" }; flush ruleset; #',)},
-        {"guest_ports": ("vnet 0",)},
-        {"foreign_ports": ("a" * 16,)},
-        {"guest_patterns": ("*",)},
+        {"guest_ifaces": (0,)},
+        {"foreign_ifaces": (-3,)},
+        {"guest_ifaces": ("vnet0",)},
         {"allowed": ((0, "52:54:00:00:00:01"),)},
         {"allowed": ((3, "52:54:00:00:00:0G"),)},
         {"allowed": ((3, "52:54:00:AA:00:01"),)},
         {"blocked_ports": ((25, 25), (25, 25))},
+        {"relays": ((4, "192.0.2.0/24; flush ruleset", (25, 25)),)},
+        {"relays": ((4, "192.0.2.7/24", (25, 25)),)},
+        {"attempts_timeout": "1d; flush ruleset"},
     ],
 )
 def test_nothing_unchecked_reaches_nft(kwargs: dict) -> None:
     with pytest.raises(ValidationError):
         ruleset.apply_batch(Desired(**kwargs))
+
+
+# -- what the kernel runs ---------------------------------------------------------------------
+# nft puts implicit dependencies in front of some matches; in the bridge family some of them
+# are `ether type` (link header + 12), which reads the TPID of a single-tagged frame, so such
+# a rule silently never matches tagged traffic.  No rule of ours may load it.
+LINK_TYPE = "payload load 2b @ link header + 12"
+NEXTHDR6 = "payload load 1b @ network header + 6"
+PROTOCOL4 = "payload load 1b @ network header + 9"
+_BLOCK = re.compile(r"^bridge smtp_gate (\S+)$")
+
+
+def compiled(state: Desired) -> str:
+    """`nft --debug=netlink -c` of the whole batch, in a throwaway network namespace."""
+    reason = missing_kernel_features()
+    if reason:
+        pytest.skip(reason)
+    name = f"sgnl-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        result = subprocess.run(
+            ["ip", "netns", "exec", name, "nft", "--debug=netlink", "-c", "-f", "-"],
+            input=ruleset.apply_batch(state).text(), capture_output=True, text=True, check=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+    return result.stdout
+
+
+def rule_programs(text: str) -> List[Tuple[str, List[str]]]:
+    """(chain, expressions) of every rule block of a netlink listing, in order."""
+    out: List[Tuple[str, List[str]]] = []
+    for line in text.splitlines():
+        m = _BLOCK.match(line)
+        if m:
+            out.append((m.group(1), []))
+        elif out and line.startswith("  ["):
+            out[-1][1].append(line.strip()[2:-2])
+    return out
+
+
+def dependencies(state: Desired) -> str:
+    """Each rule and, for every header it reads, what guards the read: the review listing."""
+    rules = ruleset.rules(state)
+    programs = rule_programs(compiled(state))
+    assert [c for c, _ in programs] == [c for c, _ in rules], "one netlink block per rule, in order"
+    lines = []
+    for (chain, rule), (_chain, program) in zip(rules, programs):
+        guards, reads = [], []
+        for i, expr in enumerate(program):
+            if expr.startswith("meta load protocol") or expr.startswith("meta load l4proto"):
+                guards.append(expr.split()[2] + " " + program[i + 1].split()[-1])
+            if expr.startswith("payload load") or expr.startswith("exthdr load"):
+                where = expr.split(" => ")[0].replace("payload load ", "").replace("exthdr load ", "exthdr ")
+                reads.append(f"{where} [after: {', '.join(guards) or 'nothing'}]")
+        lines.append(f"{chain}: {rule}")
+        lines += [f"    reads {read}" for read in reads]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_compiled_program(variant: str) -> None:
+    """The kernel's program for each variant is reviewed as a golden file; the nft version
+    that compiled it is in the file's first line."""
+    version = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    golden = NETLINK / f"{variant}.txt"
+    if golden.exists() and not golden.read_text().startswith(f"# {version}\n") and not _regenerating():
+        pytest.skip(f"{golden.name} was compiled by another nft than {version!r}")
+    assert_golden(golden, f"# {version}\n" + compiled(VARIANTS[variant]))
+
+
+def _regenerating() -> bool:
+    from tests.golden import regenerating
+
+    return regenerating()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_no_rule_reads_the_link_layer_type_and_every_read_is_guarded(variant: str) -> None:
+    listing = dependencies(VARIANTS[variant])
+    assert_golden(NETLINK / f"{variant}.dependencies.txt", listing)
+    program = compiled(VARIANTS[variant])
+    assert LINK_TYPE not in program, "a rule loads the link-layer type, which is the VLAN tag of a tagged frame"
+    for chain, exprs in rule_programs(program):
+        guarded = set()
+        for expr in exprs:
+            if expr.startswith("meta load protocol"):
+                guarded.add("network")
+            if expr.startswith("meta load l4proto"):
+                guarded.add("transport")
+            if "network" in guarded and expr.split(" => ")[0] in (NEXTHDR6, PROTOCOL4):
+                guarded.add("transport")  # the next-header field itself, read after `meta protocol`
+            for layer in ("network", "transport"):
+                if f"@ {layer} header" in expr:
+                    assert layer in guarded, (
+                        f"{chain}: {expr} reads the {layer} header with no protocol check before it: {exprs}"
+                    )
+            if expr.startswith("exthdr load ipv6"):
+                assert "network" in guarded, f"{chain}: an IPv6 extension header read with no `meta protocol ip6`"

@@ -6,9 +6,22 @@ from pathlib import Path
 from smtp_gate.domain import Domain, Nic
 from smtp_gate.runstate import Record, RunState, domain_event, replay
 
-A = Record("aaaaaaaa-0000-4000-8000-000000000001", "a", ("vnet0",), (), ((7, "52:54:00:00:00:01"),))
-B = Record("bbbbbbbb-0000-4000-8000-000000000002", "b", ("vnet1",))
-C = Record("cccccccc-0000-4000-8000-000000000003", "c", ("vnet2",))
+A = Record("aaaaaaaa-0000-4000-8000-000000000001", "a", (("vnet0", 7),), (), ((7, "52:54:00:00:00:01"),))
+B = Record("bbbbbbbb-0000-4000-8000-000000000002", "b", (("vnet1", 8),))
+C = Record("cccccccc-0000-4000-8000-000000000003", "c", (("vnet2", 9),), (("vnet5", 12),))
+
+
+def test_a_record_of_an_older_version_keeps_no_bare_name(tmp_path: Path) -> None:
+    """Ports written by name alone (before interface indexes) are not read back as ports."""
+    state = RunState(tmp_path)
+    state.prepare()
+    Path(state._record_path(A.uuid)).write_text(
+        '{"uuid": "%s", "name": "a", "guest_ports": ["vnet0"], "foreign_ports": ["vnet5"], "allowed": [[7, "52:54:00:00:00:01"]]}' % A.uuid
+    )
+    record = state.read_record(A.uuid)
+    assert record == Record(A.uuid, "a", (), (), ((7, "52:54:00:00:00:01"),))
+    assert record.elements() == [("allowed", (7, "52:54:00:00:00:01"))]
+    assert C.elements() == [("guest_ifaces", 9), ("foreign_ifaces", 12)]
 
 
 def test_replace_records_keeps_exactly_one_record_per_guest_and_rewrites_only_what_changed(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_enforcement_comes_back_by_itself_with_the_allowances(bare_lab: BridgeLa
     try:
         time.sleep(1.0)  # let it start following nft events
         lab.nft(*interference)
-        elapsed = wait_for(lambda: "goto outbound" in lab.nft("list", "chain", "bridge", "smtp_gate", "forward", check=False).stdout)
+        elapsed = wait_for(lambda: "goto egress" in lab.nft("list", "chain", "bridge", "smtp_gate", "forward", check=False).stdout)
         assert elapsed < 3.0
         assert not lab.tcp_connects(blocked, lab.INET4, 25, timeout=0.5), "SMTP must be blocked again"
         assert lab.tcp_connects(allowed, lab.INET4, 25), "the restore kept the recorded allowance"
