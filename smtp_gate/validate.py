@@ -18,9 +18,12 @@ IFNAMSIZ = 16  # the kernel's limit includes the terminating NUL: names are at m
 # installer generates fits.
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,14}")
 _PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,13}\*")
-_MAC_HEX = re.compile(r"[0-9a-f]{12}")
 _MAC_NORMAL = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-_MAC_SEPARATED = re.compile(r"([0-9a-f]{1,2})([:-])([0-9a-f]{1,2})(\2[0-9a-f]{1,2}){4}")
+# Exactly two digits per byte and one separator throughout: a dropped or doubled digit
+# ("52:54:00:ab:cd:e") must be an error, never another NIC's address ("...:0e").
+_MAC_SEPARATED = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}")
+_MAC_CISCO = re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}")
+MAC_SPELLINGS = "52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef or 5254.00ab.cdef"
 
 
 def ifname(value: str) -> str:
@@ -54,23 +57,21 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 
 def mac(value: str) -> str:
-    """Normalise a unicast-or-not MAC to lower-case colon form.
+    """Normalise a MAC to lower-case colon form.
 
-    Accepts 52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF, 5254.00ab.cdef and 525400abcdef.
+    Accepts only the documented spellings, in any case: six two-digit hex bytes joined by
+    ':' or by '-' (52:54:00:AB:CD:EF, 52-54-00-ab-cd-ef) and Cisco's 5254.00ab.cdef.
+    Anything else (a missing digit, mixed separators, bare digits, spaces) is refused,
+    so that a typo cannot become another NIC's address.
     """
     if isinstance(value, str) and _MAC_NORMAL.fullmatch(value):
         return value  # already the normal form: the common case, thousands of times per rebuild
-    text = value.strip().lower() if isinstance(value, str) else ""
-    m = _MAC_SEPARATED.fullmatch(text)
-    if m:
-        digits = "".join(part.zfill(2) for part in re.split(r"[:-]", text))
-    elif re.fullmatch(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}", text):
-        digits = text.replace(".", "")
-    elif _MAC_HEX.fullmatch(text):
-        digits = text
+    text = value.lower() if isinstance(value, str) else ""
+    if _MAC_SEPARATED.fullmatch(text) or _MAC_CISCO.fullmatch(text):
+        digits = text.replace(":", "").replace("-", "").replace(".", "")
     else:
         raise ValidationError(
-            f"bad MAC address {value!r}: expected six hex bytes, e.g. 52:54:00:ab:cd:ef"
+            f"bad MAC address {value!r}: expected six hex bytes of two digits each, as {MAC_SPELLINGS}"
         )
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 

@@ -589,10 +589,12 @@ def _to_str(value: Union[str, bytes]) -> str:
 
 
 def _mac_pattern(mac: str) -> Optional[str]:
-    """A regex for a run of MAC's bytes in every spelling validate.mac() accepts, lower case.
+    """A regex for a run of MAC's bytes in every spelling validate.mac() accepts, lower case,
+    and in near misses it refuses: a line found so is then read by the full row parser,
+    which refuses it exactly as parse() does, so a wider net costs time, never exactness.
 
-    A byte >= 0x10 is always two digits; a smaller one may lose its leading zero in the
-    colon/dash forms ("52:54:0:ab:cd:ef"); separators are ':', '-', '.' or none.  The run
+    A byte >= 0x10 is always two digits; a smaller one may lose its leading zero in a
+    near miss ("52:54:0:ab:cd:ef"); separators are ':', '-', '.' or none.  The run
     starts at a byte >= 0x10, so the regex starts with a literal and re scans for it fast;
     it covers the last bytes, which are the NIC's own (the first three are the vendor's).
     """

@@ -78,6 +78,33 @@ def test_errors_are_one_line_naming_the_value_and_change_nothing(
     assert (conf.read_bytes(), (conf.parent / "whitelist.csv").read_bytes()) == before
 
 
+def test_a_mac_with_a_dropped_digit_is_refused_not_taken_for_another_nic(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = (conf.parent / "whitelist.csv").read_bytes()
+    for command in ("add-mac", "del-mac"):
+        code, out, err = run(conf, capsys, command, "52:54:00:ab:cd:e")
+        assert (code, out) == (1, "")
+        assert err == (
+            "smtp-gate: error: bad MAC address '52:54:00:ab:cd:e': expected six hex bytes of two digits each, "
+            "as 52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef or 5254.00ab.cdef\n"
+        )
+    assert (conf.parent / "whitelist.csv").read_bytes() == before
+
+
+def test_a_row_with_a_bad_mac_is_reported_with_its_line_and_kept(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    path = conf.parent / "whitelist.csv"
+    typo = "typo,52:54:00:ab:cd:e,2026-11-25T14:03:07+00:00,bob,relay\n"
+    path.write_text(HEADER + typo)
+    code, out, err = run(conf, capsys, "list")
+    assert code == 3 and "0 row(s)" in out
+    assert "line 2: bad MAC address '52:54:00:ab:cd:e'" in err and "(row kept, allows nothing)" in err
+    code, out, err = run(conf, capsys, "add-mac", "52:54:00:ab:cd:0e", "real")
+    assert code == 0 and out.startswith("ok: added MAC 52:54:00:ab:cd:0e (real) at line 3\n"), out
+    assert "line 2: bad MAC address '52:54:00:ab:cd:e'" in err
+    assert path.read_text().startswith(HEADER + typo) and path.read_text().count("\n") == 3
+
+
 def test_usage_errors_exit_2(conf: Path, capsys: pytest.CaptureFixture) -> None:
     assert run(conf, capsys, "add-mac")[0] == 2
     assert run(conf, capsys, "ports-set", "25", "extra")[0] == 2
