@@ -24,6 +24,9 @@ _MAC_NORMAL = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _MAC_SEPARATED = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}")
 _MAC_CISCO = re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}")
 MAC_SPELLINGS = "52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef or 5254.00ab.cdef"
+# Unicode category Cc (C0, DEL, C1: every line break but two) and the line and paragraph
+# separators: str.splitlines() breaks at each, and a terminal obeys them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def ifname(value: str) -> str:
@@ -74,6 +77,29 @@ def mac(value: str) -> str:
             f"bad MAC address {value!r}: expected six hex bytes of two digits each, as {MAC_SPELLINGS}"
         )
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def one_line(what: str, value: str) -> str:
+    """Return VALUE if it holds no control character or line break, else raise.
+
+    Labels and reasons are shown one per line by `list` and `status`; a line break in
+    one would forge or break the lines after it.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(f"bad {what} {value!r}: expected text")
+    found = _CONTROL.search(value)
+    if found:
+        raise ValidationError(
+            f"bad {what} {value!r}: expected one line of text without control characters "
+            f"(found {found.group()!r} at position {found.start() + 1})"
+        )
+    return value
+
+
+def escape_controls(value: str) -> str:
+    """VALUE with each control character and line break written as a Python escape (\\n, \\x1b):
+    for showing text read from a file, which may hold them, on one line of a terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], value)
 
 
 def unicast_mac(value: str) -> str:

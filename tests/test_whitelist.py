@@ -128,7 +128,7 @@ def test_bad_rows_comments_and_spellings_survive_a_change(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     "reason",
-    ['ID verified, ticket "4711"', "two\nlines", 'a "quoted", multi\r\nline, reason ', "", "#not a comment"],
+    ['ID verified, ticket "4711"', 'a "quoted", reason, ', "", "#not a comment", "ünïcödé İ \u200b"],
 )
 def test_awkward_fields_round_trip(tmp_path: Path, reason: str) -> None:
     path = tmp_path / "whitelist.csv"
@@ -142,6 +142,26 @@ def test_awkward_fields_round_trip(tmp_path: Path, reason: str) -> None:
     assert reloaded.entries() == model.entries()
     assert reloaded.entries()[0] == wl.Entry("#1, \"x\"", "52:54:00:ab:cd:ef", NOW.isoformat(), 'op, "root"', reason)
     assert [e.vmname for e in reloaded.entries()] == ['#1, "x"', "#hash", "a,b"]
+
+
+@pytest.mark.parametrize("bad", ["two\nlines", "cr\rlf", "tab\there", "esc\x1b[31m", "nel\x85", "ls\u2028", "ps\u2029",
+                                 "nul\x00", "del\x7f", "vt\x0b", "ff\x0c"])
+def test_control_characters_are_refused_in_every_text_field(bad: str) -> None:
+    model = wl.parse(SAMPLE)
+    calls = [
+        lambda: model.add_mac("52:54:00:12:34:56", added_at=NOW, added_by="u", reason=bad),
+        lambda: model.add_mac("52:54:00:12:34:56", added_at=NOW, added_by="u", reason="r", label=bad),
+        lambda: model.add_mac("52:54:00:12:34:56", added_at=NOW, added_by=bad, reason="r"),
+        lambda: model.add_guest("web7", added_at=NOW, added_by="u", reason=bad),
+        lambda: model.add_guest("web7", added_at=NOW, added_by=bad, reason="r"),
+        lambda: model.add_guest(bad, added_at=NOW, added_by="u", reason="r"),
+    ]
+    for call in calls:
+        with pytest.raises(ValidationError) as info:
+            call()
+        assert repr(bad) in str(info.value) and "expected one line of text without control characters" in str(info.value)
+        assert "\n" not in str(info.value)
+    assert model.text() == SAMPLE
 
 
 def test_extra_columns_are_kept_verbatim_and_reported() -> None:
