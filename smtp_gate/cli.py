@@ -143,16 +143,31 @@ def cmd_del_mac(args: argparse.Namespace, config: Config) -> int:
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
-    rows, problems = manage.list_rows(config)
+    rows, problems, notes = manage.list_rows(config)
     if args.json:
         print(json.dumps({"whitelist": str(config.whitelist), "rows": rows, "problems": problems}, indent=2))
     else:
         print(f"# {config.whitelist}: {len(rows)} row(s)")
         for row in rows:
+            who = str(row["vmname"]) or "-"
+            if row["bound"] == "uuid":  # the guest's name, as libvirt knows it now
+                unknown = "(name unknown)" if notes else "(not in libvirt)"
+                who = f"{row['guest']} ({who})" if row["guest"] else f"{who} {unknown}"
+            elif row["bound"] == "name":
+                who += " (name-bound)"
             print(
-                f"{row['line']:>4}  {row['vmname'] or '-':<24} {row['mac'] or '(all NICs)':<17}  "
-                f"{row['added_at']}  {row['added_by']}  {row['reason']}"
+                validate.escape_controls(  # a row written by hand may hold line breaks
+                    f"{row['line']:>4}  {who:<24} {row['mac'] or '(all NICs)':<17}  "
+                    f"{row['added_at']}  {row['added_by']}  {row['reason']}"
+                )
             )
+        if any(row["bound"] == "name" for row in rows):
+            print(
+                "# (name-bound): allows whichever guest has that name, also a later one that reuses it; "
+                "`smtp-gate add-vm NAME` adds a row bound to the guest's UUID, then delete the name-bound line"
+            )
+    for note in notes:
+        print(f"smtp-gate: note: {note}", file=sys.stderr)
     for problem in problems:
         warn(f"whitelist {config.whitelist}: {problem} (row kept, allows nothing)")
     return EXIT_WARNING if problems else EXIT_OK

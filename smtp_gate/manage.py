@@ -68,6 +68,9 @@ def _write_and_apply(
 
 
 def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) -> Change:
+    """Whitelist the guest NAME (a name or a UUID) by a row bound to its UUID: control panels
+    reuse names, and a later guest given this name must not inherit the allowance."""
+    validate.one_line("reason", reason)  # before asking libvirt: a bad value is refused at once
     found = hypervisor.find(config.uris(), name)
     if found is None:
         raise SmtpGateError(
@@ -80,9 +83,12 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
             f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}), "
             f"so there is nothing to allow: its NICs: {_describe_nics(dom)}"
         )
+    row = whitelist.uuid_row(dom.uuid)
     change = _write_and_apply(
         config,
-        lambda model: [model.add_guest(dom.name, added_at=when, added_by=user, reason=reason, uuid=dom.uuid)],
+        lambda model: [
+            model.add_guest(row, added_at=when, added_by=user, reason=reason, uuid=dom.uuid, shown=dom.name)
+        ],
         [dom] if running else [],
         [],
     )
@@ -92,24 +98,42 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
 
 
 def del_vm(config: Config, name: str) -> Change:
+    """Remove the guest's rows, bound to its name or to its UUID, and revoke its allowances.
+
+    libvirt tells a name's UUID and a UUID's name.  For a guest libvirt no longer knows,
+    the records its start hooks left give the UUIDs that ran under NAME.
+    """
     warnings: List[str] = []
     try:
         found = hypervisor.find(config.uris(), name)
     except SmtpGateError as exc:
         found = None
-        warnings.append(f"{exc}; removing the whitelist rows named {name!r} anyway")
+        warnings.append(f"{exc}; removing the whitelist rows of {name!r} anyway")
     dom = found[0] if found else None
     key = dom.name if dom else name
-    uuid = dom.uuid if dom else (normalise_uuid(name) or "")
+    records = list(RunState(config.run_dir).all_records().values())
+    if dom is not None:
+        uuids = [dom.uuid]
+    elif normalise_uuid(name):
+        uuids = [normalise_uuid(name) or ""]
+    else:
+        uuids = sorted({record.uuid for record in records if record.name == key})
     recorded = [
         mac
-        for record in RunState(config.run_dir).all_records().values()
-        if record.name == key or record.uuid == uuid
+        for record in records
+        if record.name == key or record.uuid in uuids
         for _index, mac in record.allowed
     ]
+
+    def edit(model: whitelist.Whitelist) -> List[whitelist.Effect]:
+        effects: List[whitelist.Effect] = []
+        for uuid in uuids or [""]:
+            effects += model.remove_guest(key, uuid, shown=key)
+        return [e for e in effects if e.changed] or effects[:1]
+
     change = _write_and_apply(
         config,
-        lambda model: model.remove_guest(key, uuid),
+        edit,
         [dom] if found and found[1] else [],
         (guests.nic_macs(dom) if dom else []) + recorded,
     )
@@ -118,6 +142,8 @@ def del_vm(config: Config, name: str) -> Change:
 
 def add_mac(config: Config, mac: str, label: str, reason: str, user: str, when: datetime) -> Change:
     normal = validate.unicast_mac(mac)
+    validate.one_line("label", label)  # before asking libvirt: a bad value is refused at once
+    validate.one_line("reason", reason)
     listing = hypervisor.list_running(config.uris())
     running = [d for d in listing.domains if normal in guests.nic_macs(d)]
     warnings = []
@@ -197,15 +223,18 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
         macs = guests.nic_macs(dom)
 
         def edit(model: whitelist.Whitelist) -> List[whitelist.Effect]:
-            effects = model.remove_guest(dom.name, dom.uuid)
+            effects = model.remove_guest(dom.name, dom.uuid, shown=dom.name)
             for mac in macs:
                 effects += [e for e in model.remove_mac(mac) if e.changed]
             return [e for e in effects if e.changed] or effects
 
         return _write_and_apply(config, edit, running, macs)
+    row = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
     return _write_and_apply(
         config,
-        lambda model: [model.add_guest(dom.name, added_at=when, added_by=user, reason="picker", uuid=dom.uuid)],
+        lambda model: [
+            model.add_guest(row, added_at=when, added_by=user, reason="picker", uuid=dom.uuid, shown=dom.name)
+        ],
         running,
         [],
     )
@@ -236,10 +265,27 @@ def render_rows(rows: Sequence[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
-def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str]]:
+def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
+    """(rows, problems, notes).  Each row as stored, plus `bound` ("uuid", "name" or "mac")
+    and `guest`: the name of the guest a whole-guest row allows (for a UUID row, from
+    libvirt; None when libvirt does not know it or did not answer)."""
     model = whitelist.load(config.whitelist)
+    names: Dict[str, str] = {}
+    notes: List[str] = []
+    if any(entry.bound == "uuid" for entry in model.entries()):
+        try:
+            names = {dom.uuid: dom.name for dom, _running in hypervisor.list_all(config.uris())}
+        except SmtpGateError as exc:
+            notes.append(f"guest names of UUID rows not shown: {exc}")
     rows = []
     for number, line in model.numbered():
-        if line.entry is not None:
-            rows.append({"line": number, **line.entry._asdict()})
-    return rows, [str(p) for p in model.problems()]
+        entry = line.entry
+        if entry is None:
+            continue
+        guest: Optional[str] = None
+        if entry.bound == "uuid":
+            guest = names.get(whitelist.uuid_row(entry.vmname))
+        elif entry.bound == "name":
+            guest = entry.vmname
+        rows.append({"line": number, **entry._asdict(), "bound": entry.bound, "guest": guest})
+    return rows, [str(p) for p in model.problems()], notes

@@ -66,7 +66,8 @@ def test_add_vm_allows_every_nic_now_and_del_vm_revokes_now(fleet: BridgeLab) ->
     assert can_mail(lab, "vm0n0") and can_mail(lab, "vm0n1"), "both NICs at once, no rebuild"
     assert not can_mail(lab, "vm1n0")
     (row,) = rows(lab)
-    assert row["vmname"] == "vm00000" and row["mac"] == "" and row["added_by"] == "alice"
+    assert row["vmname"] == testdriver.uuid(0) and row["guest"] == "vm00000" and row["bound"] == "uuid"
+    assert row["mac"] == "" and row["added_by"] == "alice"
     assert ISO.fullmatch(row["added_at"]) and row["reason"] == 'ID verified, ticket "4711"'
     # again, by UUID: already there, no duplicate row, exit 0
     again = sg(lab, "add-vm", testdriver.uuid(0).upper())
@@ -181,6 +182,16 @@ def test_rebuild_and_status_from_libvirt_and_the_whitelist(fleet: BridgeLab) -> 
     assert "whitelisted guest vm00001: running; ports tap1n0; allowance in kernel: yes" in text
 
 
+def test_rebuild_and_status_match_a_uuid_row_and_show_the_guests_name(fleet: BridgeLab) -> None:
+    """The row add-vm writes (here in another spelling of the UUID) is matched by the rebuild."""
+    lab = fleet
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"{testdriver.uuid(2).upper()},,2026-11-25T14:03:07+00:00,alice,\n")
+    r = sg(lab, "rebuild")
+    assert r.returncode == 0 and "1 allowed guest NIC(s)" in r.stdout, r.stdout + r.stderr
+    assert can_mail(lab, "vm2n0") and not can_mail(lab, "vm1n0")
+    assert "whitelisted guest vm00002: running; ports tap2n0; allowance in kernel: yes" in sg(lab, "status").stdout
+
+
 def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: BridgeLab) -> None:
     lab = fleet
     r = lab.hv.exec([sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), "whitelist"],
@@ -212,4 +223,4 @@ def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: Bridg
     assert os.waitstatus_to_exitcode(status) == 0, output.decode(errors="replace")
     assert b"ok: added guest 'vm00001'" in output
     assert can_mail(lab, "vm1n0")
-    assert [r["vmname"] for r in rows(lab)] == ["vm00001"]
+    assert [(r["vmname"], r["guest"]) for r in rows(lab)] == [(testdriver.uuid(1), "vm00001")]
