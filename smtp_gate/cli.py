@@ -1,21 +1,24 @@
 """The `smtp-gate` command: one small function per subcommand, errors caught once at the top.
 
-Exit codes: 0 success; 1 error (nothing was changed); 2 usage; 3 done, with a warning
-the operator must read (a protected bridge is missing or has no uplink; `list`: a
-whitelist row cannot be used); 4 `status`: enforcement is not active.  No hypervisor
+Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
+refused the change is put back); 2 usage; 3 done, with a warning the operator must read
+(a protected bridge is missing or has no uplink; `list`: a whitelist row cannot be
+used); 4 `status`: enforcement is not active; 5 the kernel refused a change whose file
+was written, and the file could not be put back (the message says what is left).  No hypervisor
 answering is a note on stderr, not a warning: apply then keeps what the kernel holds.
 """
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
 from smtp_gate import __version__, config as config_mod, validate
 from smtp_gate.config import Config
-from smtp_gate.errors import SmtpGateError
+from smtp_gate.errors import PartialChange, SmtpGateError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -247,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtp-gate",
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 done with a warning, 4 (status) not active",
+        epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning, 4 (status) not active, "
+        "5 a file changed but the kernel did not",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -328,16 +332,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = config_mod.load(args.config)
         return COMMANDS[command](args, config)
-    except SmtpGateError as exc:
+    except Exception as exc:  # every error, ours or not, is one line (a traceback only with --debug)
         if args.debug:
             import traceback  # here: only --debug needs it, and it costs every command ~6 ms
 
             traceback.print_exc()
-        print(f"smtp-gate: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"smtp-gate: error: {_error_line(exc)}", file=sys.stderr)
+        return EXIT_PARTIAL if isinstance(exc, PartialChange) else EXIT_ERROR
     except KeyboardInterrupt:
         print("smtp-gate: interrupted", file=sys.stderr)
         return 130
+
+
+def _error_line(exc: Exception) -> str:
+    """EXC as one line: our own message; an OS error with the file it concerns; any other
+    error with its type, since it is a bug to report.  Line breaks (nft's stderr, say)
+    become ' | ', so that one error is one line whatever produced it."""
+    if isinstance(exc, SmtpGateError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        files = [repr(os.fsdecode(f) if isinstance(f, bytes) else str(f)) for f in (exc.filename, exc.filename2)
+                 if f is not None]
+        text = f"{exc.strerror or exc}" + (f": {' -> '.join(files)}" if files else "")
+    else:
+        text = f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and report it)"
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -27,3 +27,9 @@ class LockTimeout(SmtpGateError):
 
 class DomainXMLError(SmtpGateError):
     """A domain XML we cannot read: not XML, or missing the <name>/<uuid> every guest has."""
+
+
+class PartialChange(SmtpGateError):
+    """A file was written, the kernel then refused the change, and the file could not be
+    restored: the file holds a change the kernel does not.  Its own exit code (5), since
+    exit 1 promises that nothing was changed."""

@@ -7,13 +7,14 @@ libvirt is always asked before the lock is taken, never while it is held (DESIGN
 
 import getpass
 import os
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 from smtp_gate import allowances, config as config_mod, files, guests, hypervisor, lock, nft, ruleset, validate, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain, normalise_uuid
-from smtp_gate.errors import ConfigError, SmtpGateError
+from smtp_gate.errors import ConfigError, NftError, PartialChange, SmtpGateError, WhitelistError
 from smtp_gate.runstate import RunState
 
 
@@ -52,18 +53,70 @@ def _describe_nics(dom: Domain) -> str:
     return "; ".join(parts) or "none"
 
 
+def _snapshot(path: "os.PathLike[str] | str", what: str, error: Type[SmtpGateError]) -> Optional[bytes]:
+    """The file's bytes before a change, None if it does not exist: what _undo_on_failure restores."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _undo_on_failure(
+    path: "os.PathLike[str] | str", before: Optional[bytes], what: str, error: Type[SmtpGateError]
+) -> Iterator[None]:
+    """Put BEFORE back at PATH (atomically; call it under the lock) if the kernel change in
+    the block fails, so that exit 1 keeps its promise: nothing was changed.
+
+    nft batches and netlink batches are atomic, so a refusal changed nothing in the kernel.
+    If the file cannot be put back, PartialChange says exactly what state is left.
+    """
+    try:
+        yield
+    except BaseException as exc:  # KeyboardInterrupt too: the file must not outlive a change never made
+        try:
+            if before is None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as unlink_exc:
+                    raise error(f"cannot remove {str(path)!r}: {unlink_exc.strerror or unlink_exc}") from None
+            else:
+                files.atomic_write(path, before, what, error=error)
+        except SmtpGateError as restore_exc:
+            raise PartialChange(
+                f"{_one_line(exc)}; restoring {what} {str(path)!r} failed too ({restore_exc}): the file holds the "
+                "change and the kernel does not; undo the change in the file, or run `smtp-gate rebuild` to apply it"
+            ) from None
+        if isinstance(exc, NftError):
+            raise NftError(f"{exc}; {what} {str(path)!r} restored as it was") from None
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _write_and_apply(
     config: Config, edit, running: Sequence[Domain], affected: Sequence[str]  # type: ignore[no-untyped-def]
 ) -> Change:
-    """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel."""
+    """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel;
+    if the kernel change fails, the whitelist is put back as it was."""
     with lock.command_lock(config.lock_path):
+        before = _snapshot(config.whitelist, "whitelist", WhitelistError)
         model = whitelist.load(config.whitelist)
         effects = edit(model)
-        if any(e.changed for e in effects):
+        written = any(e.changed for e in effects)
+        if written:
             whitelist.write(config.whitelist, model)
         lines = [str(e) for e in effects]
         warnings = [f"whitelist {config.whitelist}: {p} (row kept, allows nothing)" for p in model.problems()]
-        lines += allowances.reconcile(config, model, running, affected)
+        with _undo_on_failure(config.whitelist, before, "whitelist", WhitelistError) if written else nullcontext():
+            lines += allowances.reconcile(config, model, running, affected)
     return Change(lines, warnings)
 
 
@@ -176,6 +229,7 @@ def ports_set(config: Config, value: str) -> Change:
             current = ""
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(config.path)!r}: {exc}") from None
+        before = _snapshot(config.path, "config file", ConfigError)
         updated, line = config_mod.with_value(current, config.path, "BLOCKED_PORTS", text)
         lines = []
         if updated != current:
@@ -183,18 +237,19 @@ def ports_set(config: Config, value: str) -> Change:
             lines.append(f"blocked ports set to {text} in {config.path} (line {line})")
         else:
             lines.append(f"blocked ports already {text} in {config.path} (line {line})")
-        if nft.table_exists():
-            nft.run_batch(
-                ruleset.Batch(
-                    (
-                        f"flush set {ruleset.T} blocked_ports",
-                        f"add element {ruleset.T} blocked_ports {{ {', '.join(str(a) if a == b else f'{a}-{b}' for a, b in ranges)} }}",
+        with _undo_on_failure(config.path, before, "config file", ConfigError) if updated != current else nullcontext():
+            if nft.table_exists():
+                nft.run_batch(
+                    ruleset.Batch(
+                        (
+                            f"flush set {ruleset.T} blocked_ports",
+                            f"add element {ruleset.T} blocked_ports {{ {', '.join(str(a) if a == b else f'{a}-{b}' for a, b in ranges)} }}",
+                        )
                     )
                 )
-            )
-            lines.append(f"enforced at once: TCP {text} blocked for every guest that is not allowed")
-        else:
-            lines.append("enforcement is not active: run `smtp-gate apply`")
+                lines.append(f"enforced at once: TCP {text} blocked for every guest that is not allowed")
+            else:
+                lines.append("enforcement is not active: run `smtp-gate apply`")
     return Change(lines, [])
 
 

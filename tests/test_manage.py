@@ -192,6 +192,45 @@ def test_rebuild_and_status_match_a_uuid_row_and_show_the_guests_name(fleet: Bri
     assert "whitelisted guest vm00002: running; ports tap2n0; allowance in kernel: yes" in sg(lab, "status").stdout
 
 
+NO_NET_ADMIN = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+
+
+@pytest.mark.parametrize(
+    "args, changed_file",
+    [
+        (["add-mac", testdriver.mac(0, 1), "relay"], "whitelist.csv"),
+        (["add-vm", "vm00002", "verified"], "whitelist.csv"),
+        (["del-vm", "vm00001"], "whitelist.csv"),
+        (["del-mac", testdriver.mac(1, 0)], "whitelist.csv"),
+        (["ports-set", "25,465,587"], "smtp-gate.conf"),
+    ],
+)
+def test_when_the_kernel_refuses_the_file_is_restored_and_exit_1_means_nothing_changed(
+    fleet: BridgeLab, args: List[str], changed_file: str
+) -> None:
+    """Without CAP_NET_ADMIN the kernel refuses every nftables request: the command wrote its
+    file first, so it must put it back byte for byte, and the kernel must be as it was."""
+    lab = fleet
+    wl = lab.tmp / "whitelist.csv"
+    wl.write_text(HEADER + f"{testdriver.uuid(1)},,2026-11-25T14:03:07+00:00,alice,verified\n"
+                  f"x,{testdriver.mac(1, 0)},2026-11-25T14:03:07+00:00,alice,\n")
+    assert sg(lab, "rebuild").returncode == 0 and can_mail(lab, "vm1n0")
+    before = {name: (lab.tmp / name).read_bytes() for name in ("whitelist.csv", "smtp-gate.conf")}
+    table = lab.nft("list", "table", "bridge", "smtp_gate").stdout
+    r = lab.hv.exec([*NO_NET_ADMIN, sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), *args],
+                    check=False, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert (r.returncode, r.stdout) == (1, ""), (r.stdout, r.stderr)
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("smtp-gate: error: ") and "Operation not permitted" in line, line
+    what = "whitelist" if changed_file == "whitelist.csv" else "config file"
+    assert line.endswith(f"{what} {str(lab.tmp / changed_file)!r} restored as it was"), line
+    assert {name: (lab.tmp / name).read_bytes() for name in before} == before
+    assert not [p for p in lab.tmp.iterdir() if ".tmp" in p.name], "no temporary file left behind"
+    assert lab.nft("list", "table", "bridge", "smtp_gate").stdout == table
+    assert can_mail(lab, "vm1n0") and not can_mail(lab, "vm2n0") and not can_mail(lab, "vm0n1")
+
+
 def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: BridgeLab) -> None:
     lab = fleet
     r = lab.hv.exec([sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), "whitelist"],

@@ -204,6 +204,32 @@ def test_del_vm_of_a_guest_libvirt_forgot_finds_its_uuid_rows_through_the_hooks_
     assert path.read_text() == HEADER
 
 
+def test_an_os_error_is_one_line_exit_1_and_a_traceback_only_with_debug(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Real failures outside our own error type: the run directory (where the lock lives)
+    under a regular file, and a whitelist that is a directory."""
+    blocker = conf.parent / "not-a-dir"
+    blocker.write_text("")
+    conf.write_text(conf.read_text().replace(f'RUN_DIR="{conf.parent / "run"}"', f'RUN_DIR="{blocker / "run"}"'))
+    before = (conf.parent / "whitelist.csv").read_bytes()
+    for args in (["add-mac", "52:54:00:ab:cd:ef"], ["del-vm", testdriver.name(0)]):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, "")
+        assert err.startswith("smtp-gate: error: Not a directory: '" + str(blocker / "run")) and err.count("\n") == 1, err
+    assert (conf.parent / "whitelist.csv").read_bytes() == before
+    code, out, err = run(conf, capsys, "--debug", "add-mac", "52:54:00:ab:cd:ef")
+    assert code == 1 and "Traceback (most recent call last)" in err and "NotADirectoryError" in err
+    assert err.endswith("smtp-gate: error: Not a directory: '" + str(blocker / "run") + "'\n")
+
+    conf.write_text(conf.read_text().replace(f'RUN_DIR="{blocker / "run"}"', f'RUN_DIR="{conf.parent / "run"}"'))
+    (conf.parent / "whitelist.csv").unlink()
+    (conf.parent / "whitelist.csv").mkdir()
+    for args in (["list"], ["add-mac", "52:54:00:ab:cd:ef"]):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, "") and err.count("\n") == 1 and "Is a directory" in err, err
+
+
 def test_usage_errors_exit_2(conf: Path, capsys: pytest.CaptureFixture) -> None:
     assert run(conf, capsys, "add-mac")[0] == 2
     assert run(conf, capsys, "ports-set", "25", "extra")[0] == 2
