@@ -47,11 +47,20 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             f"uplinks {', '.join(d.uplinks) or 'none'}; blocked ports {validate.format_ports(d.blocked_ports)}; "
             f"{guests}; {len(d.allowed)} allowed guest NIC(s)"
         )
-    for note in result.hypervisor_warnings:
-        warn(note)
-    for message in outcome.warnings:
-        warn(message)
+    for message in result.hypervisor_warnings + outcome.warnings:
+        warn(_as_dry_run(message) if args.dry_run else message)
     return EXIT_WARNING if outcome.has_warnings else EXIT_OK
+
+
+def _as_dry_run(message: str) -> str:
+    """A warning worded for a real apply, told as what this dry run would have done: it
+    installed nothing, so it must not say that enforcement "is installed"."""
+    for done, would in (
+        ("enforcement is installed", "enforcement would be installed"),
+        ("allowances for existing ports are kept", "allowances for existing ports would be kept"),
+    ):
+        message = message.replace(done, would)
+    return f"dry run, nothing installed: {message}"
 
 
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:

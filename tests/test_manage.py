@@ -192,6 +192,26 @@ def test_rebuild_and_status_match_a_uuid_row_and_show_the_guests_name(fleet: Bri
     assert "whitelisted guest vm00002: running; ports tap2n0; allowance in kernel: yes" in sg(lab, "status").stdout
 
 
+def test_a_dry_run_says_what_would_happen_never_that_enforcement_is_installed(bare_lab: BridgeLab) -> None:
+    """A missing bridge and no hypervisor answering: both warnings say "enforcement is
+    installed" after a real apply; after a dry run, which installs nothing, they must not."""
+    lab = bare_lab
+    lab.write_config('UPLINKS="uplink0"\nBRIDGE="br0 br9"\n')
+    r = sg(lab, "apply", "--dry-run")
+    assert r.returncode == 3, r.stderr
+    assert "is installed" not in r.stdout + r.stderr and "are kept" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert "# the kernel accepted this batch (nft -c); nothing was changed" in lines
+    warnings = [line for line in lines if line.startswith("smtp-gate: warning: ")]
+    assert len(warnings) == 2 and all(w.startswith("smtp-gate: warning: dry run, nothing installed: ") for w in warnings)
+    assert any("bridge 'br9' does not exist (yet): enforcement would be installed" in w for w in warnings), warnings
+    assert any("no hypervisor answered" in w and "allowances for existing ports would be kept" in w for w in warnings)
+    assert "smtp_gate" not in lab.nft("list", "tables").stdout
+    r = sg(lab, "apply")  # the real apply says it, and it is true
+    assert r.returncode == 3 and "bridge 'br9' does not exist (yet): enforcement is installed" in r.stderr
+    assert "smtp_gate" in lab.nft("list", "tables").stdout
+
+
 NO_NET_ADMIN = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
 
 
