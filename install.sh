@@ -498,8 +498,24 @@ fi
 # run ours yet.  A reload is enough; it keeps guests running and fires no hook for them.
 say "libvirt"
 say "  libvirt looks for hooks when its daemon starts or is reloaded (SIGHUP): a daemon running since"
-say "  before this install does not call them yet.  Meanwhile guests stay blocked by the boot table,"
-say "  and the 60 s rebuild keeps allowances exact."
+say "  before this install does not call them yet."
+# What guests face until then, as it is on this host now: --no-start, a host without systemd or a
+# unit that failed to start leave no table, and then nothing blocks them.  (--root: nothing runs.)
+if [ "$LIVE" = 1 ]; then
+    if command -v nft >/dev/null 2>&1 && nft list table bridge smtp_gate >/dev/null 2>&1; then
+        if [ "$SYSTEMD_RUNNING" = 1 ] && systemctl is-active --quiet smtp-gate-rebuild.timer; then
+            say "  Meanwhile guests stay blocked by smtp-gate's table (bridge smtp_gate), and the 60 s rebuild"
+            say "  keeps allowances exact."
+        else
+            say "  Meanwhile guests stay blocked by smtp-gate's table (bridge smtp_gate); no rebuild timer runs,"
+            say "  so allowances change only with smtp-gate rebuild or the whitelist commands."
+        fi
+    else
+        say "  Enforcement is NOT active: no smtp-gate table is installed, so guests are not blocked until"
+        say "  smtp-gate apply (or systemctl start smtp-gate.service) installs it, or a guest starts once"
+        say "  libvirt calls the hooks."
+    fi
+fi
 if [ "$SYSTEMD_RUNNING" = 1 ]; then
     running=()
     for d in libvirtd virtqemud virtlxcd virtxend; do

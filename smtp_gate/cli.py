@@ -1,23 +1,26 @@
 """The `smtp-gate` command: one small function per subcommand, errors caught once at the top.
 
-Exit codes: 0 success; 1 error (nothing was changed); 2 usage; 3 done, with a warning
-the operator must read (a protected bridge is missing or has no uplink; `list`: a
-whitelist row cannot be used); 4 `status`: enforcement is not active; 5 the operator
-switched enforcement off (`status`, and `apply --if-enabled`, which then installs nothing).
-No hypervisor answering is a note on stderr, not a warning: apply then keeps what the
-kernel holds.
+Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
+refused the change is put back); 2 usage; 3 done, with a warning the operator must read
+(a protected bridge is missing or has no uplink; `list`: a whitelist row cannot be
+used); 4 `status`: enforcement is not active; 5 the operator switched enforcement off
+(`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
+change whose file was written, and the file could not be put back (the message says what
+is left).  No hypervisor answering is a note on stderr, not a warning: apply then keeps
+what the kernel holds.
 """
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
 from smtp_gate import __version__, config as config_mod, validate
 from smtp_gate.config import Config
-from smtp_gate.errors import SmtpGateError
+from smtp_gate.errors import PartialChange, SmtpGateError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE, EXIT_DISABLED = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE, EXIT_DISABLED, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5, 6
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -59,11 +62,20 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
             f"uplinks {', '.join(d.uplinks) or 'none'}; blocked ports {validate.format_ports(d.blocked_ports)}; "
             f"{guests}; {len(d.allowed)} allowed guest NIC(s)"
         )
-    for note in result.hypervisor_warnings:
-        warn(note)
-    for message in outcome.warnings:
-        warn(message)
+    for message in result.hypervisor_warnings + outcome.warnings:
+        warn(_as_dry_run(message) if args.dry_run else message)
     return EXIT_WARNING if outcome.has_warnings else EXIT_OK
+
+
+def _as_dry_run(message: str) -> str:
+    """A warning worded for a real apply, told as what this dry run would have done: it
+    installed nothing, so it must not say that enforcement "is installed"."""
+    for done, would in (
+        ("enforcement is installed", "enforcement would be installed"),
+        ("allowances for existing ports are kept", "allowances for existing ports would be kept"),
+    ):
+        message = message.replace(done, would)
+    return f"dry run, nothing installed: {message}"
 
 
 def cmd_disable(args: argparse.Namespace, config: Config) -> int:
@@ -189,16 +201,31 @@ def cmd_del_mac(args: argparse.Namespace, config: Config) -> int:
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
-    rows, problems = manage.list_rows(config)
+    rows, problems, notes = manage.list_rows(config)
     if args.json:
         print(json.dumps({"whitelist": str(config.whitelist), "rows": rows, "problems": problems}, indent=2))
     else:
         print(f"# {config.whitelist}: {len(rows)} row(s)")
         for row in rows:
+            who = str(row["vmname"]) or "-"
+            if row["bound"] == "uuid":  # the guest's name, as libvirt knows it now
+                unknown = "(name unknown)" if notes else "(not in libvirt)"
+                who = f"{row['guest']} ({who})" if row["guest"] else f"{who} {unknown}"
+            elif row["bound"] == "name":
+                who += " (name-bound)"
             print(
-                f"{row['line']:>4}  {row['vmname'] or '-':<24} {row['mac'] or '(all NICs)':<17}  "
-                f"{row['added_at']}  {row['added_by']}  {row['reason']}"
+                validate.escape_controls(  # a row written by hand may hold line breaks
+                    f"{row['line']:>4}  {who:<24} {row['mac'] or '(all NICs)':<17}  "
+                    f"{row['added_at']}  {row['added_by']}  {row['reason']}"
+                )
             )
+        if any(row["bound"] == "name" for row in rows):
+            print(
+                "# (name-bound): allows whichever guest has that name, also a later one that reuses it; "
+                "`smtp-gate add-vm NAME` adds a row bound to the guest's UUID, then delete the name-bound line"
+            )
+    for note in notes:
+        print(f"smtp-gate: note: {note}", file=sys.stderr)
     for problem in problems:
         warn(f"whitelist {config.whitelist}: {problem} (row kept, allows nothing)")
     return EXIT_WARNING if problems else EXIT_OK
@@ -279,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtp-gate",
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 done with a warning, 4 (status) not active, "
-        "5 disabled by the operator (status, apply --if-enabled)",
+        epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning, 4 (status) not active, "
+        "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -381,16 +408,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = config_mod.load(args.config)
         return COMMANDS[command](args, config)
-    except SmtpGateError as exc:
+    except Exception as exc:  # every error, ours or not, is one line (a traceback only with --debug)
         if args.debug:
             import traceback  # here: only --debug needs it, and it costs every command ~6 ms
 
             traceback.print_exc()
-        print(f"smtp-gate: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"smtp-gate: error: {_error_line(exc)}", file=sys.stderr)
+        return EXIT_PARTIAL if isinstance(exc, PartialChange) else EXIT_ERROR
     except KeyboardInterrupt:
         print("smtp-gate: interrupted", file=sys.stderr)
         return 130
+
+
+def _error_line(exc: Exception) -> str:
+    """EXC as one line: our own message; an OS error with the file it concerns; any other
+    error with its type, since it is a bug to report.  Line breaks (nft's stderr, say)
+    become ' | ', so that one error is one line whatever produced it."""
+    if isinstance(exc, SmtpGateError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        files = [repr(os.fsdecode(f) if isinstance(f, bytes) else str(f)) for f in (exc.filename, exc.filename2)
+                 if f is not None]
+        text = f"{exc.strerror or exc}" + (f": {' -> '.join(files)}" if files else "")
+    else:
+        text = f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and report it)"
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

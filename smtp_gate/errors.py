@@ -40,3 +40,9 @@ class EnforcementDisabled(SmtpGateError):
     def __init__(self, off: "Disabled") -> None:
         super().__init__(f"{off.describe()}: not installing (`smtp-gate enable` turns it back on)")
         self.off = off
+
+
+class PartialChange(SmtpGateError):
+    """A file was written, the kernel then refused the change, and the file could not be
+    restored: the file holds a change the kernel does not.  Its own exit code (6), since
+    exit 1 promises that nothing was changed."""

@@ -7,13 +7,14 @@ libvirt is always asked before the lock is taken, never while it is held (DESIGN
 
 import getpass
 import os
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 from smtp_gate import allowances, config as config_mod, files, guests, hypervisor, lock, nft, ruleset, validate, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain, normalise_uuid
-from smtp_gate.errors import ConfigError, SmtpGateError
+from smtp_gate.errors import ConfigError, NftError, PartialChange, SmtpGateError, WhitelistError
 from smtp_gate.runstate import RunState
 
 
@@ -52,22 +53,77 @@ def _describe_nics(dom: Domain) -> str:
     return "; ".join(parts) or "none"
 
 
+def _snapshot(path: "os.PathLike[str] | str", what: str, error: Type[SmtpGateError]) -> Optional[bytes]:
+    """The file's bytes before a change, None if it does not exist: what _undo_on_failure restores."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _undo_on_failure(
+    path: "os.PathLike[str] | str", before: Optional[bytes], what: str, error: Type[SmtpGateError]
+) -> Iterator[None]:
+    """Put BEFORE back at PATH (atomically; call it under the lock) if the kernel change in
+    the block fails, so that exit 1 keeps its promise: nothing was changed.
+
+    nft batches and netlink batches are atomic, so a refusal changed nothing in the kernel.
+    If the file cannot be put back, PartialChange says exactly what state is left.
+    """
+    try:
+        yield
+    except BaseException as exc:  # KeyboardInterrupt too: the file must not outlive a change never made
+        try:
+            if before is None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as unlink_exc:
+                    raise error(f"cannot remove {str(path)!r}: {unlink_exc.strerror or unlink_exc}") from None
+            else:
+                files.atomic_write(path, before, what, error=error)
+        except SmtpGateError as restore_exc:
+            raise PartialChange(
+                f"{_one_line(exc)}; restoring {what} {str(path)!r} failed too ({restore_exc}): the file holds the "
+                "change and the kernel does not; undo the change in the file, or run `smtp-gate rebuild` to apply it"
+            ) from None
+        if isinstance(exc, NftError):
+            raise NftError(f"{exc}; {what} {str(path)!r} restored as it was") from None
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _write_and_apply(
     config: Config, edit, running: Sequence[Domain], affected: Sequence[str]  # type: ignore[no-untyped-def]
 ) -> Change:
-    """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel."""
+    """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel;
+    if the kernel change fails, the whitelist is put back as it was."""
     with lock.command_lock(config.lock_path):
+        before = _snapshot(config.whitelist, "whitelist", WhitelistError)
         model = whitelist.load(config.whitelist)
         effects = edit(model)
-        if any(e.changed for e in effects):
+        written = any(e.changed for e in effects)
+        if written:
             whitelist.write(config.whitelist, model)
         lines = [str(e) for e in effects]
         warnings = [f"whitelist {config.whitelist}: {p} (row kept, allows nothing)" for p in model.problems()]
-        lines += allowances.reconcile(config, model, running, affected)
+        with _undo_on_failure(config.whitelist, before, "whitelist", WhitelistError) if written else nullcontext():
+            lines += allowances.reconcile(config, model, running, affected)
     return Change(lines, warnings)
 
 
 def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) -> Change:
+    """Whitelist the guest NAME (a name or a UUID) by a row bound to its UUID: control panels
+    reuse names, and a later guest given this name must not inherit the allowance."""
+    validate.one_line("reason", reason)  # before asking libvirt: a bad value is refused at once
     found = hypervisor.find(config.uris(), name)
     if found is None:
         raise SmtpGateError(
@@ -80,9 +136,12 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
             f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}), "
             f"so there is nothing to allow: its NICs: {_describe_nics(dom)}"
         )
+    row = whitelist.uuid_row(dom.uuid)
     change = _write_and_apply(
         config,
-        lambda model: [model.add_guest(dom.name, added_at=when, added_by=user, reason=reason, uuid=dom.uuid)],
+        lambda model: [
+            model.add_guest(row, added_at=when, added_by=user, reason=reason, uuid=dom.uuid, shown=dom.name)
+        ],
         [dom] if running else [],
         [],
     )
@@ -92,24 +151,42 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
 
 
 def del_vm(config: Config, name: str) -> Change:
+    """Remove the guest's rows, bound to its name or to its UUID, and revoke its allowances.
+
+    libvirt tells a name's UUID and a UUID's name.  For a guest libvirt no longer knows,
+    the records its start hooks left give the UUIDs that ran under NAME.
+    """
     warnings: List[str] = []
     try:
         found = hypervisor.find(config.uris(), name)
     except SmtpGateError as exc:
         found = None
-        warnings.append(f"{exc}; removing the whitelist rows named {name!r} anyway")
+        warnings.append(f"{exc}; removing the whitelist rows of {name!r} anyway")
     dom = found[0] if found else None
     key = dom.name if dom else name
-    uuid = dom.uuid if dom else (normalise_uuid(name) or "")
+    records = list(RunState(config.run_dir).all_records().values())
+    if dom is not None:
+        uuids = [dom.uuid]
+    elif normalise_uuid(name):
+        uuids = [normalise_uuid(name) or ""]
+    else:
+        uuids = sorted({record.uuid for record in records if record.name == key})
     recorded = [
         mac
-        for record in RunState(config.run_dir).all_records().values()
-        if record.name == key or record.uuid == uuid
+        for record in records
+        if record.name == key or record.uuid in uuids
         for _index, mac in record.allowed
     ]
+
+    def edit(model: whitelist.Whitelist) -> List[whitelist.Effect]:
+        effects: List[whitelist.Effect] = []
+        for uuid in uuids or [""]:
+            effects += model.remove_guest(key, uuid, shown=key)
+        return [e for e in effects if e.changed] or effects[:1]
+
     change = _write_and_apply(
         config,
-        lambda model: model.remove_guest(key, uuid),
+        edit,
         [dom] if found and found[1] else [],
         (guests.nic_macs(dom) if dom else []) + recorded,
     )
@@ -118,6 +195,8 @@ def del_vm(config: Config, name: str) -> Change:
 
 def add_mac(config: Config, mac: str, label: str, reason: str, user: str, when: datetime) -> Change:
     normal = validate.unicast_mac(mac)
+    validate.one_line("label", label)  # before asking libvirt: a bad value is refused at once
+    validate.one_line("reason", reason)
     listing = hypervisor.list_running(config.uris())
     running = [d for d in listing.domains if normal in guests.nic_macs(d)]
     warnings = []
@@ -150,6 +229,7 @@ def ports_set(config: Config, value: str) -> Change:
             current = ""
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(config.path)!r}: {exc}") from None
+        before = _snapshot(config.path, "config file", ConfigError)
         updated, line = config_mod.with_value(current, config.path, "BLOCKED_PORTS", text)
         lines = []
         if updated != current:
@@ -157,18 +237,19 @@ def ports_set(config: Config, value: str) -> Change:
             lines.append(f"blocked ports set to {text} in {config.path} (line {line})")
         else:
             lines.append(f"blocked ports already {text} in {config.path} (line {line})")
-        if nft.table_exists():
-            nft.run_batch(
-                ruleset.Batch(
-                    (
-                        f"flush set {ruleset.T} blocked_ports",
-                        f"add element {ruleset.T} blocked_ports {{ {', '.join(str(a) if a == b else f'{a}-{b}' for a, b in ranges)} }}",
+        with _undo_on_failure(config.path, before, "config file", ConfigError) if updated != current else nullcontext():
+            if nft.table_exists():
+                nft.run_batch(
+                    ruleset.Batch(
+                        (
+                            f"flush set {ruleset.T} blocked_ports",
+                            f"add element {ruleset.T} blocked_ports {{ {', '.join(str(a) if a == b else f'{a}-{b}' for a, b in ranges)} }}",
+                        )
                     )
                 )
-            )
-            lines.append(f"enforced at once: TCP {text} blocked for every guest that is not allowed")
-        else:
-            lines.append("enforcement is not active: run `smtp-gate apply`")
+                lines.append(f"enforced at once: TCP {text} blocked for every guest that is not allowed")
+            else:
+                lines.append("enforcement is not active: run `smtp-gate apply`")
     return Change(lines, [])
 
 
@@ -197,15 +278,18 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
         macs = guests.nic_macs(dom)
 
         def edit(model: whitelist.Whitelist) -> List[whitelist.Effect]:
-            effects = model.remove_guest(dom.name, dom.uuid)
+            effects = model.remove_guest(dom.name, dom.uuid, shown=dom.name)
             for mac in macs:
                 effects += [e for e in model.remove_mac(mac) if e.changed]
             return [e for e in effects if e.changed] or effects
 
         return _write_and_apply(config, edit, running, macs)
+    row = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
     return _write_and_apply(
         config,
-        lambda model: [model.add_guest(dom.name, added_at=when, added_by=user, reason="picker", uuid=dom.uuid)],
+        lambda model: [
+            model.add_guest(row, added_at=when, added_by=user, reason="picker", uuid=dom.uuid, shown=dom.name)
+        ],
         running,
         [],
     )
@@ -236,10 +320,27 @@ def render_rows(rows: Sequence[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
-def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str]]:
+def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
+    """(rows, problems, notes).  Each row as stored, plus `bound` ("uuid", "name" or "mac")
+    and `guest`: the name of the guest a whole-guest row allows (for a UUID row, from
+    libvirt; None when libvirt does not know it or did not answer)."""
     model = whitelist.load(config.whitelist)
+    names: Dict[str, str] = {}
+    notes: List[str] = []
+    if any(entry.bound == "uuid" for entry in model.entries()):
+        try:
+            names = {dom.uuid: dom.name for dom, _running in hypervisor.list_all(config.uris())}
+        except SmtpGateError as exc:
+            notes.append(f"guest names of UUID rows not shown: {exc}")
     rows = []
     for number, line in model.numbered():
-        if line.entry is not None:
-            rows.append({"line": number, **line.entry._asdict()})
-    return rows, [str(p) for p in model.problems()]
+        entry = line.entry
+        if entry is None:
+            continue
+        guest: Optional[str] = None
+        if entry.bound == "uuid":
+            guest = names.get(whitelist.uuid_row(entry.vmname))
+        elif entry.bound == "name":
+            guest = entry.vmname
+        rows.append({"line": number, **entry._asdict(), "bound": entry.bound, "guest": guest})
+    return rows, [str(p) for p in model.problems()], notes

@@ -18,9 +18,15 @@ IFNAMSIZ = 16  # the kernel's limit includes the terminating NUL: names are at m
 # installer generates fits.
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,14}")
 _PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,13}\*")
-_MAC_HEX = re.compile(r"[0-9a-f]{12}")
 _MAC_NORMAL = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-_MAC_SEPARATED = re.compile(r"([0-9a-f]{1,2})([:-])([0-9a-f]{1,2})(\2[0-9a-f]{1,2}){4}")
+# Exactly two digits per byte and one separator throughout: a dropped or doubled digit
+# ("52:54:00:ab:cd:e") must be an error, never another NIC's address ("...:0e").
+_MAC_SEPARATED = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}")
+_MAC_CISCO = re.compile(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}")
+MAC_SPELLINGS = "52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef or 5254.00ab.cdef"
+# Unicode category Cc (C0, DEL, C1: every line break but two) and the line and paragraph
+# separators: str.splitlines() breaks at each, and a terminal obeys them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def ifname(value: str) -> str:
@@ -54,25 +60,46 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 
 def mac(value: str) -> str:
-    """Normalise a unicast-or-not MAC to lower-case colon form.
+    """Normalise a MAC to lower-case colon form.
 
-    Accepts 52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF, 5254.00ab.cdef and 525400abcdef.
+    Accepts only the documented spellings, in any case: six two-digit hex bytes joined by
+    ':' or by '-' (52:54:00:AB:CD:EF, 52-54-00-ab-cd-ef) and Cisco's 5254.00ab.cdef.
+    Anything else (a missing digit, mixed separators, bare digits, spaces) is refused,
+    so that a typo cannot become another NIC's address.
     """
     if isinstance(value, str) and _MAC_NORMAL.fullmatch(value):
         return value  # already the normal form: the common case, thousands of times per rebuild
-    text = value.strip().lower() if isinstance(value, str) else ""
-    m = _MAC_SEPARATED.fullmatch(text)
-    if m:
-        digits = "".join(part.zfill(2) for part in re.split(r"[:-]", text))
-    elif re.fullmatch(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}", text):
-        digits = text.replace(".", "")
-    elif _MAC_HEX.fullmatch(text):
-        digits = text
+    text = value.lower() if isinstance(value, str) else ""
+    if _MAC_SEPARATED.fullmatch(text) or _MAC_CISCO.fullmatch(text):
+        digits = text.replace(":", "").replace("-", "").replace(".", "")
     else:
         raise ValidationError(
-            f"bad MAC address {value!r}: expected six hex bytes, e.g. 52:54:00:ab:cd:ef"
+            f"bad MAC address {value!r}: expected six hex bytes of two digits each, as {MAC_SPELLINGS}"
         )
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def one_line(what: str, value: str) -> str:
+    """Return VALUE if it holds no control character or line break, else raise.
+
+    Labels and reasons are shown one per line by `list` and `status`; a line break in
+    one would forge or break the lines after it.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(f"bad {what} {value!r}: expected text")
+    found = _CONTROL.search(value)
+    if found:
+        raise ValidationError(
+            f"bad {what} {value!r}: expected one line of text without control characters "
+            f"(found {found.group()!r} at position {found.start() + 1})"
+        )
+    return value
+
+
+def escape_controls(value: str) -> str:
+    """VALUE with each control character and line break written as a Python escape (\\n, \\x1b):
+    for showing text read from a file, which may hold them, on one line of a terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], value)
 
 
 def unicast_mac(value: str) -> str:

@@ -1,12 +1,14 @@
 """The whitelist file, `whitelist.csv`, in the original tool's format.
 
     # vmname,mac,added_at,added_by,reason
-    web1,,2026-11-25T14:03:07+00:00,alice,"ID verified, ticket 4711"
+    6f1a2b3c-0000-4000-8000-123456789abc,,2026-11-25T14:03:07+00:00,alice,"ID verified, ticket 4711"
     ,52:54:00:ab:cd:ef,2026-11-25T14:05:00+00:00,bob,relay
+    web1,,2026-11-25T14:06:00+00:00,carol,written by hand
 
 A row with a MAC allows the guest NIC that has that MAC (its vmname is only a label).
-A row with an empty MAC allows every NIC of the guest named (or whose UUID is given)
-in vmname.  Operators edit the file by hand, so the model keeps every line verbatim:
+A row with an empty MAC allows every NIC of the guest whose UUID is in vmname (what
+add-vm writes: names are reused, UUIDs are not), or, for a vmname that is not a UUID,
+of the guest with that name (rows written by hand or by the original tool).  Operators edit the file by hand, so the model keeps every line verbatim:
 comments, blank lines and rows it cannot use are written back byte for byte, and a row
 it cannot use is reported with its line number and allows nothing (fail closed).
 
@@ -78,10 +80,22 @@ class Entry(NamedTuple):
     added_by: str
     reason: str
 
-    def describe(self) -> str:
+    @property
+    def bound(self) -> str:
+        """What the row allows by: "mac", "uuid" (a guest's UUID in vmname) or "name" (a
+        guest name, which a later guest given that name inherits)."""
+        if self.mac:
+            return "mac"
+        return "uuid" if _uuid_key(self.vmname) else "name"
+
+    def describe(self, shown: str = "", every_nic: bool = True) -> str:
+        """For an `ok:` line; SHOWN is the guest's name when vmname holds its UUID."""
         if self.mac:
             return f"MAC {self.mac}" + (f" ({self.vmname})" if self.vmname else "")
-        return f"guest {self.vmname!r} (every NIC)"
+        nics = ", every NIC" if every_nic else ""
+        if shown and shown != self.vmname and self.bound == "uuid":
+            return f"guest {shown!r} (UUID {self.vmname}{nics})"
+        return f"guest {self.vmname!r}" + (" (every NIC)" if every_nic else "")
 
 
 class Line(NamedTuple):
@@ -289,14 +303,19 @@ def _guest_macs(guest: Guest) -> List[str]:
 
 
 def _matches_guest(entry: Entry, name: str, uuid_key: str) -> bool:
-    return bool(name) and entry.vmname == name or bool(uuid_key) and _uuid_key(entry.vmname) == uuid_key
+    """A vmname that is a UUID matches that UUID only, never a guest merely named so: a
+    guest's name is whatever its owner chose, its UUID is libvirt's and never reused."""
+    row_key = _uuid_key(entry.vmname)
+    if row_key:
+        return bool(uuid_key) and row_key == uuid_key
+    return bool(name) and entry.vmname == name
 
 
 class Index(NamedTuple):
     """Whitelist.allowed_macs() for many guests at the cost of one pass over the rows."""
 
-    names: FrozenSet[str]  # vmname of every whole-guest row
-    uuid_keys: FrozenSet[str]  # of those, the ones that are UUIDs, as _uuid_key() gives them
+    names: FrozenSet[str]  # vmname of every whole-guest row that is not a UUID
+    uuid_keys: FrozenSet[str]  # those that are UUIDs, as _uuid_key() gives them
     macs: FrozenSet[str]  # MAC of every MAC row, normalised
 
     def allowed_macs(self, guest: Guest) -> Tuple[str, ...]:
@@ -367,10 +386,11 @@ class Whitelist:
             if entry.mac:
                 macs.add(entry.mac)
             elif entry.vmname:
-                names.add(entry.vmname)
                 key = _uuid_key(entry.vmname)
                 if key:
                     uuid_keys.add(key)
+                else:
+                    names.add(entry.vmname)
         return Index(frozenset(names), frozenset(uuid_keys), frozenset(macs))
 
     def matching(self, guest: Guest) -> List[Tuple[int, Entry]]:
@@ -387,20 +407,23 @@ class Whitelist:
     # ----------------------------------------------------------------- editing
 
     def add_guest(
-        self, name: str, *, added_at: "datetime", added_by: str, reason: str, uuid: str = ""
+        self, name: str, *, added_at: "datetime", added_by: str, reason: str, uuid: str = "", shown: str = ""
     ) -> Effect:
-        """Allow every NIC of guest NAME; ALREADY if a whole-guest row names it (or its UUID)."""
+        """Allow every NIC of the guest NAME stands for: a UUID (what add-vm writes, see
+        uuid_row()) or a name.  ALREADY if a whole-guest row allows it the same way (by that
+        UUID, or by that name); SHOWN is the guest's name for the message."""
         name = _field("guest name", name, required=True)
         key = _uuid_key(uuid) if uuid else ""
         for number, line in self.numbered():
             entry = line.entry
             if entry is not None and not entry.mac and _matches_guest(entry, name, key):
-                return Effect(ALREADY, f"guest {name!r}", number, entry)
-        entry = Entry(name, "", _timestamp(added_at), added_by, reason)
-        return self._append(entry, entry.describe())
+                return Effect(ALREADY, entry.describe(shown, every_nic=False), number, entry)
+        entry = Entry(name, "", _timestamp(added_at), _text("added_by", added_by), _text("reason", reason))
+        return self._append(entry, entry.describe(shown))
 
-    def remove_guest(self, name: str, uuid: str = "") -> List[Effect]:
-        """Remove every usable row whose vmname is NAME (or UUID), MAC rows labelled with it included.
+    def remove_guest(self, name: str, uuid: str = "", shown: str = "") -> List[Effect]:
+        """Remove every usable row for the guest named NAME or with UUID: rows bound to its
+        UUID, rows bound to its name, and MAC rows labelled with its name.
 
         A MAC row labelled with the guest's name would otherwise keep the guest allowed
         after `remove`; a MAC row with another label stays (see allowed_macs()).
@@ -408,17 +431,19 @@ class Whitelist:
         name = name.strip()
         key = _uuid_key(uuid) if uuid else ""
         return self._remove(
-            lambda entry: _matches_guest(entry, name, key), f"guest {name!r}" if name else f"guest {uuid!r}"
+            lambda entry: _matches_guest(entry, name, key),
+            f"guest {name!r}" if name else f"guest {uuid!r}",
+            shown or name,
         )
 
     def add_mac(self, mac: str, *, added_at: "datetime", added_by: str, reason: str, label: str = "") -> Effect:
         """Allow the NIC with MAC; ALREADY if a usable row has that MAC in any spelling, whatever its label."""
         normal = validate.unicast_mac(mac)
-        label = _field("label", label, required=False)
+        label = _text("label", _field("label", label, required=False))
         for number, line in self.numbered():
             if line.entry is not None and line.entry.mac == normal:
                 return Effect(ALREADY, f"MAC {normal}", number, line.entry)
-        entry = Entry(label, normal, _timestamp(added_at), added_by, reason)
+        entry = Entry(label, normal, _timestamp(added_at), _text("added_by", added_by), _text("reason", reason))
         return self._append(entry, entry.describe())
 
     def remove_mac(self, mac: str) -> List[Effect]:
@@ -426,12 +451,12 @@ class Whitelist:
         normal = validate.mac(mac)
         return self._remove(lambda entry: entry.mac == normal, f"MAC {normal}")
 
-    def _remove(self, wanted, subject: str) -> List[Effect]:  # type: ignore[no-untyped-def]
+    def _remove(self, wanted, subject: str, shown: str = "") -> List[Effect]:  # type: ignore[no-untyped-def]
         kept: List[Line] = []
         effects: List[Effect] = []
         for number, line in self.numbered():
             if line.entry is not None and wanted(line.entry):
-                effects.append(Effect(REMOVED, line.entry.describe(), number, line.entry))
+                effects.append(Effect(REMOVED, line.entry.describe(shown), number, line.entry))
             else:
                 kept.append(line)
         self.lines = kept
@@ -457,13 +482,28 @@ class Whitelist:
 
 
 def _field(what: str, value: str, required: bool) -> str:
-    if not isinstance(value, str) or value != value.strip() or (required and not value):
+    value = _text(what, value)
+    if value != value.strip() or (required and not value):
         raise WhitelistError(
             f"bad {what} {value!r}: expected a non-empty value without leading or trailing spaces"
             if required
             else f"bad {what} {value!r}: expected no leading or trailing spaces"
         )
     return value
+
+
+def _text(what: str, value: str) -> str:
+    """VALUE if it is one line without control characters: `list` shows each row on one line.
+    (Rows written by hand may hold them, quoted; they are read, kept and shown escaped.)"""
+    return validate.one_line(what, value)
+
+
+def uuid_row(uuid: str) -> str:
+    """The vmname add-vm writes for the guest with UUID: its canonical lower-case dashed form."""
+    key = _uuid_key(uuid)
+    if not key:
+        raise WhitelistError(f"bad guest UUID {uuid!r}: expected 32 hex digits, e.g. 6f1a2b3c-0000-4000-8000-123456789abc")
+    return f"{key[:8]}-{key[8:12]}-{key[12:16]}-{key[16:20]}-{key[20:]}"
 
 
 def _timestamp(value: "datetime") -> str:
@@ -589,10 +629,12 @@ def _to_str(value: Union[str, bytes]) -> str:
 
 
 def _mac_pattern(mac: str) -> Optional[str]:
-    """A regex for a run of MAC's bytes in every spelling validate.mac() accepts, lower case.
+    """A regex for a run of MAC's bytes in every spelling validate.mac() accepts, lower case,
+    and in near misses it refuses: a line found so is then read by the full row parser,
+    which refuses it exactly as parse() does, so a wider net costs time, never exactness.
 
-    A byte >= 0x10 is always two digits; a smaller one may lose its leading zero in the
-    colon/dash forms ("52:54:0:ab:cd:ef"); separators are ':', '-', '.' or none.  The run
+    A byte >= 0x10 is always two digits; a smaller one may lose its leading zero in a
+    near miss ("52:54:0:ab:cd:ef"); separators are ':', '-', '.' or none.  The run
     starts at a byte >= 0x10, so the regex starts with a literal and re scans for it fast;
     it covers the last bytes, which are the NIC's own (the first three are the vendor's).
     """

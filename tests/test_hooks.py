@@ -109,6 +109,19 @@ def test_a_name_row_allows_every_nic_of_the_guest(lab2: BridgeLab) -> None:
     assert lab.tcp_connects(lab.guests["lab2b"], lab.INET6, 25)
 
 
+@pytest.mark.parametrize("vmname, allows", [(UUID2, True), ("0badc0de-1111-4111-8111-111111111111", False)])
+def test_a_uuid_row_as_add_vm_writes_it_allows_the_guest_with_that_uuid_only(
+    lab2: BridgeLab, vmname: str, allows: bool
+) -> None:
+    """The hook's fast path matches the row add-vm writes (the guest's UUID); a row with
+    another guest's UUID allows this guest nothing, whatever its name."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"{vmname},,2026-01-01T00:00:00+00:00,root,ticket 4711\n")
+    assert hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin")).returncode == 0
+    assert lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5) is allows
+    assert lab.tcp_connects(lab.guests["lab2b"], lab.INET6, 25, timeout=0.5) is allows
+
+
 def test_reconnect_does_nothing_when_nothing_changed_and_repairs_when_it_did(lab2: BridgeLab, tmp_path: Path) -> None:
     lab = lab2
     (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")

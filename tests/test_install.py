@@ -775,6 +775,7 @@ def test_live_install_under_a_real_systemd(snapshot: Path, tmp_path: Path) -> No
         out = ct(snapshot / "install.sh", "--python", sys.executable, "--no-venv").stdout
         for unit in ("smtp-gate.service", "smtp-gate-watch.service", "smtp-gate-rebuild.timer"):
             assert f"enabled    {unit}" in out and f"started    {unit}" in out
+        assert "Meanwhile guests stay blocked by smtp-gate's table (bridge smtp_gate), and the 60 s rebuild" in out
         assert ct.show("smtp-gate.service", "ActiveState") == "active"
         assert ct.show("smtp-gate.service", "Result") == "success"  # exit 3 (no br0 here) is success
         assert ct.show("smtp-gate.service", "ExecMainStatus") in ("0", "3")
@@ -842,6 +843,19 @@ def test_paths_the_units_cannot_reach_are_warned_about(snapshot: Path, tmp_path:
     """ProtectHome=yes hides /home, /root and /run/user from the services."""
     err = install(tmp_path / "root", snapshot, "--app-dir", "/home/operator/smtp-gate").stderr
     assert "/home/operator/smtp-gate/ is under /home, /root or /run/user" in err and "ProtectHome=no" in err
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-start",)])
+def test_nothing_started_means_no_claim_that_guests_stay_blocked(
+    snapshot: Path, tmp_path: Path, extra: Tuple[str, ...]
+) -> None:
+    """With --root (and --no-start) nothing runs: install.sh must not say that guests stay
+    blocked by a table, nor that one is or is not installed on this machine."""
+    out = install(tmp_path / "root", snapshot, *extra)
+    text = out.stdout + out.stderr
+    assert "stay blocked" not in text and "boot table" not in text
+    assert "Enforcement is NOT active" not in text
+    assert "--root: nothing enabled.  On the installed system run:" in out.stdout
 
 
 def test_a_link_into_the_app_dir_counts_as_ours(snapshot: Path, tmp_path: Path) -> None:

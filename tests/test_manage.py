@@ -66,7 +66,8 @@ def test_add_vm_allows_every_nic_now_and_del_vm_revokes_now(fleet: BridgeLab) ->
     assert can_mail(lab, "vm0n0") and can_mail(lab, "vm0n1"), "both NICs at once, no rebuild"
     assert not can_mail(lab, "vm1n0")
     (row,) = rows(lab)
-    assert row["vmname"] == "vm00000" and row["mac"] == "" and row["added_by"] == "alice"
+    assert row["vmname"] == testdriver.uuid(0) and row["guest"] == "vm00000" and row["bound"] == "uuid"
+    assert row["mac"] == "" and row["added_by"] == "alice"
     assert ISO.fullmatch(row["added_at"]) and row["reason"] == 'ID verified, ticket "4711"'
     # again, by UUID: already there, no duplicate row, exit 0
     again = sg(lab, "add-vm", testdriver.uuid(0).upper())
@@ -181,6 +182,75 @@ def test_rebuild_and_status_from_libvirt_and_the_whitelist(fleet: BridgeLab) -> 
     assert "whitelisted guest vm00001: running; ports tap1n0; allowance in kernel: yes" in text
 
 
+def test_rebuild_and_status_match_a_uuid_row_and_show_the_guests_name(fleet: BridgeLab) -> None:
+    """The row add-vm writes (here in another spelling of the UUID) is matched by the rebuild."""
+    lab = fleet
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"{testdriver.uuid(2).upper()},,2026-11-25T14:03:07+00:00,alice,\n")
+    r = sg(lab, "rebuild")
+    assert r.returncode == 0 and "1 allowed guest NIC(s)" in r.stdout, r.stdout + r.stderr
+    assert can_mail(lab, "vm2n0") and not can_mail(lab, "vm1n0")
+    assert "whitelisted guest vm00002: running; ports tap2n0; allowance in kernel: yes" in sg(lab, "status").stdout
+
+
+def test_a_dry_run_says_what_would_happen_never_that_enforcement_is_installed(bare_lab: BridgeLab) -> None:
+    """A missing bridge and no hypervisor answering: both warnings say "enforcement is
+    installed" after a real apply; after a dry run, which installs nothing, they must not."""
+    lab = bare_lab
+    lab.write_config('UPLINKS="uplink0"\nBRIDGE="br0 br9"\n')
+    r = sg(lab, "apply", "--dry-run")
+    assert r.returncode == 3, r.stderr
+    assert "is installed" not in r.stdout + r.stderr and "are kept" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert "# the kernel accepted this batch (nft -c); nothing was changed" in lines
+    warnings = [line for line in lines if line.startswith("smtp-gate: warning: ")]
+    assert len(warnings) == 2 and all(w.startswith("smtp-gate: warning: dry run, nothing installed: ") for w in warnings)
+    assert any("bridge 'br9' does not exist (yet): enforcement would be installed" in w for w in warnings), warnings
+    assert any("no hypervisor answered" in w and "allowances for existing ports would be kept" in w for w in warnings)
+    assert "smtp_gate" not in lab.nft("list", "tables").stdout
+    r = sg(lab, "apply")  # the real apply says it, and it is true
+    assert r.returncode == 3 and "bridge 'br9' does not exist (yet): enforcement is installed" in r.stderr
+    assert "smtp_gate" in lab.nft("list", "tables").stdout
+
+
+NO_NET_ADMIN = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+
+
+@pytest.mark.parametrize(
+    "args, changed_file",
+    [
+        (["add-mac", testdriver.mac(0, 1), "relay"], "whitelist.csv"),
+        (["add-vm", "vm00002", "verified"], "whitelist.csv"),
+        (["del-vm", "vm00001"], "whitelist.csv"),
+        (["del-mac", testdriver.mac(1, 0)], "whitelist.csv"),
+        (["ports-set", "25,465,587"], "smtp-gate.conf"),
+    ],
+)
+def test_when_the_kernel_refuses_the_file_is_restored_and_exit_1_means_nothing_changed(
+    fleet: BridgeLab, args: List[str], changed_file: str
+) -> None:
+    """Without CAP_NET_ADMIN the kernel refuses every nftables request: the command wrote its
+    file first, so it must put it back byte for byte, and the kernel must be as it was."""
+    lab = fleet
+    wl = lab.tmp / "whitelist.csv"
+    wl.write_text(HEADER + f"{testdriver.uuid(1)},,2026-11-25T14:03:07+00:00,alice,verified\n"
+                  f"x,{testdriver.mac(1, 0)},2026-11-25T14:03:07+00:00,alice,\n")
+    assert sg(lab, "rebuild").returncode == 0 and can_mail(lab, "vm1n0")
+    before = {name: (lab.tmp / name).read_bytes() for name in ("whitelist.csv", "smtp-gate.conf")}
+    table = lab.nft("list", "table", "bridge", "smtp_gate").stdout
+    r = lab.hv.exec([*NO_NET_ADMIN, sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), *args],
+                    check=False, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert (r.returncode, r.stdout) == (1, ""), (r.stdout, r.stderr)
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("smtp-gate: error: ") and "Operation not permitted" in line, line
+    what = "whitelist" if changed_file == "whitelist.csv" else "config file"
+    assert line.endswith(f"{what} {str(lab.tmp / changed_file)!r} restored as it was"), line
+    assert {name: (lab.tmp / name).read_bytes() for name in before} == before
+    assert not [p for p in lab.tmp.iterdir() if ".tmp" in p.name], "no temporary file left behind"
+    assert lab.nft("list", "table", "bridge", "smtp_gate").stdout == table
+    assert can_mail(lab, "vm1n0") and not can_mail(lab, "vm2n0") and not can_mail(lab, "vm0n1")
+
+
 def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: BridgeLab) -> None:
     lab = fleet
     r = lab.hv.exec([sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), "whitelist"],
@@ -212,4 +282,4 @@ def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: Bridg
     assert os.waitstatus_to_exitcode(status) == 0, output.decode(errors="replace")
     assert b"ok: added guest 'vm00001'" in output
     assert can_mail(lab, "vm1n0")
-    assert [r["vmname"] for r in rows(lab)] == ["vm00001"]
+    assert [(r["vmname"], r["guest"]) for r in rows(lab)] == [(testdriver.uuid(1), "vm00001")]

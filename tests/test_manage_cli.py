@@ -38,7 +38,7 @@ def test_add_and_del_in_process(conf: Path, capsys: pytest.CaptureFixture, monke
     monkeypatch.setenv("SUDO_USER", "carol")
     code, out, err = run(conf, capsys, "add-vm", testdriver.name(0), "verified")
     assert code == 0, err
-    assert out == f"ok: added guest '{testdriver.name(0)}' (every NIC) at line 2\n"
+    assert out == f"ok: added guest '{testdriver.name(0)}' (UUID {testdriver.uuid(0)}, every NIC) at line 2\n"
     code, out, _ = run(conf, capsys, "add-vm", testdriver.name(0))
     assert code == 0 and "already there (line 2)" in out
     code, out, _ = run(conf, capsys, "add-vm", testdriver.name(2))
@@ -48,8 +48,10 @@ def test_add_and_del_in_process(conf: Path, capsys: pytest.CaptureFixture, monke
     assert "no running guest has a NIC with MAC 52:54:00:ab:cd:ef" in out
     code, out, _ = run(conf, capsys, "list", "--json")
     rows = json.loads(out)["rows"]
-    assert [(r["vmname"], r["mac"], r["added_by"]) for r in rows] == [
-        (testdriver.name(0), "", "carol"), (testdriver.name(2), "", "carol"), ("spare", "52:54:00:ab:cd:ef", "carol")]
+    assert [(r["vmname"], r["guest"], r["bound"], r["mac"], r["added_by"]) for r in rows] == [
+        (testdriver.uuid(0), testdriver.name(0), "uuid", "", "carol"),
+        (testdriver.uuid(2), testdriver.name(2), "uuid", "", "carol"),
+        ("spare", None, "mac", "52:54:00:ab:cd:ef", "carol")]
     code, out, _ = run(conf, capsys, "del-mac", "52-54-00-AB-CD-EF")
     assert code == 0 and "ok: removed" in out
     code, out, _ = run(conf, capsys, "del-vm", testdriver.uuid(2))
@@ -76,6 +78,156 @@ def test_errors_are_one_line_naming_the_value_and_change_nothing(
     assert (code, out) == (1, "")
     assert err.startswith("smtp-gate: error: ") and message in err and err.count("\n") == 1
     assert (conf.read_bytes(), (conf.parent / "whitelist.csv").read_bytes()) == before
+
+
+def test_a_mac_with_a_dropped_digit_is_refused_not_taken_for_another_nic(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = (conf.parent / "whitelist.csv").read_bytes()
+    for command in ("add-mac", "del-mac"):
+        code, out, err = run(conf, capsys, command, "52:54:00:ab:cd:e")
+        assert (code, out) == (1, "")
+        assert err == (
+            "smtp-gate: error: bad MAC address '52:54:00:ab:cd:e': expected six hex bytes of two digits each, "
+            "as 52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef or 5254.00ab.cdef\n"
+        )
+    assert (conf.parent / "whitelist.csv").read_bytes() == before
+
+
+def test_a_row_with_a_bad_mac_is_reported_with_its_line_and_kept(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    path = conf.parent / "whitelist.csv"
+    typo = "typo,52:54:00:ab:cd:e,2026-11-25T14:03:07+00:00,bob,relay\n"
+    path.write_text(HEADER + typo)
+    code, out, err = run(conf, capsys, "list")
+    assert code == 3 and "0 row(s)" in out
+    assert "line 2: bad MAC address '52:54:00:ab:cd:e'" in err and "(row kept, allows nothing)" in err
+    code, out, err = run(conf, capsys, "add-mac", "52:54:00:ab:cd:0e", "real")
+    assert code == 0 and out.startswith("ok: added MAC 52:54:00:ab:cd:0e (real) at line 3\n"), out
+    assert "line 2: bad MAC address '52:54:00:ab:cd:e'" in err
+    assert path.read_text().startswith(HEADER + typo) and path.read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("bad", ["two\nlines", "cr\rhere", "tab\there", "esc\x1b[2J", "nel\x85", "ls\u2028", "ps\u2029"])
+def test_control_characters_in_labels_and_reasons_are_refused_and_nothing_is_written(
+    conf: Path, capsys: pytest.CaptureFixture, bad: str
+) -> None:
+    before = (conf.parent / "whitelist.csv").read_bytes()
+    for args, what in (
+        (["add-vm", testdriver.name(0), bad], "reason"),
+        (["add-mac", "52:54:00:ab:cd:ef", "--reason", bad], "reason"),
+        (["add-mac", "52:54:00:ab:cd:ef", bad], "label"),
+    ):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, ""), (args, out, err)
+        assert err == (f"smtp-gate: error: bad {what} {bad!r}: expected one line of text without control "
+                       f"characters (found {bad[bad.index(next(c for c in bad if not c.isprintable()))]!r} "
+                       f"at position {next(i for i, c in enumerate(bad) if not c.isprintable()) + 1})\n"), err
+    assert (conf.parent / "whitelist.csv").read_bytes() == before
+
+
+def test_list_shows_a_hand_written_line_break_escaped_on_one_line(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    (conf.parent / "whitelist.csv").write_text(HEADER + 'web1,,t,u,"two\nlines, \x1b[2J"\n')
+    code, out, err = run(conf, capsys, "list")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1:] == [
+        "   2  web1 (name-bound)        (all NICs)         t  u  two\\nlines, \\x1b[2J",
+        "# (name-bound): allows whichever guest has that name, also a later one that reuses it; "
+        "`smtp-gate add-vm NAME` adds a row bound to the guest's UUID, then delete the name-bound line",
+    ]
+
+
+def test_add_vm_binds_the_uuid_and_a_guest_reusing_the_name_inherits_nothing(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """add-vm web1 writes web1's UUID; once web1 is gone and a new guest is given its name,
+    the row allows the new one nothing (the rebuild's index, the hook's fast path and the
+    model all agree), and `list` says the UUID's guest is no longer in libvirt."""
+    from smtp_gate import whitelist as wl
+
+    path = conf.parent / "whitelist.csv"
+    code, out, err = run(conf, capsys, "add-vm", testdriver.name(1), "ticket 4711")
+    assert code == 0, err
+    text = path.read_text()
+    assert text.startswith(HEADER + f"{testdriver.uuid(1)},,") and text.endswith(",ticket 4711\n")
+    assert testdriver.name(1) not in text
+    code, out, err = run(conf, capsys, "list")
+    assert code == 0 and f"   2  {testdriver.name(1)} ({testdriver.uuid(1)}) (all NICs)" in out, out
+    assert "name-bound" not in out
+
+    mac = testdriver.mac(1, 0)
+    old = wl.Guest(testdriver.name(1), testdriver.uuid(1), (mac,))
+    reuse = wl.Guest(testdriver.name(1), "0badc0de-1111-4111-8111-111111111111", (mac,))
+    model = wl.parse(text)
+    for guest, allowed in ((old, (mac,)), (reuse, ())):
+        assert model.allowed_macs(guest) == allowed
+        assert model.index().allowed_macs(guest) == allowed
+        assert wl.fast_allowed_macs(text, guest) == allowed  # the hook's path
+    # a guest named like the UUID gets nothing either: a UUID row matches UUIDs only
+    assert model.allowed_macs(wl.Guest(testdriver.uuid(1), "0badc0de-1111-4111-8111-111111111111", (mac,))) == ()
+
+    # the guest is undefined: list shows its UUID, marked
+    node = conf.parent / "node.xml"
+    node.write_text(node.read_text().replace(testdriver.uuid(1), "0badc0de-1111-4111-8111-111111111111"))
+    code, out, err = run(conf, capsys, "list")
+    assert code == 0 and f"   2  {testdriver.uuid(1)} (not in libvirt) (all NICs)" in out, out
+
+
+def test_del_vm_removes_rows_bound_to_the_name_and_to_the_uuid(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    path = conf.parent / "whitelist.csv"
+    name, uuid = testdriver.name(0), testdriver.uuid(0)
+    path.write_text(HEADER + f"{name},,t,u,by hand\n{uuid.upper()},,t,u,by uuid\nweb9,,t,u,other\n")
+    code, out, err = run(conf, capsys, "list")
+    assert f"   2  {name} (name-bound)" in out and f"   3  {name} ({uuid.upper()})" in out and "web9 (name-bound)" in out
+    code, out, err = run(conf, capsys, "del-vm", name)
+    assert code == 0, err
+    assert out.splitlines() == [f"ok: removed guest '{name}' (every NIC) from line 2",
+                                f"ok: removed guest '{name}' (UUID {uuid.upper()}, every NIC) from line 3"]
+    assert path.read_text() == HEADER + "web9,,t,u,other\n"
+    # and by UUID: the name-bound row goes too
+    path.write_text(HEADER + f"{name},,t,u,by hand\n")
+    code, out, err = run(conf, capsys, "del-vm", uuid)
+    assert code == 0 and out == f"ok: removed guest '{name}' (every NIC) from line 2\n", (out, err)
+    assert path.read_text() == HEADER
+
+
+def test_del_vm_of_a_guest_libvirt_forgot_finds_its_uuid_rows_through_the_hooks_record(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from smtp_gate.runstate import Record, RunState
+
+    gone = "11111111-2222-4333-8444-555555555555"
+    RunState(conf.parent / "run").write_record(Record(gone, "gone1"))
+    path = conf.parent / "whitelist.csv"
+    path.write_text(HEADER + f"{gone},,t,u,r\n")
+    code, out, err = run(conf, capsys, "del-vm", "gone1")
+    assert code == 0 and out == f"ok: removed guest 'gone1' (UUID {gone}, every NIC) from line 2\n", (out, err)
+    assert path.read_text() == HEADER
+
+
+def test_an_os_error_is_one_line_exit_1_and_a_traceback_only_with_debug(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Real failures outside our own error type: the run directory (where the lock lives)
+    under a regular file, and a whitelist that is a directory."""
+    blocker = conf.parent / "not-a-dir"
+    blocker.write_text("")
+    conf.write_text(conf.read_text().replace(f'RUN_DIR="{conf.parent / "run"}"', f'RUN_DIR="{blocker / "run"}"'))
+    before = (conf.parent / "whitelist.csv").read_bytes()
+    for args in (["add-mac", "52:54:00:ab:cd:ef"], ["del-vm", testdriver.name(0)]):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, "")
+        assert err.startswith("smtp-gate: error: Not a directory: '" + str(blocker / "run")) and err.count("\n") == 1, err
+    assert (conf.parent / "whitelist.csv").read_bytes() == before
+    code, out, err = run(conf, capsys, "--debug", "add-mac", "52:54:00:ab:cd:ef")
+    assert code == 1 and "Traceback (most recent call last)" in err and "NotADirectoryError" in err
+    assert err.endswith("smtp-gate: error: Not a directory: '" + str(blocker / "run") + "'\n")
+
+    conf.write_text(conf.read_text().replace(f'RUN_DIR="{blocker / "run"}"', f'RUN_DIR="{conf.parent / "run"}"'))
+    (conf.parent / "whitelist.csv").unlink()
+    (conf.parent / "whitelist.csv").mkdir()
+    for args in (["list"], ["add-mac", "52:54:00:ab:cd:ef"]):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, "") and err.count("\n") == 1 and "Is a directory" in err, err
 
 
 def test_usage_errors_exit_2(conf: Path, capsys: pytest.CaptureFixture) -> None:

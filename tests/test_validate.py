@@ -31,16 +31,42 @@ def test_patterns() -> None:
 
 
 @pytest.mark.parametrize(
-    "spelling", ["52:54:00:AB:CD:EF", "52-54-00-ab-cd-ef", "5254.00ab.cdef", "525400abcdef", " 52:54:00:ab:cd:ef "]
+    "spelling", ["52:54:00:AB:CD:EF", "52-54-00-ab-cd-ef", "5254.00ab.cdef", "5254.00AB.CDEF", "52:54:00:aB:Cd:eF"]
 )
 def test_mac_spellings_normalise_to_one_form(spelling: str) -> None:
     assert validate.mac(spelling) == "52:54:00:ab:cd:ef"
 
 
-@pytest.mark.parametrize("bad", ["52:54:00:ab:cd", "52:54:00:ab:cd:eg", "52:54-00:ab:cd:ef", "", "zz", "52:54:00:ab:cd:ef:00"])
-def test_bad_macs(bad: str) -> None:
-    with pytest.raises(ValidationError, match="expected six hex bytes"):
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "52:54:00:ab:cd:e",  # a dropped digit: not 52:54:00:ab:cd:0e, another NIC
+        "52:54:0:ab:cd:ef",
+        "2:54:00:ab:cd:ef",
+        "52:54:00:ab:cd:eff",
+        "52:54:00:ab:cd",
+        "52:54:00:ab:cd:eg",
+        "52:54-00:ab:cd:ef",  # mixed separators
+        "52.54.00.ab.cd.ef",
+        "525400abcdef",  # bare digits: not a documented spelling
+        "5254.00ab.cde",
+        "5254:00ab:cdef",
+        "5254-00ab-cdef",
+        " 52:54:00:ab:cd:ef",
+        "52:54:00:ab:cd:ef\n",
+        "52::54:00:ab:cd:ef",
+        "５２:54:00:ab:cd:ef",  # full-width digits
+        "",
+        "zz",
+        "52:54:00:ab:cd:ef:00",
+    ],
+)
+def test_bad_macs_are_refused_quoting_the_value_and_the_spellings(bad: str) -> None:
+    with pytest.raises(ValidationError) as info:
         validate.mac(bad)
+    message = str(info.value)
+    assert message.startswith(f"bad MAC address {bad!r}: expected six hex bytes")
+    assert "52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef or 5254.00ab.cdef" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
