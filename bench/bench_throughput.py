@@ -31,11 +31,12 @@ fast path.  Before measuring, the table is checked to enforce what it should: th
 guest reaches port 25, the other does not (nor port 465 over IPv6, which the relay does not
 cover), and reaches port 465 on the relay and port 80.
 
-Each round passes through the three states in turn, so drifting machine load hits every
-column alike; medians are reported, as Gbit/s and as % of no table.  Two modes: the veths'
-default offloads (TSO/GSO: the bridge and nftables see ~64 KB super-packets, as with
-virtio-net guests that use TSO) and per-packet (TSO, GSO and GRO off on the guests' and the
-ports' veths: every 1500-byte frame crosses the rules on its own, the worst case).
+Each round passes through the three states in turn, starting one state further on each
+round, so drifting machine load hits every column alike; medians are reported, as Gbit/s
+and as % of no table.  Two modes: the veths' default offloads (TSO/GSO: the bridge and
+nftables see ~64 KB super-packets, as with virtio-net guests that use TSO) and per-packet
+(TSO, GSO and GRO off on the guests' and the ports' veths: every 1500-byte frame crosses
+the rules on its own, the worst case).
 
 Uses iperf3 (`apt-get install iperf3`; per-packet mode needs ethtool) and falls back to a
 small Python TCP bulk sender/receiver (bench/_tcpbulk.py) when iperf3 is missing.
@@ -247,7 +248,8 @@ def main() -> int:
             for mode, offloads in modes:
                 set_offloads(lab, offloads)
                 for round_no in range(args.rounds):
-                    for state in states:
+                    # each round starts one state further on, so no state always runs first or last
+                    for state in states[round_no % 3:] + states[:round_no % 3]:
                         enter(lab, state, pairs, guest_indexes)
                         for label, who, port in FLOWS:
                             value = traffic.measure(guests[who], port)
@@ -279,7 +281,8 @@ def main() -> int:
             f"our table: smtp-gate apply, {len(guest_indexes)} ports in guest_ifaces, {len(pairs)} pairs in allowed, "
             f"the relay {common.BridgeLab.INET4}:{RELAY_PORT} in relay4",
             "max spread = largest (max/min - 1) over the rounds of one cell of the row: differences below it are noise",
-            "each round passes through the three states in turn, so load drifts hit every column alike",
+            "each round passes through the three states in turn, starting one further on each round, "
+            "so load drifts hit every column alike",
             "fast path: forward -> `meta l4proto != tcp accept` -> `tcp dport != @blocked_ports accept`",
             "full checks: fast path misses -> iif @guest_ifaces -> egress: oifname @uplinks -> outbound: "
             "@allowed (allowed: accept) -> vmap -> out4: @relay4 (relay: accept)",
