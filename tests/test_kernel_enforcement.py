@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -652,3 +653,18 @@ def test_the_attempts_set_expires_so_a_full_set_counts_again(lab: BridgeLab) -> 
     assert not send4(lab, g, 25)
     listing = lab.nft("list", "set", "bridge", "smtp_gate", "attempts").stdout
     assert f'"vnet0" . {g.mac}' in listing, "counting per guest resumed"
+
+
+def test_an_upgrade_from_the_first_version_replaces_its_name_sets_in_one_apply(lab: BridgeLab) -> None:
+    """A host running the first version's table (name-keyed guest_ports, guest_patterns and
+    foreign_ports, an attempts set that never expires): one apply leaves none of them."""
+    first = (Path(__file__).parent / "data" / "ruleset-first-version.nft").read_text()
+    lab.hv.exec(["nft", "-f", "-"], input=first)
+    g1 = lab.guests["g1"]
+    assert not send4(lab, g1, 25)
+    applied(lab)
+    listing = lab.nft("list", "table", "bridge", "smtp_gate").stdout
+    for gone in ("guest_ports", "guest_patterns", "foreign_ports"):
+        assert f"set {gone} " not in listing, gone
+    assert "flags dynamic,timeout" in listing and "timeout 1d" in listing
+    assert not send4(lab, g1, 25) and send4(lab, g1, 80)
