@@ -25,6 +25,7 @@ class Report:
     foreign_ports: List[str] = field(default_factory=list)  # ports of bridges we do not protect
     blocked_ports: str = ""
     relays: List[str] = field(default_factory=list)  # ALLOWED_DESTINATIONS as the kernel holds them
+    non_ip: str = "drop"  # what the kernel's nonip chain does
     allowed: List[Dict[str, str]] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
     attempts: List[Attempts] = field(default_factory=list)
@@ -90,6 +91,7 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
     report = Report(
         active=True,
         mode="audit" if _audit(table) else "enforce",
+        non_ip="accept" if any(expr == [{"accept": None}] for expr in table.chains.get("nonip", [])) else "drop",
         uplinks=uplinks,
         guest_ports=guest_ports,
         foreign_ports=_port_names(table.elements.get("foreign_ifaces", []), names_by_index),
@@ -222,8 +224,10 @@ def render(report: Report) -> str:
     for nic in report.unprotected:
         lines.append(f"UNPROTECTED: guest {nic['guest']} NIC {nic['mac']}: {nic['reason']}")
     lines.append(
-        "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames dropped {nonip}; malformed {malformed}".format(
-            **report.counters
+        "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames {verb} {nonip}; malformed {malformed}".format(
+            verb="counted, not dropped (audit mode)" if report.mode == "audit"
+            else "let through (NON_IP=accept)" if report.non_ip == "accept" else "dropped",
+            **report.counters,
         )
     )
     for item in sorted(report.attempts, key=lambda a: -a.packets):

@@ -225,6 +225,7 @@ def test_non_ip_policy_accept_lets_pppoe_through_and_warns(lab: BridgeLab) -> No
     assert result.returncode == 3 and 'NON_IP="accept"' in result.stderr and "QinQ" in result.stderr, result.stderr
     status = lab.smtp_gate("status", check=False)
     assert status.returncode == 3 and 'warning: NON_IP="accept"' in status.stdout
+    assert "non-IP frames let through (NON_IP=accept)" in status.stdout
     g1 = lab.guests["g1"]
     seg = frames.tcp_segment(socket.inet_aton(g1.ip4), socket.inet_aton(lab.INET4), 40000, 80, netlab.marker())
     pppoe = frames.pppoe_session(frames.PPP_IP, frames.ipv4_packet(g1.ip4, lab.INET4, seg))
