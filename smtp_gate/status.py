@@ -128,6 +128,13 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
                 f"the per-guest attempts set is full ({ruleset.ATTEMPTS_SIZE} entries, likely MAC spoofing): "
                 "new sources are still blocked, and are counted per guest again as entries expire (a day after their last attempt)"
             )
+    for name in report.foreign_ports:
+        link = links.get(name)
+        if link is not None and link.master in config.bridges:
+            report.warnings.append(
+                f"{name} is now a port of protected bridge {link.master!r} but still left alone as a port of "
+                "an unprotected bridge: run `smtp-gate rebuild`"
+            )
     if config.non_ip == "accept":
         report.warnings.append(
             'NON_IP="accept": non-IP frames from guests (QinQ double tags, PPPoE, ...) leave unfiltered, '

@@ -669,3 +669,21 @@ def test_an_upgrade_from_the_first_version_replaces_its_name_sets_in_one_apply(l
         assert f"set {gone} " not in listing, gone
     assert "flags dynamic,timeout" in listing and "timeout 1d" in listing
     assert not send4(lab, g1, 25) and send4(lab, g1, 80)
+
+
+def test_a_port_moved_from_an_unprotected_bridge_onto_a_protected_one_keeps_no_exemption(lab: BridgeLab) -> None:
+    lab.hv.ip("link", "add", "br1", "type", "bridge")
+    lab.hv.ip("link", "set", "br1", "up")
+    c = lab.netns("c1")
+    lab.connect(c, "eth0", "vethc1", ip4="10.77.0.60/24", ip6="fd77::60/64", mac="02:42:00:00:00:60", bridge="br1")
+    applied(lab)
+    assert "vethc1" in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout
+    lab.hv.ip("link", "set", "vethc1", "master", "br0")
+    mover = Guest("c1", c, "vethc1", "02:42:00:00:00:60", "10.77.0.60", "fd77::60")
+    assert not send4(lab, mover, 25), "a moved port carried its exemption onto the protected bridge"
+    assert not send6(lab, mover, 25)
+    status = lab.smtp_gate("status", check=False)
+    assert status.returncode == 3 and "vethc1 is now a port of protected bridge 'br0'" in status.stdout
+    assert lab.smtp_gate("rebuild").returncode == 0  # no hypervisor answers: the kernel's state is kept...
+    assert "vethc1" not in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout  # ...but not this
+    assert not send4(lab, mover, 25) and not lab.tcp_connects(mover, lab.INET4, 25, timeout=0.5)
