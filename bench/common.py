@@ -239,6 +239,12 @@ def nft_add_elements(lab: BridgeLab, set_name: str, elements: Sequence[str], chu
     nft(lab, "-f", "-", input="".join(lines))
 
 
+def add_guest_ifaces(lab: BridgeLab, indexes: Iterable[int]) -> None:
+    """Make the ports of INDEXES known guest ports, as a hook does at a guest's start (an
+    element of `guest_ifaces`, keyed by interface index)."""
+    nft_add_elements(lab, "guest_ifaces", [str(index) for index in sorted(set(indexes))])
+
+
 def filler_pairs(ports: Dict[str, int], total: int) -> List[Tuple[int, str]]:
     """TOTAL (ifindex, MAC) allowances spread evenly over the existing PORTS."""
     indexes = sorted(ports.values())
@@ -251,12 +257,17 @@ def render_pairs(pairs: Iterable[Tuple[int, str]]) -> List[str]:
     return [f"{index} . {mac}" for index, mac in pairs]
 
 
-def allowed_count(lab: BridgeLab) -> int:
-    data = json.loads(nft(lab, "-j", "list", "set", "bridge", "smtp_gate", "allowed").stdout)
+def set_count(lab: BridgeLab, set_name: str) -> int:
+    """How many elements one of our sets holds in the kernel."""
+    data = json.loads(nft(lab, "-j", "list", "set", "bridge", "smtp_gate", set_name).stdout)
     for item in data["nftables"]:
         if "set" in item:
             return len(item["set"].get("elem", []))
     return 0
+
+
+def allowed_count(lab: BridgeLab) -> int:
+    return set_count(lab, "allowed")
 
 
 # -- guests and whitelists ------------------------------------------------------------------

@@ -77,7 +77,7 @@ def main() -> int:
             common.add_taps(lab.hv, names)
             common.cli(lab, "apply", "--no-libvirt")
             indexes = common.link_indexes(lab.hv)
-            common.nft_add_elements(lab, "guest_ports", [f'"{n}"' for n in names])
+            common.add_guest_ifaces(lab, [indexes[n] for n in names])
             common.nft_add_elements(lab, "allowed", common.render_pairs(
                 common.filler_pairs({n: indexes[n] for n in names}, 10000)))
         else:

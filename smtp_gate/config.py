@@ -153,8 +153,7 @@ def _patterns(value: str) -> Tuple[str, ...]:
 
 
 def _destinations(value: str) -> Tuple[validate.Relay, ...]:
-    relays = [validate.relay_destination(item) for item in _split(value)]
-    return tuple(dict.fromkeys(relays))
+    return validate.relay_list(value)
 
 
 def _path(value: str) -> str:

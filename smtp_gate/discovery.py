@@ -193,7 +193,7 @@ def plan_ports(config: Config, links: Dict[str, Link], guest_ports: Sequence[str
             what = "does not exist (yet)" if link is None else f"is not a bridge (kind {link.kind})"
             warnings.append(
                 f"bridge {bridge!r} {what}: enforcement is installed and every port it gets will be "
-                "treated as a guest port until an uplink is found"
+                "treated as an unknown port (its outbound mail blocked) until an uplink is found"
             )
             bridges.append(BridgePlan(bridge, False, (), ()))
             continue

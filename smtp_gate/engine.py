@@ -104,6 +104,9 @@ def compute(
             "ports (outbound mail from them stays blocked): " + ", ".join(claimed)
         )
     foreign.update(links[name].ifindex for name in plan.foreign_ports if name in links)
+    # a port is left alone only while it is a port of a bridge we do not protect: one moved
+    # onto a protected bridge keeps its index, and must not keep its exemption there
+    foreign = {i for i in foreign if _on_unprotected_bridge(links.get(name_of[i]), links, config.bridges)}
     if config.non_ip == "accept":
         warnings.append(
             'NON_IP="accept": non-IP frames from guests (QinQ double tags, PPPoE, ...) leave '
@@ -123,6 +126,11 @@ def compute(
         non_ip=config.non_ip,
     )
     return Outcome(desired=desired, plan=plan, warnings=warnings)
+
+
+def _on_unprotected_bridge(link: Optional[Link], links: Dict[str, Link], protected: Sequence[str]) -> bool:
+    master = links.get(link.master) if link is not None and link.master else None
+    return master is not None and master.kind == "bridge" and master.name not in protected
 
 
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -144,16 +144,27 @@ def _verdict(state: Desired) -> str:
     return "accept" if state.audit else "drop"
 
 
+# Upper-layer protocols other than TCP that may follow an IPv6 header directly, or an IPv6
+# first fragment's fragment header: UDP, ICMPv6, ESP, GRE, SCTP, UDP-Lite, IPv4 and IPv6
+# tunnels, "no next header".  Never an extension header: the kernel walks an extension
+# header chain to the end of the frame, trailer included, while the receiver stops at the
+# packet's length, so a chain that runs past the packet can name UDP for nft and go on to
+# TCP in the next fragment for the receiver.  A list of what may pass, not of what may not:
+# an extension header nft does not know fails closed.
+IPV6_NOT_TCP = "{ udp, ipv6-icmp, esp, gre, sctp, udplite, 4, 41, 59 }"
+
 # The fast path: the first rules of both base chains.  They accept only what the full
-# checks would accept from any port in any direction -- IP that is not TCP, and TCP to a
-# port that is not blocked, with IPv6 only when TCP follows the fixed header directly (an
-# IPv6 fragment carrying TCP is dropped by the full checks, so no fragment may pass here).
-# `meta l4proto` is set only for a valid IPv4/IPv6 header (never for ARP, QinQ, PPPoE);
-# `meta protocol` is the protocol inside a single VLAN tag, and placed before `ip6 nexthdr`
-# it keeps nft from adding an `ether type` dependency that would read the tag.  See
-# docs/verdicts.md for the equivalence argument.
+# checks would accept from any port in any direction -- IPv4 that is not TCP, IPv6 whose
+# fixed header names a protocol of IPV6_NOT_TCP (no extension header, so no fragment), and
+# TCP to a port that is not blocked, for IPv6 only when TCP follows the fixed header
+# directly (an IPv6 fragment carrying TCP is dropped by the full checks, so no fragment may
+# pass here).  `meta l4proto` is set only for a valid IPv4 header (never for ARP, QinQ,
+# PPPoE); `meta protocol` is the protocol inside a single VLAN tag, and placed before `ip6
+# nexthdr` it keeps nft from adding an `ether type` dependency that would read the tag.
+# See docs/verdicts.md for the equivalence argument.
 FAST_PATH = (
-    "meta l4proto != tcp accept",
+    "meta protocol ip meta l4proto != tcp accept",
+    f"meta protocol ip6 ip6 nexthdr {IPV6_NOT_TCP} accept",
     "meta protocol ip tcp dport != @blocked_ports accept",
     "meta protocol ip6 ip6 nexthdr tcp tcp dport != @blocked_ports accept",
 )
@@ -173,10 +184,15 @@ def rules(state: Desired) -> List[Tuple[str, str]]:
     out: List[Tuple[str, str]] = []
     for chain, after in (("forward", "goto egress"), ("input", "goto outbound")):
         out += [(chain, rule) for rule in FAST_PATH]
+        # A port of a bridge we do not protect is left alone -- in `forward` only toward
+        # another such port: a port moved onto a protected bridge keeps its index, and must
+        # not carry its exemption there (the next rebuild forgets it; until then its frames
+        # across the protected bridge are outbound).
+        foreign = "iif @foreign_ifaces oif @foreign_ifaces accept" if chain == "forward" else "iif @foreign_ifaces accept"
         out += [
             (chain, f"iif @guest_ifaces {after}"),
             (chain, "iifname @uplinks accept"),
-            (chain, "iif @foreign_ifaces accept"),
+            (chain, foreign),
             (chain, after),
         ]
     out += [
@@ -199,6 +215,10 @@ def rules(state: Desired) -> List[Tuple[str, str]]:
         # bytes trailing the packet instead: every IPv6 fragment carrying TCP is dropped.
         # `meta protocol ip6` first: without it nft guards `exthdr` with `ether type`.
         ("out6", "meta protocol ip6 meta l4proto tcp exthdr frag exists goto malformed"),
+        # A first fragment must name its upper-layer protocol in the fragment header itself,
+        # and not TCP: an extension header after it may run past the packet into the frame's
+        # trailer, where nft reads a chain the receiver never sees (IPV6_NOT_TCP).
+        ("out6", f"meta protocol ip6 frag frag-off 0 frag nexthdr != {IPV6_NOT_TCP} goto malformed"),
         # The relay exception: plain TCP to an allowed destination.  No IPv4 options and no
         # IPv6 extension header (a source route or routing header could carry the segment
         # past the relay to another host).

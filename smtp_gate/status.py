@@ -25,6 +25,7 @@ class Report:
     foreign_ports: List[str] = field(default_factory=list)  # ports of bridges we do not protect
     blocked_ports: str = ""
     relays: List[str] = field(default_factory=list)  # ALLOWED_DESTINATIONS as the kernel holds them
+    non_ip: str = "drop"  # what the kernel's nonip chain does
     allowed: List[Dict[str, str]] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
     attempts: List[Attempts] = field(default_factory=list)
@@ -96,6 +97,7 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
     report = Report(
         active=True,
         mode="audit" if _audit(table) else "enforce",
+        non_ip="accept" if any(expr == [{"accept": None}] for expr in table.chains.get("nonip", [])) else "drop",
         uplinks=uplinks,
         guest_ports=guest_ports,
         foreign_ports=_port_names(table.elements.get("foreign_ifaces", []), names_by_index),
@@ -137,6 +139,13 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
             report.warnings.append(
                 f"the per-guest attempts set is full ({ruleset.ATTEMPTS_SIZE} entries, likely MAC spoofing): "
                 "new sources are still blocked, and are counted per guest again as entries expire (a day after their last attempt)"
+            )
+    for name in report.foreign_ports:
+        link = links.get(name)
+        if link is not None and link.master in config.bridges:
+            report.warnings.append(
+                f"{name} is now a port of protected bridge {link.master!r} but still left alone as a port of "
+                "an unprotected bridge: run `smtp-gate rebuild`"
             )
     if config.non_ip == "accept":
         report.warnings.append(
@@ -246,8 +255,10 @@ def render(report: Report) -> str:
     for nic in report.unprotected:
         lines.append(f"UNPROTECTED: guest {nic['guest']} NIC {nic['mac']}: {nic['reason']}")
     lines.append(
-        "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames dropped {nonip}; malformed {malformed}".format(
-            **report.counters
+        "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames {verb} {nonip}; malformed {malformed}".format(
+            verb="counted, not dropped (audit mode)" if report.mode == "audit"
+            else "let through (NON_IP=accept)" if report.non_ip == "accept" else "dropped",
+            **report.counters,
         )
     )
     for item in sorted(report.attempts, key=lambda a: -a.packets):

@@ -158,6 +158,9 @@ def format_ports(ranges: Iterable[PortRange]) -> str:
 
 Relay = Tuple[int, str, PortRange]  # (4 or 6, address or prefix in normal form, port range)
 ANY_PORT: PortRange = (1, 65535)
+# A relay is the provider's smarthost(s): anything wider would open mail to a whole network
+# (a /0 would switch blocking off for every guest, with no other sign of it).
+WIDEST_RELAY = {4: 24, 6: 64}
 
 
 def relay_destination(value: str) -> Relay:
@@ -187,6 +190,12 @@ def relay_destination(value: str) -> Relay:
             f"bad destination {value!r}: expected an IPv4 or IPv6 address or prefix, optionally "
             f"with :PORT (IPv6 with a port in brackets, [2001:db8::25]:25): {exc}"
         ) from None
+    widest = WIDEST_RELAY[network.version]
+    if network.prefixlen < widest:
+        raise ValidationError(
+            f"destination {value!r} is wider than a /{widest}: a relay is your smarthost(s), "
+            "not a network; name each relay's address or a narrow prefix"
+        )
     ports = ANY_PORT
     if port:
         if not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -194,6 +203,28 @@ def relay_destination(value: str) -> Relay:
         ports = (int(port), int(port))
     full = network.prefixlen == network.max_prefixlen
     return (network.version, str(network.network_address) if full else str(network), ports)
+
+
+def relay_list(value: str) -> Tuple[Relay, ...]:
+    """Parse a space- or comma-separated list of relays.  Overlapping entries (the same
+    addresses and ports twice) are refused, as duplicate ports are: nft would refuse the
+    set, and an operator means one of them."""
+    import ipaddress
+
+    relays: List[Relay] = []
+    for item in re.split(r"[,\s]+", value.strip()):
+        if not item:
+            continue
+        relay = relay_destination(item)
+        for other in relays:
+            same_family = other[0] == relay[0]
+            if same_family and ipaddress.ip_network(other[1]).overlaps(ipaddress.ip_network(relay[1])):
+                if other[2][0] <= relay[2][1] and relay[2][0] <= other[2][1]:
+                    raise ValidationError(
+                        f"destination {item!r} overlaps {format_relay(other)!r}: list each destination once"
+                    )
+        relays.append(relay)
+    return tuple(relays)
 
 
 def format_relay(relay: Relay) -> str:

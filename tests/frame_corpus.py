@@ -80,6 +80,15 @@ def cases(src: Guest, dst_mac: str, dst4: str, dst6: str, sender: str, receiver:
         fake = _seg(src.ip6, dst6, 80, b"")
         return eth6(frames.ipv6_packet(src.ip6, dst6, chain, next_header=FRAG) + fake, tags)
 
+    def chain_into_a_trailer_naming_udp(tags, marker: bytes) -> bytes:
+        # the packet ends after a Destination Options header that names another one; the
+        # frame's trailer holds that one, naming UDP: nft reads UDP, while the receiver
+        # takes the rest of the chain (on to TCP 25) from the next fragment
+        options = frames.ipv6_dest_options(DSTOPTS, 2)
+        chain = frames.ipv6_fragment_header(DSTOPTS, 0, True) + options[:8] + marker
+        trailer = frames.ipv6_dest_options(UDP, 0) + struct.pack("!HHHH", 40000, 53, 8, 0)
+        return eth6(frames.ipv6_packet(src.ip6, dst6, chain, next_header=FRAG) + trailer, tags)
+
     def split_chain(tags, marker: bytes) -> bytes:
         chain = frames.ipv6_dest_options(TCP, 4)[:16] + marker
         payload = frames.ipv6_fragment_header(DSTOPTS, 0, True) + chain
@@ -119,6 +128,8 @@ def cases(src: Guest, dst_mac: str, dst4: str, dst6: str, sender: str, receiver:
         ("IPv6 first fragment, TCP 80", False, v6(lambda m: frames.ipv6_fragment_header(TCP, 0, True) + tcp6(80)(m)[:40], FRAG)),
         ("IPv6 first fragment, split dest-opts chain", False, split_chain),
         ("IPv6 first fragment, chain ends at a fake TCP 80 beyond the packet", False, chain_only_with_fake_tcp),
+        ("IPv6 first fragment, chain runs into a trailer that names UDP", False, chain_into_a_trailer_naming_udp),
+        ("IPv6 first fragment of UDP", True, v6(lambda m: frames.ipv6_fragment_header(UDP, 0, True) + struct.pack("!HHHH", 40000, 53, 200, 0) + m * 2, FRAG)),
         ("IPv6 later fragment of TCP", False, v6(lambda m: frames.ipv6_fragment_header(TCP, 24, False) + m * 2, FRAG)),
         ("IPv6 later fragment of UDP", True, v6(lambda m: frames.ipv6_fragment_header(UDP, 24, False) + m * 2, FRAG)),
         ("PPPoE carrying IPv4 TCP 80", False, pppoe),

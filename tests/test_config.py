@@ -170,10 +170,14 @@ def test_allowed_destinations_are_parsed_into_normal_form_and_bad_ones_named() -
     assert c.allowed_destinations == (
         (4, "192.0.2.25", (25, 25)), (6, "2001:db8::/64", (587, 587)), (4, "198.51.100.0/28", (1, 65535)),
     )
-    for bad in ("192.0.2.7/24", "mail.example.com", "192.0.2.1:0", "[2001:db8::1"):
+    for bad in ("192.0.2.7/24", "mail.example.com", "192.0.2.1:0", "[2001:db8::1", "0.0.0.0/0", "::/0",
+                "10.0.0.0/8:25", "2001:db8::/48", "192.0.2.0/24 192.0.2.25:25", "192.0.2.25:25 192.0.2.25",
+                "[2001:db8::/64]:25 2001:db8::25", "192.0.2.25:25 192.0.2.25:25"):
         with pytest.raises(ConfigError) as info:
             config.parse(f'ALLOWED_DESTINATIONS="{bad}"\n', Path("/c.conf"))
-        assert "/c.conf:1: ALLOWED_DESTINATIONS:" in str(info.value) and repr(bad) in str(info.value)
+        assert "/c.conf:1: ALLOWED_DESTINATIONS:" in str(info.value) and repr(bad.split()[-1]) in str(info.value)
+    ok = config.parse('ALLOWED_DESTINATIONS="192.0.2.25:25 192.0.2.25:465 192.0.2.26"\n', Path("/c.conf"))
+    assert len(ok.allowed_destinations) == 3, "the same address on other ports does not overlap"
 
 
 def test_an_uplink_named_like_a_guest_port_is_refused() -> None:

@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -224,6 +225,7 @@ def test_non_ip_policy_accept_lets_pppoe_through_and_warns(lab: BridgeLab) -> No
     assert result.returncode == 3 and 'NON_IP="accept"' in result.stderr and "QinQ" in result.stderr, result.stderr
     status = lab.smtp_gate("status", check=False)
     assert status.returncode == 3 and 'warning: NON_IP="accept"' in status.stdout
+    assert "non-IP frames let through (NON_IP=accept)" in status.stdout
     g1 = lab.guests["g1"]
     seg = frames.tcp_segment(socket.inet_aton(g1.ip4), socket.inet_aton(lab.INET4), 40000, 80, netlab.marker())
     pppoe = frames.pppoe_session(frames.PPP_IP, frames.ipv4_packet(g1.ip4, lab.INET4, seg))
@@ -652,3 +654,36 @@ def test_the_attempts_set_expires_so_a_full_set_counts_again(lab: BridgeLab) -> 
     assert not send4(lab, g, 25)
     listing = lab.nft("list", "set", "bridge", "smtp_gate", "attempts").stdout
     assert f'"vnet0" . {g.mac}' in listing, "counting per guest resumed"
+
+
+def test_an_upgrade_from_the_first_version_replaces_its_name_sets_in_one_apply(lab: BridgeLab) -> None:
+    """A host running the first version's table (name-keyed guest_ports, guest_patterns and
+    foreign_ports, an attempts set that never expires): one apply leaves none of them."""
+    first = (Path(__file__).parent / "data" / "ruleset-first-version.nft").read_text()
+    lab.hv.exec(["nft", "-f", "-"], input=first)
+    g1 = lab.guests["g1"]
+    assert not send4(lab, g1, 25)
+    applied(lab)
+    listing = lab.nft("list", "table", "bridge", "smtp_gate").stdout
+    for gone in ("guest_ports", "guest_patterns", "foreign_ports"):
+        assert f"set {gone} " not in listing, gone
+    assert "flags dynamic,timeout" in listing and "timeout 1d" in listing
+    assert not send4(lab, g1, 25) and send4(lab, g1, 80)
+
+
+def test_a_port_moved_from_an_unprotected_bridge_onto_a_protected_one_keeps_no_exemption(lab: BridgeLab) -> None:
+    lab.hv.ip("link", "add", "br1", "type", "bridge")
+    lab.hv.ip("link", "set", "br1", "up")
+    c = lab.netns("c1")
+    lab.connect(c, "eth0", "vethc1", ip4="10.77.0.60/24", ip6="fd77::60/64", mac="02:42:00:00:00:60", bridge="br1")
+    applied(lab)
+    assert "vethc1" in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout
+    lab.hv.ip("link", "set", "vethc1", "master", "br0")
+    mover = Guest("c1", c, "vethc1", "02:42:00:00:00:60", "10.77.0.60", "fd77::60")
+    assert not send4(lab, mover, 25), "a moved port carried its exemption onto the protected bridge"
+    assert not send6(lab, mover, 25)
+    status = lab.smtp_gate("status", check=False)
+    assert status.returncode == 3 and "vethc1 is now a port of protected bridge 'br0'" in status.stdout
+    assert lab.smtp_gate("rebuild").returncode == 0  # no hypervisor answers: the kernel's state is kept...
+    assert "vethc1" not in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout  # ...but not this
+    assert not send4(lab, mover, 25) and not lab.tcp_connects(mover, lab.INET4, 25, timeout=0.5)

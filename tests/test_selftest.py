@@ -117,6 +117,22 @@ def test_audit_mode_is_reported_as_fail_with_the_reason_and_blocked_ports_come_f
 
 
 @pytest.mark.kernel
+def test_non_ip_accept_installs_with_its_warning_and_the_encapsulation_checks_fail_with_the_reason(
+    root_lab: None, tmp_path: Path
+) -> None:
+    result, _ = run_selftest(tmp_path, 'NON_IP="accept"\n', "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    failed = sorted(c["name"] for c in report["checks"] if not c["ok"])
+    assert report["checks"][1]["name"] == "smtp-gate apply installs the real ruleset in the lab"
+    assert report["checks"][1]["ok"], report["checks"][1]
+    assert len(failed) == 2 and all("QinQ" in name or "PPPoE" in name for name in failed), failed
+    assert any('apply said: warning: NON_IP="accept"' in note for note in report["notes"])
+    assert any('sets NON_IP="accept"' in note for note in report["notes"])
+    assert leftovers() == []
+
+
+@pytest.mark.kernel
 def test_keep_leaves_the_lab_up_and_the_next_selftest_removes_it(root_lab: None, tmp_path: Path) -> None:
     result, _ = run_selftest(tmp_path, 'BLOCKED_PORTS="25"\n', "--keep", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
