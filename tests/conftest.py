@@ -1,5 +1,7 @@
-"""Shared fixtures: per-test network namespaces that are always removed."""
+"""Shared fixtures: per-test network namespaces that are always removed; the CI switch
+SMTP_GATE_REQUIRE_ALL (tests/require_all.py)."""
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -7,6 +9,7 @@ import pytest
 
 from tests import netlab
 
+pytest_plugins = ["tests.require_all"]
 
 @pytest.fixture(scope="session")
 def kernel_skip_reason() -> str:
