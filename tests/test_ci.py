@@ -1,5 +1,6 @@
 """What CI runs and what it counts as a pass: .ci/run runs the README's CI command, a skipped
-test fails under SMTP_GATE_REQUIRE_ALL=1, and pytest's "no tests collected" fails CI.
+test fails under SMTP_GATE_REQUIRE_ALL=1, and pytest's "no tests collected" fails CI.  And
+what the suite does not inherit from an operator's shell ($SMTP_GATE_CONFIG).
 
 The switch is exercised on a small suite of its own in a subprocess (the real plugin,
 tests/require_all.py, and a real pytest); .ci/run runs for real against a stand-in test.sh
@@ -90,3 +91,28 @@ def test_the_readme_states_the_command_ci_runs() -> None:
     assert runs == [f"{REQUIRE_ALL_ENV}=1 ./test.sh"], runs
     readme = (REPO / "README.md").read_text()
     assert f"`{runs[0]}`" in readme, "README must state the exact command .ci/run runs"
+
+
+def test_the_suite_does_not_pass_an_operators_smtp_gate_config_on(tmp_path: Path) -> None:
+    """An operator's shell may export SMTP_GATE_CONFIG (the host's config); tests/conftest.py
+    drops it before collection, so neither a module's copy of os.environ nor a CLI a test
+    starts sees it.  Without the conftest the same little suite does see it."""
+    (tmp_path / "test_env.py").write_text(
+        "import os, subprocess, sys\n"
+        "AT_IMPORT = dict(os.environ)\n"
+        "def test_env():\n"
+        "    assert 'SMTP_GATE_CONFIG' not in AT_IMPORT and 'SMTP_GATE_CONFIG' not in os.environ\n"
+        "    out = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"SMTP_GATE_CONFIG\"))'],\n"
+        "                         capture_output=True, text=True).stdout\n"
+        "    assert out == 'None\\n'\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), SMTP_GATE_CONFIG=str(tmp_path / "host-smtp-gate.conf"))
+    env.pop(REQUIRE_ALL_ENV, None)
+
+    def inner(*plugins: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugins,
+                               "--rootdir", str(tmp_path), str(tmp_path)],
+                              capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=120)
+
+    with_conftest = inner("-p", "tests.conftest")
+    assert with_conftest.returncode == 0, with_conftest.stdout + with_conftest.stderr
+    assert inner().returncode == 1
