@@ -410,7 +410,8 @@ def test_help_and_usage_errors(snapshot: Path, tmp_path: Path) -> None:
 def test_scripts_pass_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (Debian/Ubuntu: apt-get install shellcheck)")
-    run(["shellcheck", "-x", REPO / "install.sh", REPO / "uninstall.sh", REPO / "install-common.sh"], cwd=REPO)
+    run(["shellcheck", "-x", REPO / "install.sh", REPO / "uninstall.sh", REPO / "install-common.sh",
+         REPO / "test.sh", REPO / ".ci/run", CONTAINER], cwd=REPO)
 
 
 # ------------------------------------------------------------------------------ config examples

@@ -79,6 +79,11 @@ def test_guest_sees_ports_open_then_25_blocked_by_a_bridge_rule(tmp_path: Path, 
         pids = [lab.libvirtd_pid()]
         assert lab.virsh("-q", "list", "--all").stdout.strip() == ""
         open_ = lab.boot_guest("smoke")
+        # the guest booted Debian's kernel package from the suite's own cache, not this machine's /boot
+        kernel_dir = libvirt_lab.cache_dir() / "kernel"
+        assert re.fullmatch(r"linux-image-\S+-amd64 \S+", (kernel_dir / "version").read_text().strip())
+        xml = (lab.state_dir / "smoke.xml").read_text()
+        assert f"<kernel>{kernel_dir}/" in xml and "/boot/" not in xml, xml
         for fam in ("v4", "v6"):
             assert open_.probes[(fam, 80)] == "open", open_.console
             assert open_.probes[(fam, 25)] == "open", open_.console
