@@ -5,6 +5,7 @@
 # a private libvirtd + QEMU for the end-to-end test, systemd-analyze for the unit files),
 # builds a virtualenv in .venv and runs pytest.  Tests that need root or a kernel feature
 # skip with the reason when it is missing; as root on a kernel with nftables they run.
+# CI (.ci/run) runs SMTP_GATE_REQUIRE_ALL=1 ./test.sh: there a skip is a failure.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,6 +26,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -q >/dev/null
     # --no-install-recommends: libvirt-daemon-system would set up (and start) a host libvirtd
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # The end-to-end tests' guest kernel: Debian's linux-image-amd64, which tests/libvirt_lab.py
+  # downloads (apt-get download, once) into ${SMTP_GATE_TEST_CACHE:-/var/cache/smtp-gate-tests}
+  # and reuses; it never boots this machine's /boot.  apt needs package lists to resolve it.
+  cache="${SMTP_GATE_TEST_CACHE:-/var/cache/smtp-gate-tests}"
+  if [ ! -f "$cache/kernel/vmlinuz" ] && ! apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-'; then
+    echo "test.sh: apt-get update (to resolve linux-image-amd64 for the guest kernel cache in $cache)" >&2
+    apt-get update -q >/dev/null
   fi
 fi
 

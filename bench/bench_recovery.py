@@ -1,5 +1,7 @@
-"""Time from `nft flush ruleset` (and from `nft delete table bridge smtp_gate`) to enforcement
-restored by `smtp-gate watch`, median over several runs, against the 60 s rebuild timer.
+"""Time from `nft flush ruleset` (and from `nft delete table bridge smtp_gate`, and from
+`nft flush chain bridge smtp_gate forward`: the interferences of tests/test_watch.py) to
+enforcement restored by `smtp-gate watch`, median over several runs, against the 60 s
+rebuild timer.
 
 Measured three ways in the hypervisor namespace, all on one monotonic clock:
 - kernel events: a second `nft monitor` (on a pty, so each event arrives at once) gives
@@ -239,7 +241,9 @@ def scenario(label: str, extra_guests: int, runs: int, poll: float) -> Dict[str,
             if watcher.poll() is not None:
                 raise BenchError(f"smtp-gate watch exited ({watcher.returncode}): {(lab.tmp / 'watch.log').read_text()}")
             for name, interference in (("nft flush ruleset", ["flush", "ruleset"]),
-                                       ("nft delete table bridge smtp_gate", ["delete", "table", "bridge", "smtp_gate"])):
+                                       ("nft delete table bridge smtp_gate", ["delete", "table", "bridge", "smtp_gate"]),
+                                       ("nft flush chain bridge smtp_gate forward",
+                                        ["flush", "chain", "bridge", "smtp_gate", "forward"])):
                 for _ in range(runs):
                     results.setdefault(name, []).append(one_run(lab, monitor, interference, blocked, allowed, poll))
                     if common.allowed_count(lab) != expected:

@@ -29,6 +29,7 @@ BENCHES: Dict[str, Tuple[List[str], List[str]]] = {
     "hook": ([], ["--iterations", "15", "--cold", "1"]),
     "rebuild": ([], ["--runs", "2", "--naive-sample", "3"]),
     "recovery": ([], ["--runs", "3"]),
+    "selftest": ([], ["--runs", "2"]),
 }
 
 

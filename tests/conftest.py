@@ -1,11 +1,33 @@
-"""Shared fixtures: per-test network namespaces that are always removed."""
+"""Shared fixtures: per-test network namespaces that are always removed; the environment a
+test must not inherit from this machine; the CI switch (tests/require_all.py)."""
 
+import os
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator
 
 import pytest
 
 from tests import netlab
+
+pytest_plugins = ["tests.require_all"]
+
+# Variables of an operator's shell that would point the code under test at the host's own
+# installation: tests name every path themselves.
+HOST_ENV = ("SMTP_GATE_CONFIG",)
+_saved_env: Dict[str, str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Drop $SMTP_GATE_CONFIG before collection (modules copy os.environ at import) and for the
+    whole session: a CLI or hook that a test starts inherits this process's environment and
+    must not find the host's config through it."""
+    for name in HOST_ENV:
+        if name in os.environ:
+            _saved_env[name] = os.environ.pop(name)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.environ.update(_saved_env)
 
 
 @pytest.fixture(scope="session")

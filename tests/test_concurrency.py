@@ -1,5 +1,8 @@
 """Many guests start and stop at once (hook processes fed real XML) while rebuilds loop:
-no deadlock, no hook over its bound, and afterwards the kernel holds exactly the truth.
+no deadlock, no hook that fails, and afterwards the kernel holds exactly the truth.  (That a
+hook gives up on a lock it cannot get, rather than hang libvirt, is tests/test_hooks.py's
+test_a_hook_that_cannot_get_the_lock_gives_up_and_the_guest_stays_blocked; how long hooks
+take is bench/bench_hook.py's.)
 
 libvirt's view is a test-driver node file that the test updates the way libvirt's own
 state changes around the hooks: a guest is listed as running (its taps exist) before its
@@ -12,12 +15,10 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from smtp_gate import lock
 from tests import testdriver
 from tests.netlab import REPO, BridgeLab
 
@@ -106,17 +107,14 @@ def test_concurrent_starts_stops_and_rebuilds_end_in_the_truth(bare_lab: BridgeL
     (lab.tmp / "whitelist.csv").write_text(whitelist_text())
     assert lab.smtp_gate("apply").returncode == 0
     env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "SMTP_GATE_CONFIG": str(lab.config_path)}
-    durations: List[float] = []
     problems: List[str] = []
 
     def hook(i: int, op: str, sub: str, xml: bytes) -> None:
-        started = time.monotonic()
         r = subprocess.run(
             ["ip", "netns", "exec", lab.hv.name, "/usr/bin/python3", str(REPO / "hooks" / "qemu"),
              testdriver.name(i), op, sub, "-"],
             input=xml, capture_output=True, env=env, timeout=60,
         )
-        durations.append(time.monotonic() - started)
         if r.returncode != 0 or r.stdout or b"failed" in r.stderr:
             problems.append(f"{testdriver.name(i)} {op} {sub}: rc={r.returncode} out={r.stdout!r} err={r.stderr!r}")
 
@@ -157,7 +155,6 @@ def test_concurrent_starts_stops_and_rebuilds_end_in_the_truth(bare_lab: BridgeL
     looper = threading.Thread(target=rebuild_loop)
     looper.start()
     threads = [threading.Thread(target=worker, args=(list(range(w, GUESTS, WORKERS)), w)) for w in range(WORKERS)]
-    started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
@@ -167,9 +164,6 @@ def test_concurrent_starts_stops_and_rebuilds_end_in_the_truth(bare_lab: BridgeL
     assert not any(t.is_alive() for t in threads) and not looper.is_alive(), "deadlock"
     assert problems == []
     assert len(rebuilds) >= 3, "rebuilds must really have raced with the hooks"
-    assert max(durations) < lock.HOOK_TIMEOUT + 2, f"a hook took {max(durations):.2f}s"
-    print(f"\n{len(durations)} hook calls in {time.monotonic() - started:.1f}s with {len(rebuilds)} rebuilds; "
-          f"hook max {max(durations):.2f}s")
 
     # the truth: running guests, their allowed NICs, on the devices that exist now
     expected_allowed: Set[Tuple[str, str]] = set()

@@ -124,14 +124,21 @@ def test_a_key_set_twice_is_an_error_naming_both_lines() -> None:
         parse('BRIDGE="br0"\n\nBRIDGE="br1"\n')
 
 
-def test_config_path_precedence(tmp_path: Path) -> None:
+def test_config_path_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.resolve_path("/a.conf", {config.ENV_CONFIG: "/b.conf"}) == ("/a.conf", "--config")
     assert config.resolve_path(None, {config.ENV_CONFIG: "/b.conf"}) == ("/b.conf", config.ENV_CONFIG)
     assert config.resolve_path(None, {}) == (config.DEFAULT_CONFIG_PATH, "default")
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(str(tmp_path / "missing.conf"), {})
     assert config.DEFAULT_CONFIG_PATH == os.path.join(REPO, "config", "smtp-gate.conf")
-    assert config.load(None, {}).path == config.DEFAULT_CONFIG_PATH
+    # The default file itself is not read here: in a checkout that is also the installed app
+    # dir (/usr/local/smtp-gate) it is the host's live config.  A stand-in at another path:
+    default = tmp_path / "app" / "config" / "smtp-gate.conf"
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(default))
+    assert config.load(None, {}) == config.parse("", str(default)), "an absent default means all defaults"
+    default.parent.mkdir(parents=True)
+    default.write_text('BLOCKED_PORTS="2525"\n')
+    assert config.load(None, {}).blocked_ports == ((2525, 2525),)
 
 
 def test_cli_reports_a_bad_config_in_one_line_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,6 +1,7 @@
 """What install.sh installs, driving a real libvirtd: the hooks from the install tree (not
 the repository's copies) allow and block real QEMU guests, and after `nft flush ruleset`
-the installed `smtp-gate watch` blocks SMTP again within the bound, keeping the allowance.
+the installed `smtp-gate watch` blocks SMTP again, keeping the allowance (how fast:
+bench/bench_recovery.py; here only a give-up deadline).
 
 install.sh runs with --root into a temporary tree; the app there is a clone of this
 repository's committed HEAD, and its hooks find their configuration at the install tree's
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.libvirt
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKED = (25, 465)
-RESTORE_BOUND = 2.0  # seconds; bench/bench_recovery.py measures about 0.1-0.3 s
+RESTORE_GIVE_UP = 30.0  # seconds: a deadline to stop waiting, not a speed claim (bench/bench_recovery.py measures it)
 ALLOWED, BLOCKED_GUEST = "installed-allowed", "installed-blocked"
 
 
@@ -94,9 +95,8 @@ def test_installed_hooks_allow_and_block_and_watch_restores_after_a_flush(instal
         flushed_at = time.monotonic()
         lab.run_in_netns(["nft", "flush", "ruleset"])
         while "table bridge smtp_gate" not in lab.run_in_netns(["nft", "list", "tables"]).stdout:
-            assert time.monotonic() - flushed_at < RESTORE_BOUND, "enforcement not restored within the bound"
+            assert time.monotonic() - flushed_at < RESTORE_GIVE_UP, "enforcement not restored: giving up"
             time.sleep(0.02)
-        restored_after = time.monotonic() - flushed_at
         # rounds that start after the restore: blocked again for one guest, still open for the other
         start = max(latest_round(lab, BLOCKED_GUEST), latest_round(lab, ALLOWED)) + 1
         later_blocked = lab.wait_round(BLOCKED_GUEST, start + 1, timeout=60)
@@ -109,6 +109,5 @@ def test_installed_hooks_allow_and_block_and_watch_restores_after_a_flush(instal
             assert later_blocked.round(start + 1)[(family, port)] == "blocked"
             assert later_allowed.round(start + 1)[(family, port)] == "open", "the restore kept the allowance"
     assert "restored in" in err
-    print(f"\nenforcement restored {restored_after:.3f}s after nft flush ruleset")
     status = cli(lab, app, "status", "--no-libvirt")
     assert status.returncode == 0, status.stdout + status.stderr

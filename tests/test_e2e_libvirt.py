@@ -238,7 +238,7 @@ def assert_first_attempts(res: libvirt_lab.GuestResult, want: str, nic: Optional
                               key=lambda r: r.round)
             assert attempts, f"{res.name}: no probe {fam} {port} on {nic}\n{res.console[-3000:]}"
             first = attempts[0]
-            assert first.round == 1 and first.t < 30, first
+            assert first.round == 1, first  # the init's first connect, whenever the guest got to it
             assert first.status == (want if port in BLOCKED else "open"), (first, res.console[-3000:])
 
 

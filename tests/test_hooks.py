@@ -1,6 +1,7 @@
 """The libvirt hooks, run as libvirt runs them: the executable, argv, the recorded domain XML
 on stdin, a clean environment; the kernel state and real frames checked after each call."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -170,6 +171,31 @@ def test_when_the_kernel_refuses_the_guest_still_starts_and_stays_blocked(lab2: 
     assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
     assert b"failed" in r.stderr and b"stays blocked" in r.stderr
     assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+
+
+def test_a_hook_that_cannot_get_the_lock_gives_up_and_the_guest_stays_blocked(lab2: BridgeLab) -> None:
+    """libvirt holds the guest's lock while a hook runs: a hook must never wait for ours forever.
+    While another process holds it, `start begin` returns (exit 0, nothing on stdout, a line on
+    stderr) without allowing anything; once it is free the same call allows."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    assert hook(lab, "qemu", "lab2", "prepare", "begin", sample("01-lab2-prepare-begin")).returncode == 0
+    fixed = lab.guests["lab2b"]
+    lock_path = lab.tmp / "run" / "lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a rebuild or another hook would hold it
+        r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"))  # timeout=30: give up
+        assert (r.returncode, r.stdout) == (0, b"")
+        assert b"still held" in r.stderr, r.stderr
+        assert MAC_FIXED not in allowed(lab) and MAC_AUTO not in allowed(lab)
+        assert not lab.tcp_connects(fixed, lab.INET4, 25, timeout=0.5), "no lock, no allowance"
+    finally:
+        os.close(fd)
+    r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"))
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert MAC_FIXED in allowed(lab) and lab.tcp_connects(fixed, lab.INET4, 25)
 
 
 def test_broken_input_never_fails_the_hook(lab2: BridgeLab) -> None:

@@ -38,11 +38,12 @@ Entry = Tuple[str, ...]
 
 
 # ------------------------------------------------------------------------------------ helpers
-def run(cmd: Sequence[object], expect: int = 0, env: Optional[Dict[str, str]] = None,
+def run(cmd: Sequence[object], expect: Optional[int] = 0, env: Optional[Dict[str, str]] = None,
         cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run CMD (no shell) and check its exit status, showing its output when it differs."""
+    """Run CMD (no shell) and check its exit status (unless EXPECT is None), showing its output
+    when it differs."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
-    assert proc.returncode == expect, (
+    assert expect is None or proc.returncode == expect, (
         f"{cmd} exited {proc.returncode}, expected {expect}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )
     return proc
@@ -409,7 +410,8 @@ def test_help_and_usage_errors(snapshot: Path, tmp_path: Path) -> None:
 def test_scripts_pass_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (Debian/Ubuntu: apt-get install shellcheck)")
-    run(["shellcheck", "-x", REPO / "install.sh", REPO / "uninstall.sh", REPO / "install-common.sh"], cwd=REPO)
+    run(["shellcheck", "-x", REPO / "install.sh", REPO / "uninstall.sh", REPO / "install-common.sh",
+         REPO / "test.sh", REPO / ".ci/run", CONTAINER], cwd=REPO)
 
 
 # ------------------------------------------------------------------------------ config examples
@@ -455,11 +457,13 @@ def verify_root(tmp_path: Path, installed_root: Path) -> Path:
     """A tree for `systemd-analyze verify --root`: this machine's units (sysinit.target and the
     rest, which our units' default dependencies require), the installed unit files and the
     installed /usr/bin/smtp-gate, byte for byte.  (Without --root, verify checks ExecStart= on
-    the live /usr/bin, where smtp-gate is not installed.)"""
+    the live /usr/bin, where smtp-gate may or may not be installed.)  A unit of ours that this
+    machine has in its unit directory (a packaged install) is left out: only the tree under test
+    may define them."""
     v = tmp_path / "verify"
     lib = v / "usr/lib/systemd/system"
     host = next(d for d in HOST_UNIT_DIRS if d.is_dir())
-    shutil.copytree(host, lib, symlinks=True)
+    shutil.copytree(host, lib, symlinks=True, ignore=shutil.ignore_patterns("smtp-gate*"))
     (v / "etc/systemd/system").mkdir(parents=True)
     for u in UNITS:
         shutil.copy2(installed_root / "etc/systemd/system" / u, v / "etc/systemd/system" / u)
@@ -702,14 +706,26 @@ def container_skip_reason() -> Optional[str]:
 
 
 class Container:
-    """This machine's systemd booted in a throwaway container (see systemd_container.sh)."""
+    """This machine's systemd booted in a throwaway container (see systemd_container.sh), with the
+    host's own smtp-gate installation hidden.  host_layer: a tree laid over the host's / below the
+    container's own layer (a decoy host installation); hide_host_install=False leaves such paths
+    visible, only to show that the hiding is what keeps them out."""
 
-    def __init__(self, path: Path) -> None:
+    # what the commands run inside get: never the test process's environment (an operator's
+    # $SMTP_GATE_CONFIG, a venv's PATH), as `sudo ./install.sh` would not either
+    ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+
+    def __init__(self, path: Path, host_layer: Optional[Path] = None, hide_host_install: bool = True) -> None:
         self.path = path
         self.pid = ""
+        self.options: List[object] = []
+        if host_layer is not None:
+            self.options += ["--host-layer", host_layer]
+        if not hide_host_install:
+            self.options.append("--keep-host-install")
 
     def start(self) -> None:
-        self.pid = run([CONTAINER, "start", self.path]).stdout.strip()
+        self.pid = run([CONTAINER, "start", self.path, *self.options]).stdout.strip()
 
     def reboot(self) -> None:
         run([CONTAINER, "stop", self.path, "--keep-layer"])
@@ -718,13 +734,14 @@ class Container:
     def stop(self) -> None:
         subprocess.run([str(CONTAINER), "stop", str(self.path)], capture_output=True, timeout=60)
 
-    def __call__(self, *cmd: object, expect: int = 0) -> subprocess.CompletedProcess:
-        return run(["nsenter", "-t", self.pid, "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w", *cmd], expect=expect)
+    def __call__(self, *cmd: object, expect: Optional[int] = 0) -> subprocess.CompletedProcess:
+        return run(["nsenter", "-t", self.pid, "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w", *cmd], expect=expect,
+                   env=self.ENV)
 
     def write(self, path: str, text: str) -> None:
         self("mkdir", "-p", str(Path(path).parent))
         proc = subprocess.run(["nsenter", "-t", self.pid, "-m", "-r", "-w", "tee", path], input=text,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, env=self.ENV)
         assert proc.returncode == 0, proc.stderr
 
     def show(self, unit: str, prop: str) -> str:
@@ -744,10 +761,77 @@ class Container:
         return False
 
 
+# Where a host's own installation lives (install.sh's live paths, a packaged unit, the runtime
+# dir): a test must never see any of them.
+HOST_INSTALL_PATHS = ("/usr/local/smtp-gate", "/usr/bin/smtp-gate", "/etc/libvirt/hooks",
+                      "/etc/systemd/system/smtp-gate.service", "/etc/systemd/system/smtp-gate.service.d",
+                      "/etc/systemd/system/smtp-gate-watch.service", "/etc/systemd/system/smtp-gate-rebuild.timer",
+                      "/etc/systemd/system/smtp-gate-rebuild.service",
+                      "/etc/systemd/system/multi-user.target.wants/smtp-gate.service",
+                      "/etc/systemd/system/nftables.service.wants/smtp-gate.service",
+                      "/usr/lib/systemd/system/smtp-gate-watch.service", "/run/smtp-gate")
+POISON_CONF = 'BRIDGE="host-br9"\nHOST_ONLY_KEY="the host\'s config, which no test may read"\n'
+
+
+@pytest.fixture
+def host_install(snapshot: Path, tmp_path: Path) -> Path:
+    """A decoy installation of smtp-gate, as a host that runs it has one, laid over the container's
+    view of this machine: install.sh's own layout, enabled, with a config that smtp-gate refuses
+    (an unknown key: apply exits 1), a drop-in that would run the services with another config,
+    and a packaged unit in /usr/lib.  Built with install.sh --root; never on the live system."""
+    layer = tmp_path / "host-layer"
+    install(layer, snapshot)
+    (layer / APP / "config/smtp-gate.conf").write_text(POISON_CONF)
+    etc = layer / "etc/systemd/system"
+    for target, unit in (("multi-user.target", "smtp-gate.service"), ("nftables.service", "smtp-gate.service"),
+                         ("multi-user.target", "smtp-gate-watch.service"), ("timers.target", "smtp-gate-rebuild.timer")):
+        (etc / f"{target}.wants").mkdir(exist_ok=True)
+        (etc / f"{target}.wants" / unit).symlink_to(f"/etc/systemd/system/{unit}")
+    (etc / "smtp-gate.service.d").mkdir()
+    (etc / "smtp-gate.service.d/host.conf").write_text(
+        "[Service]\nEnvironment=SMTP_GATE_CONFIG=/usr/local/smtp-gate/config/smtp-gate.conf\n")
+    packaged = layer / "usr/lib/systemd/system"
+    packaged.mkdir(parents=True)
+    (packaged / "smtp-gate-watch.service").write_text("[Service]\nExecStart=/bin/false\n")
+    return layer
+
+
 @pytest.mark.kernel
-def test_live_install_under_a_real_systemd(snapshot: Path, tmp_path: Path) -> None:
+def test_the_container_hides_the_hosts_installation(host_install: Path, tmp_path: Path) -> None:
+    """The live test below must behave as on a fresh host whatever this machine has installed.
+    A decoy installation laid over this machine's / stands in for the host's: without the hiding
+    the container sees it (so the check is not vacuous), with it none of its paths exist."""
+    reason = container_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    seen = Container(tmp_path / "sees", host_layer=host_install, hide_host_install=False)
+    try:
+        seen.start()
+        assert seen("cat", "/usr/local/smtp-gate/config/smtp-gate.conf").stdout == POISON_CONF
+        assert MARKER in seen("cat", "/usr/bin/smtp-gate").stdout
+        assert "smtp-gate.service" in seen("systemctl", "list-unit-files", "smtp-gate*", "--no-legend").stdout
+    finally:
+        seen.stop()
+    ct = Container(tmp_path / "hides", host_layer=host_install)
+    try:
+        ct.start()
+        present = [p for p in HOST_INSTALL_PATHS if ct("test", "-e", p, expect=None).returncode == 0]
+        assert present == [], f"the host's installation shows through: {present}"
+        assert ct("systemctl", "list-unit-files", "smtp-gate*", "--no-legend", expect=1).stdout.strip() == ""
+        assert ct("sh", "-c", "ls /etc/systemd/system/*.wants/ | grep smtp-gate", expect=1).stdout == ""
+        # and across a reboot, where the container keeps its own layer
+        ct.reboot()
+        assert [p for p in HOST_INSTALL_PATHS if ct("test", "-e", p, expect=None).returncode == 0] == []
+    finally:
+        ct.stop()
+    assert (host_install / APP / "config/smtp-gate.conf").read_text() == POISON_CONF
+
+
+@pytest.mark.kernel
+def test_live_install_under_a_real_systemd(snapshot: Path, tmp_path: Path, host_install: Path) -> None:
     """The live path of install.sh and uninstall.sh, in a container running this machine's
-    systemd with its own network namespace: units enabled and started, the boot order (after
+    systemd with its own network namespace, on a "host" that has its own installation of
+    smtp-gate (host_install, hidden as this machine's would be): units enabled and started, the boot order (after
     nftables, before libvirtd) across a reboot, nftables reload/restart/stop+start bringing the
     table back, stopping our unit removing nothing, and uninstall removing everything but the app
     dir.  The host's ruleset and units are never touched."""
@@ -756,7 +840,7 @@ def test_live_install_under_a_real_systemd(snapshot: Path, tmp_path: Path) -> No
         pytest.skip(reason)
     nft = shutil.which("nft")
     host_tables = run(["nft", "list", "tables"]).stdout
-    ct = Container(tmp_path / "container")
+    ct = Container(tmp_path / "container", host_layer=host_install)
     try:
         ct.start()
         # This environment's Python with lxml/libvirt/filelock may live under /root or /home, which

@@ -79,6 +79,11 @@ def test_guest_sees_ports_open_then_25_blocked_by_a_bridge_rule(tmp_path: Path, 
         pids = [lab.libvirtd_pid()]
         assert lab.virsh("-q", "list", "--all").stdout.strip() == ""
         open_ = lab.boot_guest("smoke")
+        # the guest booted Debian's kernel package from the suite's own cache, not this machine's /boot
+        kernel_dir = libvirt_lab.cache_dir() / "kernel"
+        assert re.fullmatch(r"linux-image-\S+-amd64 \S+", (kernel_dir / "version").read_text().strip())
+        xml = (lab.state_dir / "smoke.xml").read_text()
+        assert f"<kernel>{kernel_dir}/" in xml and "/boot/" not in xml, xml
         for fam in ("v4", "v6"):
             assert open_.probes[(fam, 80)] == "open", open_.console
             assert open_.probes[(fam, 25)] == "open", open_.console
@@ -93,9 +98,9 @@ def test_guest_sees_ports_open_then_25_blocked_by_a_bridge_rule(tmp_path: Path, 
             assert blocked.probes[(fam, 25)] == "blocked", blocked.console
             assert blocked.probes[(fam, 80)] == "open", blocked.console
             assert blocked.probes[(fam, 465)] == "open", blocked.console
-        # blocked from the very first attempt: round 1 is the guest's first connect, a few s after boot
+        # blocked from the very first attempt: round 1 is the guest's first connect
         first = [r for r in blocked.results if r.port == 25 and r.round == 1]
-        assert len(first) == 2 and all(r.status == "blocked" and r.t < 30 for r in first)
+        assert len(first) == 2 and all(r.status == "blocked" for r in first)
         counters = lab.run_in_netns(["nft", "list", "table", "bridge", "labblock"]).stdout
         assert re.search(r"counter packets [1-9]", counters), counters
         timings = dict(lab.timings)
@@ -128,8 +133,7 @@ def test_hooks_reconnect_and_two_nics(tmp_path: Path) -> None:
         assert len(res.macs) == 2 and res.macs[1] == "52:54:00:aa:01:02"
         links = lab.run_in_netns(["ip", "-o", "link", "show", "master", "br0"]).stdout
         assert " h1n1:" in links and " vnet" in links, links
-        took = lab.restart_libvirtd()
-        assert took < 30
+        lab.restart_libvirtd()  # its own deadlines raise LabError; how long it took is in lab.timings
         lab.virsh("destroy", "h1")
         calls = [line.split() for line in log.read_text().splitlines()]
         ops = [" ".join(c[:2]) for c in calls]

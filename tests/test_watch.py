@@ -1,4 +1,6 @@
-"""Recovery from outside interference: `smtp-gate watch` brings enforcement back by itself."""
+"""Recovery from outside interference: `smtp-gate watch` brings enforcement back by itself.
+
+How fast is bench/bench_recovery.py's business; the tests here wait with a give-up deadline."""
 
 import os
 import signal
@@ -36,13 +38,18 @@ def test_what_counts_as_removing_enforcement(block, removed) -> None:
     assert watch.removes_enforcement(block) is removed
 
 
-def wait_for(predicate, timeout: float = 5.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
+# A give-up deadline, not a claim about speed: bench/bench_recovery.py measures how fast the
+# table comes back (tens of milliseconds), for each of these interferences.
+GIVE_UP = 30.0
+
+
+def wait_for(predicate, timeout: float = GIVE_UP) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         if predicate():
-            return time.monotonic() - start
+            return
         time.sleep(0.02)
-    raise AssertionError("not restored in time")
+    raise AssertionError(f"enforcement not restored after {timeout:g} s (giving up)")
 
 
 @pytest.mark.kernel
@@ -69,8 +76,7 @@ def test_enforcement_comes_back_by_itself_with_the_allowances(bare_lab: BridgeLa
     try:
         time.sleep(1.0)  # let it start following nft events
         lab.nft(*interference)
-        elapsed = wait_for(lambda: "goto egress" in lab.nft("list", "chain", "bridge", "smtp_gate", "forward", check=False).stdout)
-        assert elapsed < 3.0
+        wait_for(lambda: "goto egress" in lab.nft("list", "chain", "bridge", "smtp_gate", "forward", check=False).stdout)
         assert not lab.tcp_connects(blocked, lab.INET4, 25, timeout=0.5), "SMTP must be blocked again"
         assert lab.tcp_connects(allowed, lab.INET4, 25), "the restore kept the recorded allowance"
     finally:
