@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
 refused the change is put back); 2 usage; 3 done, with a warning the operator must read
-(a protected bridge is missing or has no uplink; `list`: a whitelist row cannot be
-used); 4 `status`: enforcement is not active; 5 the operator switched enforcement off
+(a protected bridge is missing or has no uplink; a running guest NIC is UNPROTECTED:
+`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used); 4 `status`:
+enforcement is not active; 5 the operator switched enforcement off
 (`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
 change whose file was written, and the file could not be put back (the message says what
 is left).  No hypervisor answering is a note on stderr, not a warning: apply then keeps
@@ -64,7 +65,11 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         )
     for message in result.hypervisor_warnings + outcome.warnings:
         warn(_as_dry_run(message) if args.dry_run else message)
-    return EXIT_WARNING if outcome.has_warnings else EXIT_OK
+    for nic in result.unprotected or []:
+        warn(nic.line())
+    if result.unprotected is None and not args.no_libvirt:
+        print("smtp-gate: note: no hypervisor answered: UNPROTECTED NICs could not be checked", file=sys.stderr)
+    return EXIT_WARNING if outcome.has_warnings or result.unprotected else EXIT_OK
 
 
 def _as_dry_run(message: str) -> str:
@@ -128,7 +133,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return EXIT_DISABLED
     if not report.active:
         return EXIT_INACTIVE
-    return EXIT_WARNING if report.warnings else EXIT_OK
+    return EXIT_WARNING if report.warnings or report.unprotected else EXIT_OK
 
 
 def _shown(value: object) -> str:
@@ -290,6 +295,7 @@ COMMANDS: Dict[str, Handler] = {
     "enable": cmd_enable,
     "status": cmd_status,
     "debug": cmd_debug,
+    "guest-bridges": cmd_guest_bridges,
     "add-vm": cmd_add_vm,
     "del-vm": cmd_del_vm,
     "add-mac": cmd_add_mac,
@@ -306,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtp-gate",
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
-        epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning, 4 (status) not active, "
+        epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning (e.g. an UNPROTECTED guest NIC), "
+        "4 (status) not active, "
         "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
