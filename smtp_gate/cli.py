@@ -171,6 +171,29 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
+    """The bridges running guests' NICs are on, each marked `protected` (in BRIDGE) or
+    `unprotected`: read-only, for install.sh to write or propose BRIDGE, and for operators."""
+    from smtp_gate import discovery, exposure, hypervisor
+
+    uris = tuple(args.libvirt_uri) or config.uris()
+    listing = hypervisor.list_running(uris)
+    if not listing.reached:
+        reasons = "; ".join(f"{uri}: {why}" for uri, why in listing.unreachable.items())
+        raise SmtpGateError(f"no libvirt URI answered, so the guests' bridges are unknown: {reasons}")
+    master_of = discovery.master_of(discovery.read_links())
+    for bridge, count in exposure.guest_bridges(listing.domains, master_of):
+        state = "protected" if bridge in config.bridges else "unprotected"
+        print(f"{bridge} {state} {count}")
+    unseen = [u for u in exposure.all_unprotected(listing.domains, config.bridges, master_of) if u.bridge is None]
+    for nic in unseen:
+        print(f"smtp-gate: note: {nic.line()}", file=sys.stderr)
+    if args.libvirt_uri or config.libvirt_uris or config.hypervisor:
+        for uri, why in listing.unreachable.items():
+            print(f"smtp-gate: note: libvirt {uri} did not answer: {why}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _report(change) -> int:  # type: ignore[no-untyped-def]
     for line in change.lines:
         print(f"ok: {line}")
@@ -369,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt about guests")
     add("debug", "show bridge ports, our table as the kernel holds it, and the effective configuration", "smtp-gate debug")
+    p = add(
+        "guest-bridges",
+        "list the bridges running guests' NICs are on, each `protected` (in BRIDGE) or `unprotected`, "
+        "with its number of NICs (read-only)",
+        "smtp-gate guest-bridges   |   smtp-gate guest-bridges --libvirt-uri qemu:///system",
+    )
+    p.add_argument(
+        "--libvirt-uri",
+        metavar="URI",
+        action="append",
+        default=[],
+        help="ask this libvirt URI (repeatable) instead of the config's LIBVIRT_URI/HYPERVISOR",
+    )
     p = add("add-vm", "whitelist a guest (name or UUID) and allow its NICs now", 'smtp-gate add-vm web1 "ID verified, ticket 4711"')
     p.add_argument("name", metavar="NAME", help="guest name or UUID, as `virsh list --all` shows it")
     p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored in the whitelist)")
