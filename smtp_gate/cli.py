@@ -172,8 +172,9 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
-    """The bridges running guests' NICs are on, each marked `protected` (in BRIDGE) or
-    `unprotected`: read-only, for install.sh to write or propose BRIDGE, and for operators."""
+    """`NAME STATE COUNT` lines: each bridge running guests' NICs are on, `protected` (in
+    BRIDGE) or `unprotected`, then each bridge of BRIDGE no running guest uses, `unused`.
+    Read-only: install.sh writes or proposes BRIDGE from it, without parsing the config."""
     from smtp_gate import discovery, exposure, hypervisor
 
     uris = tuple(args.libvirt_uri) or config.uris()
@@ -182,9 +183,13 @@ def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
         reasons = "; ".join(f"{uri}: {why}" for uri, why in listing.unreachable.items())
         raise SmtpGateError(f"no libvirt URI answered, so the guests' bridges are unknown: {reasons}")
     master_of = discovery.master_of(discovery.read_links())
-    for bridge, count in exposure.guest_bridges(listing.domains, master_of):
+    used = exposure.guest_bridges(listing.domains, master_of)
+    for bridge, count in used:
         state = "protected" if bridge in config.bridges else "unprotected"
         print(f"{bridge} {state} {count}")
+    for bridge in config.bridges:
+        if bridge not in dict(used):
+            print(f"{bridge} unused 0")
     unseen = [u for u in exposure.all_unprotected(listing.domains, config.bridges, master_of) if u.bridge is None]
     for nic in unseen:
         print(f"smtp-gate: note: {nic.line()}", file=sys.stderr)
@@ -395,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "guest-bridges",
         "list the bridges running guests' NICs are on, each `protected` (in BRIDGE) or `unprotected`, "
-        "with its number of NICs (read-only)",
+        "with its number of NICs, then BRIDGE's bridges no running guest uses (`unused`); read-only",
         "smtp-gate guest-bridges   |   smtp-gate guest-bridges --libvirt-uri qemu:///system",
     )
     p.add_argument(

@@ -202,6 +202,9 @@ def test_guest_bridges_lists_the_bridges_of_running_guests(hosts: BridgeLab) -> 
     r = hosts.smtp_gate("guest-bridges", check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["br0 protected 1", "virbr0 unprotected 2"]
+    hosts.write_config(f'UPLINKS="uplink0"\nBRIDGE="virbr0,br7"\nLIBVIRT_URI="test://{hosts.tmp}/node.xml"\n')
+    r = hosts.smtp_gate("guest-bridges", check=False)
+    assert r.stdout.splitlines() == ["br0 unprotected 1", "virbr0 protected 2", "br7 unused 0"]
     assert "mvtap" in r.stderr and "passthru" in r.stderr
     bad = hosts.smtp_gate("guest-bridges", "--libvirt-uri", f"qemu:///system?socket={hosts.tmp}/nobody", check=False)
     assert bad.returncode == 1 and bad.stdout == "" and "no libvirt URI answered" in bad.stderr
