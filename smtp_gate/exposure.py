@@ -9,7 +9,7 @@ them would let an operator believe every guest is blocked.  Pure: callers pass t
 kernel's bridge lookup.
 """
 
-from typing import Collection, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Collection, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from smtp_gate.domain import Domain, Nic
 from smtp_gate.guests import MasterOf, nic_bridge
@@ -34,7 +34,7 @@ class Unprotected(NamedTuple):
     def line(self) -> str:
         return f"UNPROTECTED: guest {self.guest} ({self.uuid}) NIC {self.mac} on {self.where}: {self.reason}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> Dict[str, object]:
         return {**self._asdict(), "where": self.where, "line": self.line()}
 
 
@@ -84,7 +84,7 @@ def all_unprotected(
 def guest_bridges(domains: Iterable[Domain], master_of: MasterOf) -> List[Tuple[str, int]]:
     """(bridge, how many NICs) for every Linux bridge the running DOMAINS' NICs are on, sorted:
     what BRIDGE must name for all of them to be filtered (install.sh proposes it)."""
-    counts: dict = {}
+    counts: Dict[str, int] = {}
     for domain in domains:
         for nic in domain.nics:
             bridge, _reason = placement(nic, master_of)
