@@ -57,6 +57,12 @@ Options:
                       when it is >= 3.9, else the --python one through a small wrapper)
   --libvirt-version X.Y  assume this libvirt version instead of asking libvirtd/virtqemud
                       (with --root the default is to assume >= 6.5, i.e. drop-in hooks)
+  --libvirt-uri URI   ask this libvirt URI (read-only) which bridges the running guests use,
+                      instead of the config's LIBVIRT_URI/HYPERVISOR (default: every local
+                      driver).  With --root libvirt is asked only when this is given.  A new
+                      config gets BRIDGE= naming those bridges; an existing one is never
+                      changed: install.sh prints the BRIDGE= line to set when guests use
+                      bridges it does not name
   -h, --help          show this help
 
 Exit status: 0 installed (warnings, if any, on stderr), 1 error, 2 usage.
@@ -74,6 +80,7 @@ NO_VENV=0
 PYTHON_OPT=""
 HOOK_PYTHON_OPT=""
 LIBVIRT_VERSION_OPT=""
+LIBVIRT_URI_OPT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --python) [ $# -ge 2 ] || usage_error "--python needs a path"; PYTHON_OPT="$2"; shift 2 ;;
@@ -82,6 +89,8 @@ while [ $# -gt 0 ]; do
         --hook-python=*) HOOK_PYTHON_OPT="${1#*=}"; shift ;;
         --libvirt-version) [ $# -ge 2 ] || usage_error "--libvirt-version needs X.Y"; LIBVIRT_VERSION_OPT="$2"; shift 2 ;;
         --libvirt-version=*) LIBVIRT_VERSION_OPT="${1#*=}"; shift ;;
+        --libvirt-uri) [ $# -ge 2 ] || usage_error "--libvirt-uri needs a URI"; LIBVIRT_URI_OPT="$2"; shift 2 ;;
+        --libvirt-uri=*) LIBVIRT_URI_OPT="${1#*=}"; shift ;;
         --no-start) NO_START=1; shift ;;
         --no-venv) NO_VENV=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -300,6 +309,7 @@ done
 
 # ---------------------------------------------------------------- 4. live config, never overwritten
 say "configuration"
+NEW_CONFIG=0      # 1: smtp-gate.conf was created by this run (BRIDGE may then be written, below)
 for spec in smtp-gate.conf:644 whitelist.csv:640; do
     name="${spec%%:*}"; mode="${spec##*:}"
     dest="$APP/config/$name"
@@ -313,6 +323,7 @@ for spec in smtp-gate.conf:644 whitelist.csv:640; do
         mv -n -T -- "$tmp" "$dest"
         rm -f -- "$tmp"
         did created "$(shown "$dest") (from $name.example: edit it)"
+        [ "$name" != smtp-gate.conf ] || NEW_CONFIG=1
     fi
 done
 
@@ -390,6 +401,69 @@ from smtp_gate.cli import main  # noqa: E402
 sys.exit(main())
 "
 put_file "$BIN" 755 "$WRAPPER" "runs $RUN_PY"
+
+# ---------------------------------------------------------------- 6b. the bridges guests use
+# Read-only, through the installed command: which bridges the running guests' NICs are on
+# (smtp-gate guest-bridges).  A config created by this run gets BRIDGE= naming them, before
+# any unit applies it; an existing config is only compared, and the line to set is printed.
+say "bridges of running guests"
+CONF="$APP/config/smtp-gate.conf"
+ASK_LIBVIRT=1
+if [ "$LIVE" = 0 ] && [ -z "$LIBVIRT_URI_OPT" ]; then
+    ASK_LIBVIRT=0
+    say "  --root: libvirt not asked which bridges the guests use (--libvirt-uri URI asks one)"
+elif [ -z "$PY" ]; then
+    ASK_LIBVIRT=0
+    warn "no Python >= 3.9: could not ask libvirt which bridges the guests use; set BRIDGE= in $(shown "$CONF") yourself"
+fi
+if [ $ASK_LIBVIRT = 1 ]; then
+    uri_args=()
+    [ -z "$LIBVIRT_URI_OPT" ] || uri_args=(--libvirt-uri "$LIBVIRT_URI_OPT")
+    gb_err="$(mktemp)"
+    gb_rc=0
+    here_py="$RUN_PY"      # the wrapper's interpreter, as a path on this machine (--root: under it)
+    [ "$RUN_PY" != "$APP_DIR/.venv/bin/python" ] || here_py="$VENV/bin/python"
+    gb_out="$("$here_py" -I "$BIN" --config "$CONF" guest-bridges ${uri_args[@]+"${uri_args[@]}"} 2>"$gb_err")" || gb_rc=$?
+    gb_msg="$(sed -n 's/^smtp-gate: error: //p' -- "$gb_err" | head -n 1)"
+    unseen="$(grep -c 'UNPROTECTED:' -- "$gb_err" || true)"
+    rm -f -- "$gb_err"
+    if [ "$gb_rc" != 0 ]; then
+        warn "could not ask libvirt which bridges the guests use: ${gb_msg:-smtp-gate guest-bridges exited $gb_rc}; BRIDGE in $(shown "$CONF") is left as it is: check it (smtp-gate guest-bridges, smtp-gate status)"
+    else
+        used=(); configured=(); missing=()
+        while read -r br state _count; do
+            [ -n "$br" ] || continue
+            [[ "$br" =~ ^[A-Za-z0-9._+@-]{1,15}$ ]] || continue     # the command validated it; belt and braces
+            case "$state" in
+                protected) used+=("$br"); configured+=("$br") ;;
+                unused) configured+=("$br") ;;
+                unprotected) used+=("$br"); missing+=("$br") ;;
+            esac
+        done <<<"$gb_out"
+        if [ ${#used[@]} -eq 0 ]; then
+            same none "no running guest has a NIC on a Linux bridge: BRIDGE left as it is"
+        elif [ $NEW_CONFIG = 1 ]; then
+            line="BRIDGE=\"${used[*]}\""
+            tmp="$(mktemp -- "$APP/config/.smtp-gate.XXXXXX")"
+            awk -v line="$line" 'BEGIN { done = 0 }
+                !done && /^#?[ \t]*BRIDGE=/ { print line; done = 1; next }
+                { print }
+                END { if (!done) print line }' "$CONF" >"$tmp" || { rm -f -- "$tmp"; die "could not write $line into $(shown "$CONF")"; }
+            chmod 644 -- "$tmp"
+            mv -f -T -- "$tmp" "$CONF"
+            did configured "$line in $(shown "$CONF"): the bridges the running guests use"
+        elif [ ${#missing[@]} -gt 0 ]; then
+            warn "running guests use bridge(s) that BRIDGE does not name: ${missing[*]}.  smtp-gate does not filter guest NICs there (smtp-gate status lists them as UNPROTECTED).  To filter them, set in $(shown "$CONF"):
+    BRIDGE=\"${configured[*]+${configured[*]} }${missing[*]}\"
+then run: smtp-gate apply"
+        else
+            same ok "BRIDGE names every bridge the running guests use (${used[*]})"
+        fi
+    fi
+    if [ "${unseen:-0}" != 0 ]; then
+        say "  $unseen running guest NIC(s) are of a kind no bridge rule sees (macvtap, hostdev, vhost-user, ...): smtp-gate status lists them as UNPROTECTED"
+    fi
+fi
 
 # ---------------------------------------------------------------- 7. libvirt hooks
 say "libvirt hooks"

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
 refused the change is put back); 2 usage; 3 done, with a warning the operator must read
-(a protected bridge is missing or has no uplink; `list`: a whitelist row cannot be
-used); 4 `status`: enforcement is not active; 5 the operator switched enforcement off
+(a protected bridge is missing or has no uplink; a running guest NIC is UNPROTECTED:
+`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used); 4 `status`:
+enforcement is not active; 5 the operator switched enforcement off
 (`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
 change whose file was written, and the file could not be put back (the message says what
 is left).  No hypervisor answering is a note on stderr, not a warning: apply then keeps
@@ -64,7 +65,11 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         )
     for message in result.hypervisor_warnings + outcome.warnings:
         warn(_as_dry_run(message) if args.dry_run else message)
-    return EXIT_WARNING if outcome.has_warnings else EXIT_OK
+    for nic in result.unprotected or []:
+        warn(nic.line())
+    if result.unprotected is None and not args.no_libvirt:
+        print("smtp-gate: note: no hypervisor answered: UNPROTECTED NICs could not be checked", file=sys.stderr)
+    return EXIT_WARNING if outcome.has_warnings or result.unprotected else EXIT_OK
 
 
 def _as_dry_run(message: str) -> str:
@@ -128,7 +133,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return EXIT_DISABLED
     if not report.active:
         return EXIT_INACTIVE
-    return EXIT_WARNING if report.warnings else EXIT_OK
+    return EXIT_WARNING if report.warnings or report.unprotected else EXIT_OK
 
 
 def _shown(value: object) -> str:
@@ -163,6 +168,34 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
         )
     print("== table bridge smtp_gate (as the kernel holds it)")
     sys.stdout.write(nft.list_text() or "(not installed)\n")
+    return EXIT_OK
+
+
+def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
+    """`NAME STATE COUNT` lines: each bridge running guests' NICs are on, `protected` (in
+    BRIDGE) or `unprotected`, then each bridge of BRIDGE no running guest uses, `unused`.
+    Read-only: install.sh writes or proposes BRIDGE from it, without parsing the config."""
+    from smtp_gate import discovery, exposure, hypervisor
+
+    uris = tuple(args.libvirt_uri) or config.uris()
+    listing = hypervisor.list_running(uris)
+    if not listing.reached:
+        reasons = "; ".join(f"{uri}: {why}" for uri, why in listing.unreachable.items())
+        raise SmtpGateError(f"no libvirt URI answered, so the guests' bridges are unknown: {reasons}")
+    master_of = discovery.master_of(discovery.read_links())
+    used = exposure.guest_bridges(listing.domains, master_of)
+    for bridge, count in used:
+        state = "protected" if bridge in config.bridges else "unprotected"
+        print(f"{bridge} {state} {count}")
+    for bridge in config.bridges:
+        if bridge not in dict(used):
+            print(f"{bridge} unused 0")
+    unseen = [u for u in exposure.all_unprotected(listing.domains, config.bridges, master_of) if u.bridge is None]
+    for nic in unseen:
+        print(f"smtp-gate: note: {nic.line()}", file=sys.stderr)
+    if args.libvirt_uri or config.libvirt_uris or config.hypervisor:
+        for uri, why in listing.unreachable.items():
+            print(f"smtp-gate: note: libvirt {uri} did not answer: {why}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -290,6 +323,7 @@ COMMANDS: Dict[str, Handler] = {
     "enable": cmd_enable,
     "status": cmd_status,
     "debug": cmd_debug,
+    "guest-bridges": cmd_guest_bridges,
     "add-vm": cmd_add_vm,
     "del-vm": cmd_del_vm,
     "add-mac": cmd_add_mac,
@@ -306,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtp-gate",
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
-        epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning, 4 (status) not active, "
+        epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning (e.g. an UNPROTECTED guest NIC), "
+        "4 (status) not active, "
         "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
@@ -362,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt about guests")
     add("debug", "show bridge ports, our table as the kernel holds it, and the effective configuration", "smtp-gate debug")
+    p = add(
+        "guest-bridges",
+        "list the bridges running guests' NICs are on, each `protected` (in BRIDGE) or `unprotected`, "
+        "with its number of NICs, then BRIDGE's bridges no running guest uses (`unused`); read-only",
+        "smtp-gate guest-bridges   |   smtp-gate guest-bridges --libvirt-uri qemu:///system",
+    )
+    p.add_argument(
+        "--libvirt-uri",
+        metavar="URI",
+        action="append",
+        default=[],
+        help="ask this libvirt URI (repeatable) instead of the config's LIBVIRT_URI/HYPERVISOR",
+    )
     p = add("add-vm", "whitelist a guest (name or UUID) and allow its NICs now", 'smtp-gate add-vm web1 "ID verified, ticket 4711"')
     p.add_argument("name", metavar="NAME", help="guest name or UUID, as `virsh list --all` shows it")
     p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored in the whitelist)")

@@ -11,7 +11,20 @@ from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
-from smtp_gate import allowances, config as config_mod, files, guests, hypervisor, lock, nft, ruleset, validate, whitelist
+from smtp_gate import (
+    allowances,
+    config as config_mod,
+    discovery,
+    exposure,
+    files,
+    guests,
+    hypervisor,
+    lock,
+    nft,
+    ruleset,
+    validate,
+    whitelist,
+)
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain, normalise_uuid
 from smtp_gate.errors import ConfigError, NftError, PartialChange, SmtpGateError, WhitelistError
@@ -33,8 +46,14 @@ def now() -> datetime:
     return datetime.now().astimezone()
 
 
-def _protected_candidates(config: Config, dom: Domain) -> List[str]:
-    """Why each NIC of DOM can or cannot be allowed; empty list of 'can' means refuse."""
+def _protected_candidates(config: Config, dom: Domain, running: bool) -> List[str]:
+    """The MACs of DOM's NICs an allowance can apply to; empty means refuse.  A running
+    guest's NICs are placed as status places them (exposure.py); a shut-off guest's XML may
+    not name the bridge of a type='network' NIC yet, so that one is given the benefit of
+    the doubt."""
+    if running:
+        master_of = discovery.master_of(discovery.read_links())
+        return [n.mac or "?" for n in dom.nics if exposure.on_protected_bridge(n, config.bridges, master_of)]
     usable = []
     for nic in dom.nics:
         if not nic.bridge_visible:
@@ -42,6 +61,19 @@ def _protected_candidates(config: Config, dom: Domain) -> List[str]:
         if nic.bridge in config.bridges or (nic.bridge is None and nic.type == "network"):
             usable.append(nic.mac or "?")
     return usable
+
+
+def guest_unprotected(config: Config, dom: Domain, running: bool) -> List[exposure.Unprotected]:
+    """DOM's UNPROTECTED NICs as `status` names them (running guests only: a shut-off
+    guest's NICs are on no bridge yet)."""
+    if not running:
+        return []
+    return exposure.unprotected_nics(dom, config.bridges, discovery.master_of(discovery.read_links()))
+
+
+def _unprotected_warnings(nics: Sequence[exposure.Unprotected]) -> List[str]:
+    """What add-vm and the picker say after allowing a guest with UNPROTECTED NICs."""
+    return [f"{nic.line()} (no rule sees this NIC: allowing the guest changes nothing for it)" for nic in nics]
 
 
 def _describe_nics(dom: Domain) -> str:
@@ -131,7 +163,7 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
             "expected a name or UUID as `virsh list --all` shows it"
         )
     dom, running = found
-    if not _protected_candidates(config, dom):
+    if not _protected_candidates(config, dom, running):
         raise SmtpGateError(
             f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}), "
             f"so there is nothing to allow: its NICs: {_describe_nics(dom)}"
@@ -147,7 +179,7 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
     )
     if not running:
         change.lines.append(f"guest {dom.name!r} is not running: its NICs are allowed when it starts")
-    return change
+    return Change(change.lines, change.warnings + _unprotected_warnings(guest_unprotected(config, dom, running)))
 
 
 def del_vm(config: Config, name: str) -> Change:
@@ -257,16 +289,19 @@ class Row(NamedTuple):
     domain: Domain
     running: bool
     whitelisted: bool
+    unprotected: Tuple[exposure.Unprotected, ...] = ()  # as `status` and add-vm name them
 
 
 def picker_rows(config: Config) -> List[Row]:
     pairs = hypervisor.list_all(config.uris())
     model = whitelist.load(config.whitelist).index()
+    master_of = discovery.master_of(discovery.read_links())
     rows = []
     for dom, running in pairs:
         macs = tuple(guests.nic_macs(dom))
         allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, macs))
-        rows.append(Row(dom, running, bool(allowed)))
+        unseen = exposure.unprotected_nics(dom, config.bridges, master_of) if running else []
+        rows.append(Row(dom, running, bool(allowed), tuple(unseen)))
     return rows
 
 
@@ -284,15 +319,16 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
             return [e for e in effects if e.changed] or effects
 
         return _write_and_apply(config, edit, running, macs)
-    row = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
-    return _write_and_apply(
+    key = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
+    change = _write_and_apply(
         config,
         lambda model: [
-            model.add_guest(row, added_at=when, added_by=user, reason="picker", uuid=dom.uuid, shown=dom.name)
+            model.add_guest(key, added_at=when, added_by=user, reason="picker", uuid=dom.uuid, shown=dom.name)
         ],
         running,
         [],
     )
+    return Change(change.lines, change.warnings + _unprotected_warnings(row.unprotected))
 
 
 def parse_selection(text: str, count: int) -> List[int]:
@@ -316,7 +352,9 @@ def render_rows(rows: Sequence[Row]) -> str:
         out.append(
             f"{n:>3}  {row.domain.name:<24} {'running' if row.running else 'shut off':<9} "
             f"{'yes' if row.whitelisted else 'no':<11} {macs}"
+            + ("  UNPROTECTED" if row.unprotected else "")
         )
+        out += [f"       {nic.line()}" for nic in row.unprotected]
     return "\n".join(out) + "\n"
 
 

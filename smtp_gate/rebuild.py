@@ -18,7 +18,7 @@ and exit would be a tenth of a rebuild of 1 000 guests).
 
 from typing import Dict, List, NamedTuple, Optional
 
-from smtp_gate import discovery, engine, guests, hypervisor, lock, offswitch, ruleset, whitelist
+from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.engine import Outcome
@@ -32,6 +32,8 @@ class Result(NamedTuple):
     guests_seen: Optional[int]  # None: no hypervisor was asked (use_libvirt False) or none answered
     hypervisor_warnings: List[str]
     reenabled: Optional[offswitch.Disabled] = None  # the off-switch this (operator's) apply removed
+    # running guest NICs no rule sees (exposure.py); None: not checked (libvirt not asked or silent)
+    unprotected: Optional[List[exposure.Unprotected]] = None
 
 
 def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
@@ -69,6 +71,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
             offset = state.journal_end()
         listing = hypervisor.list_running(config.uris()) if use_libvirt else None
         notes: List[str] = []
+        unprotected: Optional[List[exposure.Unprotected]] = None
         if listing is not None:
             notes += [f"guest skipped, its XML could not be read: {line}" for line in listing.skipped]
             explicit = bool(config.hypervisor or config.libvirt_uris)
@@ -87,6 +90,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 snapshot = {d.uuid: d for d in listing.domains}
                 amended = replay(snapshot, state.events_since(offset))
                 records = records_for(config, list(amended.values()), links)
+                unprotected = exposure.all_unprotected(amended.values(), config.bridges, discovery.master_of(links))
                 if listing.unreachable:
                     # guests of a URI that did not answer: keep what their hooks recorded
                     known = {r.uuid for r in records}
@@ -102,4 +106,4 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
             if off is not None and not dry_run:
                 offswitch.clear(off.path)  # installed: only now is enforcement back on
     seen = len(listing.domains) if listing is not None and listing.reached else None
-    return Result(outcome, batch, seen, notes, None if dry_run else off)
+    return Result(outcome, batch, seen, notes, None if dry_run else off, unprotected)

@@ -33,7 +33,8 @@ class Report:
     notes: List[str] = field(default_factory=list)  # worth knowing, nothing to fix
     # filled by callers that know about guests and the whitelist
     guests: List[Dict[str, object]] = field(default_factory=list)
-    unprotected: List[Dict[str, str]] = field(default_factory=list)
+    # running guest NICs no rule sees (exposure.Unprotected.to_json); any of them: exit code 3
+    unprotected: List[Dict[str, object]] = field(default_factory=list)
     # the operator's off-switch (`smtp-gate disable`): path, by, at, reason; exit code 5
     disabled: Optional[Dict[str, str]] = None
 
@@ -159,16 +160,18 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
 
 def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] = None) -> None:
     """Whitelisted guests (running or not, their ports, whether the kernel holds their
-    allowance, their blocked attempts) and NICs a bridge rule cannot see.  Asks libvirt
-    (no lock held); if no hypervisor answers, says so instead."""
-    from smtp_gate import guests as guests_mod, hypervisor, whitelist
+    allowance, their blocked attempts) and every running guest NIC no rule sees (UNPROTECTED,
+    exposure.py).  Asks libvirt (no lock held); if no hypervisor answers, says so instead,
+    and that UNPROTECTED NICs could not be checked."""
+    from smtp_gate import exposure, guests as guests_mod, hypervisor, whitelist
     from smtp_gate.errors import SmtpGateError
 
     links = discovery.read_links() if links is None else links
+    master_of = discovery.master_of(links)
     try:
         pairs = hypervisor.list_all(config.uris())
     except SmtpGateError as exc:
-        report.notes.append(f"guests not shown: {exc}")
+        report.notes.append(f"guests not shown, and UNPROTECTED NICs could not be checked: {exc}")
         return
     model = whitelist.load(config.whitelist).index()
     held = {(a["port"], a["mac"]) for a in report.allowed}
@@ -179,26 +182,29 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
         macs = tuple(guests_mod.nic_macs(dom))
         allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, macs))
         if running:
-            for nic in dom.nics:
-                reason = nic.unprotected_reason
-                if reason:
-                    report.unprotected.append({"guest": dom.name, "mac": nic.mac or "?", "reason": reason})
+            report.unprotected += [u.to_json() for u in exposure.unprotected_nics(dom, config.bridges, master_of)]
         if not allowed:
             continue
-        expected = [
-            (n.target, n.mac)
-            for n in dom.nics
-            if running and n.target and n.mac in allowed and guests_mod.nic_bridge(n, discovery.master_of(links)) in config.bridges
-        ]
+        filtered = [n for n in dom.nics if exposure.on_protected_bridge(n, config.bridges, master_of)]
+        expected = [(n.target, n.mac) for n in filtered if running and n.target and n.mac in allowed]
         held_all = all(pair in held for pair in expected)
+        if not running:
+            state = "-"
+        elif not filtered:
+            # nothing of ours sees this guest: "yes" would claim a protection that is not there
+            state = "no NIC on a protected bridge"
+        elif not expected:
+            state = "no allowed NIC on a protected bridge"
+        else:
+            state = "yes" if held_all else "NO"
         report.guests.append(
             {
                 "name": dom.name,
                 "uuid": dom.uuid,
                 "state": "running" if running else "shut off",
-                "ports": ", ".join(port for port, _mac in expected) or "-",
+                "ports": ", ".join(str(port) for port, _mac in expected) or "-",
                 "allowed_macs": list(allowed),
-                "held": ("yes" if held_all else "NO") if running else "-",
+                "held": state,
                 "attempts": sum(attempts.get(m, 0) for m in macs),
             }
         )
@@ -231,7 +237,8 @@ def render(report: Report) -> str:
         lines.append("smtp-gate: INACTIVE")
         lines += [f"warning: {w}" for w in report.warnings]
         return "\n".join(lines) + "\n"
-    lines.append(f"smtp-gate: active ({report.mode} mode)" + (" WITH WARNINGS" if report.warnings else ""))
+    warned = report.warnings or report.unprotected
+    lines.append(f"smtp-gate: active ({report.mode} mode)" + (" WITH WARNINGS" if warned else ""))
     lines.append(f"blocked TCP ports: {report.blocked_ports or 'none'}")
     for bridge in report.bridges:
         state = "" if bridge["exists"] else " (missing)"
@@ -252,8 +259,7 @@ def render(report: Report) -> str:
                 **guest
             )
         )
-    for nic in report.unprotected:
-        lines.append(f"UNPROTECTED: guest {nic['guest']} NIC {nic['mac']}: {nic['reason']}")
+    lines += [str(nic["line"]) for nic in report.unprotected]
     lines.append(
         "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames {verb} {nonip}; malformed {malformed}".format(
             verb="counted, not dropped (audit mode)" if report.mode == "audit"

@@ -950,3 +950,73 @@ def test_a_link_into_the_app_dir_counts_as_ours(snapshot: Path, tmp_path: Path) 
     out = install(root, snapshot).stdout
     assert "updated    /usr/bin/smtp-gate" in out
     assert MARKER in (root / "usr/bin/smtp-gate").read_text()
+
+
+# ------------------------------------------------------------- BRIDGE from the guests' bridges
+def guests_node(tmp_path: Path, bridges: Sequence[str], direct: bool = False) -> str:
+    """A libvirt test-driver node: one running guest per bridge in BRIDGES (type='bridge': the
+    XML names the bridge, so no link of this machine is read), and with DIRECT a macvtap one."""
+    from tests import testdriver
+
+    parts = ["<node>\n"]
+    parts += [testdriver.domain_xml(i, 1, bridge) for i, bridge in enumerate(bridges)]
+    if direct:
+        nic = (f"<interface type='direct'><mac address='{testdriver.mac(9, 0)}'/>"
+               "<source dev='eth0' mode='bridge'/><target dev='mvt9'/></interface>")
+        parts.append(testdriver._domain("mvtap", testdriver.uuid(9), nic, True))
+    parts.append("</node>\n")
+    node = tmp_path / "node.xml"
+    node.write_text("".join(parts))
+    return f"test://{node}"
+
+
+def libvirt_python_or_skip() -> str:
+    """An interpreter that imports libvirt and lxml (this test run's): install.sh runs the
+    installed command with it to ask the test driver."""
+    probe = subprocess.run([sys.executable, "-c", "import libvirt, lxml, filelock"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("libvirt-python, lxml or filelock not importable by this Python")
+    return sys.executable
+
+
+def test_a_first_install_writes_the_bridges_the_guests_use_and_an_update_only_proposes(
+    snapshot: Path, tmp_path: Path
+) -> None:
+    py = libvirt_python_or_skip()
+    root = tmp_path / "root"
+    conf = root / APP / "config/smtp-gate.conf"
+    example = (snapshot / "config/smtp-gate.conf.example").read_text()
+    uri = guests_node(tmp_path, ["br0", "virbr0", "virbr0"], direct=True)
+    out = install(root, snapshot, "--python", py, "--libvirt-uri", uri)
+    assert 'configured BRIDGE="br0 virbr0" in /usr/local/smtp-gate/config/smtp-gate.conf' in out.stdout, out.stdout
+    assert "1 running guest NIC(s) are of a kind no bridge rule sees" in out.stdout
+    assert conf.read_text() == example.replace('#BRIDGE="br0"\n', 'BRIDGE="br0 virbr0"\n')
+    assert config.parse(conf.read_text(), str(conf)).bridges == ("br0", "virbr0")
+    # nothing runs under --root: no claim that anything is enforced
+    assert "stay blocked" not in out.stdout + out.stderr and "is enforced" not in out.stdout + out.stderr
+    # a second run finds BRIDGE complete and changes nothing
+    again = install(root, snapshot, "--python", py, "--libvirt-uri", uri)
+    assert "install.sh: nothing changed" in again.stdout, again.stdout + again.stderr
+    assert "BRIDGE names every bridge the running guests use (br0 virbr0)" in again.stdout
+
+    # an existing config is never changed: the line to set is printed
+    conf.write_text(example)
+    before = conf.read_bytes()
+    uri = guests_node(tmp_path, ["br0", "virbr0", "br5"])
+    out = install(root, snapshot, "--python", py, "--libvirt-uri", uri)
+    assert conf.read_bytes() == before
+    assert "running guests use bridge(s) that BRIDGE does not name: br5 virbr0" in out.stderr, out.stderr
+    assert '    BRIDGE="br0 br5 virbr0"\n' in out.stderr and "smtp-gate apply" in out.stderr
+    assert "install.sh: nothing changed" in out.stdout
+
+
+def test_a_libvirt_that_does_not_answer_leaves_the_example_config_and_says_so(snapshot: Path, tmp_path: Path) -> None:
+    py = libvirt_python_or_skip()
+    root = tmp_path / "root"
+    out = install(root, snapshot, "--python", py, "--libvirt-uri", f"qemu:///system?socket={tmp_path}/nobody")
+    assert "could not ask libvirt which bridges the guests use: no libvirt URI answered" in out.stderr, out.stderr
+    conf = root / APP / "config/smtp-gate.conf"
+    assert conf.read_bytes() == (snapshot / "config/smtp-gate.conf.example").read_bytes()
+    # with --root and no --libvirt-uri, libvirt is not asked at all
+    other = install(tmp_path / "other", snapshot, "--python", py)
+    assert "--root: libvirt not asked which bridges the guests use" in other.stdout
