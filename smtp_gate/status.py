@@ -157,7 +157,7 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
 
     links = discovery.read_links() if links is None else links
     try:
-        pairs = hypervisor.list_all(config.uris())
+        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)
     except SmtpGateError as exc:
         report.notes.append(f"guests not shown: {exc}")
         return
@@ -166,9 +166,11 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     attempts: Dict[str, int] = {}
     for item in report.attempts:
         attempts[item.mac] = attempts.get(item.mac, 0) + item.packets
+    index_of, master_of = discovery.index_of(links), discovery.master_of(links)
     for dom, running in pairs:
         macs = tuple(guests_mod.nic_macs(dom))
-        allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, macs))
+        verdict = guests_mod.judge(dom, config.bridges, model.allowed_macs, index_of, master_of, running)
+        allowed = verdict.whitelisted
         if running:
             for nic in dom.nics:
                 reason = nic.unprotected_reason
@@ -176,11 +178,7 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
                     report.unprotected.append({"guest": dom.name, "mac": nic.mac or "?", "reason": reason})
         if not allowed:
             continue
-        expected = [
-            (n.target, n.mac)
-            for n in dom.nics
-            if running and n.target and n.mac in allowed and guests_mod.nic_bridge(n, discovery.master_of(links)) in config.bridges
-        ]
+        expected = [(v.nic.target, v.nic.mac) for v in verdict.nics if v.state == guests_mod.ALLOWED]
         held_all = all(pair in held for pair in expected)
         report.guests.append(
             {
