@@ -35,10 +35,9 @@ def reconcile(
     for dom in running:
         if not any(nic.target in links for nic in dom.nics if nic.target):
             continue  # it stopped after the caller asked libvirt: its stop hook did the rest
-        allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom))))
-        record = guests.record_for(
-            dom, config.bridges, allowed, discovery.index_of(links), discovery.master_of(links)
-        )
+        record = guests.judge(
+            dom, config.bridges, model.allowed_macs, discovery.index_of(links), discovery.master_of(links)
+        ).record()
         old = records.get(dom.uuid)
         for pair in sorted(set(record.allowed) - set(old.allowed if old else ())):
             add.append(("allowed", pair))
@@ -57,7 +56,7 @@ def reconcile(
             still = pair in new_records[record.uuid].allowed
         else:
             name, uuid = (record.name, record.uuid) if record else ("", "")
-            still = mac in model.allowed_macs(whitelist.Guest(name, uuid, (mac,)))
+            still = mac in guests.whitelisted(model.allowed_macs, name, uuid, (mac,))
         if not still:
             delete.append(("allowed", pair))
             who = f"guest {record.name!r} " if record else ""

@@ -46,6 +46,7 @@ class Config(NamedTuple):
     non_ip: str = "drop"
     run_dir: str = "/run/smtp-gate"
     allowed_destinations: Tuple[validate.Relay, ...] = ()  # relays every guest may reach on blocked ports
+    libvirt_timeout: float = 20.0  # seconds one libvirt URI may take to answer (open, list, every XMLDesc)
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
@@ -68,6 +69,26 @@ class Config(NamedTuple):
             return self.libvirt_uris
         drivers = self.hypervisor or tuple(DRIVERS)
         return tuple(DRIVERS[d] for d in drivers)
+
+    def hook_uri(self, driver: str) -> Optional[str]:
+        """The URI a hook of DRIVER (qemu, lxc, libxl) files its guests' records under, so a
+        rebuild knows which listing vouches for them: the first configured URI of that
+        driver, else the driver's system URI.  None when HYPERVISOR leaves the driver out:
+        rebuilds never ask it, so an allowance its hook granted would be dropped at the next
+        rebuild and granted again at the next start (a flap); such guests stay blocked.
+        LIBVIRT_URI naming none of the driver's URIs may still reach its guests another way
+        (a proxy, a test URI): the hook grants, and a rebuild keeps it only while listed."""
+        for uri in self.uris():
+            if uri_driver(uri) == driver:
+                return uri
+        return DRIVERS.get(driver) if self.libvirt_uris else None
+
+
+def uri_driver(uri: str) -> Optional[str]:
+    """The hook driver a libvirt URI's guests belong to (qemu+unix://... -> qemu, xen -> libxl);
+    None for other drivers (test, remote, ...)."""
+    scheme = uri.partition(":")[0].partition("+")[0].lower()
+    return DRIVER_ALIASES.get(scheme) if scheme != "kvm" else None
 
 
 def _split(value: str) -> Tuple[str, ...]:
@@ -156,6 +177,16 @@ def _destinations(value: str) -> Tuple[validate.Relay, ...]:
     return validate.relay_list(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        seconds = 0.0
+    if not 0.5 <= seconds <= 3600:
+        raise ValidationError(f"bad timeout {value!r}: expected seconds between 0.5 and 3600, e.g. 20")
+    return seconds
+
+
 def _path(value: str) -> str:
     if not value.strip():
         raise ValidationError("expected a file path")
@@ -179,6 +210,7 @@ KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "NON_IP": ("non_ip", _choice(NON_IP_POLICIES)),
     "RUN_DIR": ("run_dir", _path),
     "ALLOWED_DESTINATIONS": ("allowed_destinations", _destinations),
+    "LIBVIRT_TIMEOUT": ("libvirt_timeout", _seconds),
 }
 
 _LINE = re.compile(

@@ -1,17 +1,66 @@
 """From a guest's domain XML and the whitelist to what the kernel must hold for it.
 
-One derivation for hooks, rebuilds and whitelist commands, so an allowance means the same
-thing whoever installs it: a NIC on a protected bridge, with a MAC the whitelist allows,
-allowed on its own port's interface index.  Pure: the caller passes the lookups.
+judge() is the one derivation of "what this guest is allowed", for hooks, rebuilds,
+status, the picker and the whitelist commands, so an allowance means the same thing
+whoever installs or shows it: a NIC a bridge rule sees, on a protected bridge, with a MAC
+the whitelist allows for this guest, allowed on its own port's interface index.  Pure:
+the caller passes the lookups, and the whitelist as a matcher (the hook its stdlib fast
+path, whitelist.fast_allowed_macs; everyone else the parsed file's index), so the hook
+stays cheap and still answers exactly as the others do.
 """
 
-from typing import Callable, Collection, List, Optional, Tuple
+from typing import Callable, Collection, List, NamedTuple, Optional, Sequence, Tuple
 
 from smtp_gate.domain import Domain, Nic
 from smtp_gate.runstate import Port, Record
+from smtp_gate.whitelist import Guest
 
 IndexOf = Callable[[str], Optional[int]]  # interface name -> ifindex, None if it does not exist
 MasterOf = Callable[[str], Optional[str]]  # interface name -> the bridge it is a port of
+Matcher = Callable[[Guest], Sequence[str]]  # a guest -> the MACs the whitelist allows it
+
+# What a NIC is, for enforcement
+ALLOWED = "allowed"  # on a protected bridge, MAC whitelisted: (ifindex, MAC) allowed
+BLOCKED = "blocked"  # on a protected bridge, not whitelisted: a guest port, mail blocked
+FOREIGN = "foreign"  # on a bridge we do not protect: left alone
+UNSEEN = "unseen"  # a bridge rule cannot see its frames (macvtap, hostdev, OVS, ...)
+NO_DEVICE = "no-device"  # no target, no such device, on no bridge, or the guest is not running
+
+
+class NicVerdict(NamedTuple):
+    nic: Nic
+    state: str  # one of the constants above
+    bridge: Optional[str] = None
+    index: Optional[int] = None
+
+
+class Verdict(NamedTuple):
+    """judge()'s answer for one guest."""
+
+    domain: Domain
+    whitelisted: Tuple[str, ...]  # the guest's MACs the whitelist allows, whatever their NIC
+    nics: Tuple[NicVerdict, ...]
+
+    @property
+    def allowed(self) -> Tuple[Tuple[int, str], ...]:
+        return tuple(sorted({(v.index, v.nic.mac) for v in self.nics if v.state == ALLOWED}))  # type: ignore[misc]
+
+    def record(self, uri: Optional[str] = None) -> Record:
+        """What the kernel must hold for this guest: its ports on protected bridges are guest
+        ports (guest-to-guest traffic toward them is untouched), its ports on other bridges
+        are left alone, each allowed NIC is an (ifindex, MAC) pair.  URI: the listing that
+        vouches for the guest (default: the domain's)."""
+        ports = lambda *states: tuple(  # noqa: E731
+            sorted({(v.nic.target, v.index) for v in self.nics if v.state in states})  # type: ignore[misc]
+        )
+        return Record(
+            uuid=self.domain.uuid,
+            name=self.domain.name,
+            guest_ports=ports(ALLOWED, BLOCKED),
+            foreign_ports=ports(FOREIGN),
+            allowed=self.allowed,
+            uri=(uri if uri is not None else self.domain.uri) or "",
+        )
 
 
 def nic_bridge(nic: Nic, master_of: MasterOf) -> Optional[str]:
@@ -21,6 +70,51 @@ def nic_bridge(nic: Nic, master_of: MasterOf) -> Optional[str]:
     return master_of(nic.target) if nic.target else None
 
 
+def nic_macs(domain: Domain) -> List[str]:
+    return [nic.mac for nic in domain.nics if nic.mac]
+
+
+def whitelisted(matcher: Matcher, name: str, uuid: str, macs: Sequence[str]) -> Tuple[str, ...]:
+    """The MACs among MACS the whitelist allows the guest NAME/UUID: the one way every
+    caller asks the whitelist, also about a guest known only from its record."""
+    return tuple(matcher(Guest(name, uuid, tuple(macs))))
+
+
+def _no_device(_name: str) -> Optional[int]:
+    return None
+
+
+def judge(
+    domain: Domain,
+    protected: Collection[str],
+    matcher: Matcher,
+    index_of: IndexOf,
+    master_of: MasterOf,
+    running: bool = True,
+) -> Verdict:
+    """What DOMAIN is allowed.  Every port is keyed by the index its device has now, so a
+    later device that reuses the name inherits nothing; a NIC whose device does not exist
+    (or a guest that is not RUNNING) gets NO_DEVICE: an unknown port is blocked anyway."""
+    allowed_macs = whitelisted(matcher, domain.name, domain.uuid, nic_macs(domain))
+    lookup = index_of if running else _no_device
+    verdicts = []
+    for nic in domain.nics:
+        if not nic.bridge_visible:
+            verdicts.append(NicVerdict(nic, UNSEEN))
+            continue
+        index = lookup(nic.target) if nic.target else None
+        bridge = nic_bridge(nic, master_of) if index is not None else nic.bridge
+        if index is None or bridge is None:
+            verdicts.append(NicVerdict(nic, NO_DEVICE, bridge, index))
+        elif bridge not in protected:
+            verdicts.append(NicVerdict(nic, FOREIGN, bridge, index))
+        elif nic.mac and nic.mac in allowed_macs:
+            verdicts.append(NicVerdict(nic, ALLOWED, bridge, index))
+        else:
+            verdicts.append(NicVerdict(nic, BLOCKED, bridge, index))
+    return Verdict(domain, allowed_macs, tuple(verdicts))
+
+
 def record_for(
     domain: Domain,
     protected: Collection[str],
@@ -28,35 +122,5 @@ def record_for(
     index_of: IndexOf,
     master_of: MasterOf,
 ) -> Record:
-    """What the kernel must hold for DOMAIN: its ports on protected bridges are guest ports
-    (guest-to-guest traffic toward them is untouched), its ports on other bridges are left
-    alone, and each allowed NIC is an (ifindex, MAC) pair.  Every port is keyed by the
-    index its device has now: a later device that reuses the name inherits nothing.  A NIC
-    whose device does not exist is skipped (an unknown port is blocked anyway)."""
-    guest_ports: List[Port] = []
-    foreign: List[Port] = []
-    allowed: List[Tuple[int, str]] = []
-    for nic in domain.nics:
-        if not nic.target or not nic.bridge_visible:
-            continue
-        bridge = nic_bridge(nic, master_of)
-        index = index_of(nic.target)
-        if bridge is None or index is None:
-            continue
-        if bridge not in protected:
-            foreign.append((nic.target, index))
-            continue
-        guest_ports.append((nic.target, index))
-        if nic.mac and nic.mac in allowed_macs:
-            allowed.append((index, nic.mac))
-    return Record(
-        uuid=domain.uuid,
-        name=domain.name,
-        guest_ports=tuple(sorted(set(guest_ports))),
-        foreign_ports=tuple(sorted(set(foreign))),
-        allowed=tuple(sorted(set(allowed))),
-    )
-
-
-def nic_macs(domain: Domain) -> List[str]:
-    return [nic.mac for nic in domain.nics if nic.mac]
+    """judge()'s record, the whitelist's answer already given as ALLOWED_MACS (benchmarks)."""
+    return judge(domain, protected, lambda _guest: tuple(allowed_macs), index_of, master_of).record()

@@ -79,6 +79,7 @@ class Hook:
         self.xml = xml
         self.config = config_mod.load(None)
         self.state = RunState(self.config.run_dir)
+        self.uri = self.config.hook_uri(driver)  # None: HYPERVISOR leaves this driver out
 
     def domain(self):  # type: ignore[no-untyped-def]
         import xml.etree.ElementTree as ET
@@ -88,11 +89,19 @@ class Hook:
         return domain.from_element(ET.fromstring(self.xml))
 
     def record(self, dom):  # type: ignore[no-untyped-def]
+        """guests.judge(), as rebuilds and status derive it, with the whitelist's fast path."""
         from smtp_gate import guests, whitelist
 
         text = whitelist.read_text(self.config.whitelist)
-        allowed = whitelist.fast_allowed_macs(text, whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom))))
-        return guests.record_for(dom, self.config.bridges, allowed, _sysfs_index, _sysfs_bridge)
+        matcher = lambda guest: whitelist.fast_allowed_macs(text, guest)  # noqa: E731
+        return guests.judge(dom, self.config.bridges, matcher, _sysfs_index, _sysfs_bridge).record(self.uri)
+
+    def _excluded(self) -> bool:
+        """HYPERVISOR leaves this driver out: rebuilds never list its guests, so granting here
+        would only last until the next rebuild.  Its guests stay blocked, as unknown ports."""
+        if self.uri is None:
+            _log(f"{self.driver} is not in HYPERVISOR: guest {self.guest!r} gets no allowance")
+        return self.uri is None
 
     def locked(self):  # type: ignore[no-untyped-def]
         from smtp_gate import lock
@@ -139,7 +148,9 @@ class Hook:
         from smtp_gate.errors import NftError
         from smtp_gate.runstate import domain_event
 
-        dom = self.domain()
+        if self._excluded():
+            return
+        dom = self.domain()._replace(uri=self.uri)
         with self.locked():
             record = self.record(dom)
             old = self.state.read_record(dom.uuid)
@@ -161,6 +172,8 @@ class Hook:
     def reconnect(self) -> None:
         """libvirtd restarted: one call per running guest, all at once.  Do nothing, without
         the lock and without nft, when our record already says what the kernel must hold."""
+        if self._excluded():
+            return
         dom = self.domain()
         old = self.state.read_record(dom.uuid)
         if old is not None and old == self.record(dom):

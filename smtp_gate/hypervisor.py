@@ -7,27 +7,92 @@ comes here: hooks run while libvirt holds the domain's lock.
 
 libvirt is imported inside each call, so commands that never ask libvirt (the boot-time
 apply, the hooks) neither pay for it nor need it installed.
+
+Three answers per URI (docs/protocol.md):
+- reached: it answered; its listing is the truth about its guests;
+- absent: its driver does not exist on this host (libvirt says "no connection driver
+  available", or the driver's module and daemon are not installed): it has no guests;
+- unreachable: the driver exists but did not answer (daemon down, error mid-listing, or
+  no answer within the deadline): what is known about its guests is kept.
+
+**Deadlines.**  libvirt-python's calls block in C, and a daemon that accepts a connection
+and never answers blocks them forever (a rebuild from the timer would then hold
+rebuild.lock forever).  So each URI's whole conversation (open, listing, every XMLDesc)
+runs in a daemon thread of its own, and the caller waits for all of them together at most
+TIMEOUT seconds; a URI still talking then counts as unreachable.  Its thread is abandoned,
+blocked in libvirt, and ends with the process (the CLI exits right after).  libvirt's
+keepalive (setKeepAlive with an event loop) was not chosen: it needs a process-wide event
+implementation registered before any connection and a loop thread, it bounds only an
+established connection (not the open of a socket nobody serves), and it still leaves the
+call blocked until the keepalive gives up.  A bonus of the threads: URIs answer in
+parallel.
 """
 
+import glob
+import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from smtp_gate.config import uri_driver
 from smtp_gate.domain import Domain, normalise_uuid, parse, text_parser
 from smtp_gate.errors import DomainXMLError, SmtpGateError
 
 XmlOrError = Union[str, Exception]  # a domain's live XML, or the libvirt.libvirtError XMLDesc raised
+DEFAULT_TIMEOUT = 20.0  # seconds; Config.libvirt_timeout (LIBVIRT_TIMEOUT) is what callers pass
+
+# Where a distribution puts libvirtd's loadable drivers, and each hook driver's module and
+# modular daemon: a driver with neither installed cannot have guests here.
+MODULE_DIRS = (
+    "usr/lib*/libvirt/connection-driver",
+    "usr/lib/*/libvirt/connection-driver",
+    "usr/local/lib*/libvirt/connection-driver",
+    "usr/local/lib/*/libvirt/connection-driver",
+)
+DAEMON_DIRS = ("usr/sbin", "usr/bin", "sbin", "usr/local/sbin")
+DRIVER_FILES = {"qemu": ("libvirt_driver_qemu.so", "virtqemud"), "lxc": ("libvirt_driver_lxc.so", "virtlxcd"),
+                "libxl": ("libvirt_driver_libxl.so", "virtxend")}
 
 
 class Listing(NamedTuple):
     """What list_running saw.  DOMAINS hold every running guest of each URI in REACHED
-    but those in SKIPPED; a URI in UNREACHABLE contributed nothing, so a caller can tell
-    "no guests" from "no answer" and keep what it knew for that URI."""
+    but those whose XML could not be read (SKIPPED, one line each; their UUIDs in UNREAD);
+    a URI in UNREACHABLE contributed nothing, so a caller can tell "no guests" from "no
+    answer" and keep what it knew for that URI.  A URI in ABSENT has no guests: its driver
+    does not exist on this host."""
 
     domains: List[Domain]  # each with .uri set, sorted by URI order then name
     reached: List[str]
     unreachable: Dict[str, str]  # uri -> one-line reason
     skipped: List[str]  # one line per running guest whose XML could not be read
+    absent: Dict[str, str] = {}  # uri -> why its driver does not exist here (never mutated)
+    unread: List[str] = []  # UUIDs of the guests in SKIPPED (never mutated)
+
+
+def installed(driver: str, root: str = "/") -> bool:
+    """Whether libvirt's DRIVER (qemu, lxc, libxl) may exist on the host under ROOT.  False
+    only on evidence: libvirt's driver directory was found and holds no module for it, and
+    no modular daemon for it is installed.  A layout we do not know says True (unknown:
+    a silent daemon is then "unreachable" and what we knew is kept)."""
+    module, daemon = DRIVER_FILES[driver]
+    dirs = [d for pattern in MODULE_DIRS for d in glob.glob(os.path.join(root, pattern)) if os.path.isdir(d)]
+    if not dirs or any(os.path.exists(os.path.join(d, module)) for d in dirs):
+        return True
+    return any(os.path.exists(os.path.join(root, d, daemon)) for d in DAEMON_DIRS)
+
+
+def _absent_reason(libvirt: Any, uri: str, exc: Exception, root: str) -> Optional[str]:
+    """Why URI's failed open means "this driver does not exist here", or None (unreachable)."""
+    code = getattr(exc, "get_error_code", lambda: None)()
+    if code == libvirt.VIR_ERR_NO_CONNECT and "no connection driver available" in str(exc):
+        return _one_line(exc)  # the daemon answered: it has no such driver
+    driver = uri_driver(uri)
+    local = uri.partition("://")[2].startswith("/")  # no host: this machine's daemons
+    if driver is not None and local and not installed(driver, root):
+        module, daemon = DRIVER_FILES[driver]
+        return f"libvirt's {driver} driver is not installed on this host (no {module}, no {daemon})"
+    return None
 
 
 def _libvirt() -> Any:
@@ -63,25 +128,63 @@ class _ConnectionLost(Exception):
     """The daemon went away mid-listing: what this URI gave so far is incomplete."""
 
 
-def _connections(libvirt: Any, uris: Sequence[str], unreachable: Dict[str, str]) -> Iterator[Tuple[str, Any]]:
-    """Yield (uri, read-only connection) for each URI that opens, closing each after use;
-    record the others in UNREACHABLE rather than raising."""
-    for uri in _unique(uris):
+class _Absent(Exception):
+    """The URI's driver does not exist on this host."""
+
+
+_Work = Callable[[Any, str], Any]  # (read-only connection, uri) -> that URI's answer
+
+
+def _ask(libvirt: Any, uri: str, work: _Work, root: str) -> Tuple[str, Any]:
+    """Open URI, run WORK on it and close it: ("ok", answer), ("absent", why),
+    ("unreachable", why) or ("raise", an exception that is not libvirt's, for the caller)."""
+    try:
         try:
             conn = libvirt.openReadOnly(uri)
         except libvirt.libvirtError as exc:
-            unreachable[uri] = _one_line(exc)
-            continue
+            why = _absent_reason(libvirt, uri, exc, root)
+            return ("absent", why) if why else ("unreachable", _one_line(exc))
         if conn is None:  # very old bindings returned None instead of raising
-            unreachable[uri] = "libvirt returned no connection"
-            continue
+            return "unreachable", "libvirt returned no connection"
         try:
-            yield uri, conn
+            return "ok", work(conn, uri)
+        except (libvirt.libvirtError, _ConnectionLost) as exc:
+            return "unreachable", _one_line(exc)
         finally:
             try:
                 conn.close()
             except libvirt.libvirtError:
                 pass
+    except BaseException as exc:  # noqa: BLE001 - a bug or MemoryError: re-raised in the caller
+        return "raise", exc
+
+
+def _each_uri(
+    libvirt: Any, uris: Sequence[str], work: _Work, timeout: float, root: str = "/"
+) -> Tuple[Dict[str, Any], Dict[str, str], Dict[str, str]]:
+    """(answers, unreachable, absent) for each URI, asked in parallel, each in a daemon
+    thread, all within TIMEOUT seconds.  A URI that has not answered by then is
+    unreachable and its thread is abandoned (see the module docstring)."""
+    results: Dict[str, Tuple[str, Any]] = {}
+
+    def run(uri: str) -> None:
+        results[uri] = _ask(libvirt, uri, work, root)
+
+    threads = [threading.Thread(target=run, args=(uri,), name="smtp-gate-libvirt", daemon=True) for uri in _unique(uris)]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    answers: Dict[str, Any] = {}
+    unreachable: Dict[str, str] = {}
+    absent: Dict[str, str] = {}
+    for uri in _unique(uris):
+        kind, value = results.get(uri, ("unreachable", f"no answer within {timeout:g}s (LIBVIRT_TIMEOUT)"))
+        if kind == "raise":
+            raise value
+        {"ok": answers, "absent": absent, "unreachable": unreachable}[kind][uri] = value
+    return answers, unreachable, absent
 
 
 class _SharedParser:
@@ -144,10 +247,11 @@ def _read_domain(
     skipped: List[str],
     parser: Optional[_SharedParser] = None,
     xml: Optional[XmlOrError] = None,
+    unread: Optional[List[str]] = None,
 ) -> Optional[Domain]:
     """DOM's live XML (XML if already fetched) as a Domain tagged with URI; None if the
     guest vanished meanwhile (normal: guests stop while we list) or its XML is unreadable
-    (noted in SKIPPED)."""
+    (noted in SKIPPED, its UUID in UNREAD: a rebuild keeps what it knew of that guest)."""
     if xml is None:
         xml = _xml_of(libvirt, dom)
     if isinstance(xml, libvirt.libvirtError):
@@ -156,11 +260,13 @@ def _read_domain(
         if not _alive(libvirt, conn):
             raise _ConnectionLost(_one_line(xml)) from None
         skipped.append(f"{uri}: {_dom_name(libvirt, dom)}: {_one_line(xml)}")
+        _note_unread(libvirt, dom, unread)
         return None
     try:
         return (parser.parse(xml) if parser is not None else parse(xml))._replace(uri=uri)
     except DomainXMLError as exc:
         skipped.append(f"{uri}: {_dom_name(libvirt, dom)}: {exc}")
+        _note_unread(libvirt, dom, unread)
         return None
 
 
@@ -184,6 +290,19 @@ def _alive(libvirt: Any, conn: Any) -> bool:
         return False
 
 
+def _note_unread(libvirt: Any, dom: Any, unread: Optional[List[str]]) -> None:
+    """The UUID of a guest whose XML could not be read (libvirt keeps it in the domain
+    handle: no call to the daemon)."""
+    if unread is None:
+        return
+    try:
+        uuid = normalise_uuid(str(dom.UUIDString()))
+    except libvirt.libvirtError:
+        return
+    if uuid:
+        unread.append(uuid)
+
+
 def _dom_name(libvirt: Any, dom: Any) -> str:
     try:
         return str(dom.name())
@@ -197,83 +316,81 @@ def _order(uris: Sequence[str]) -> Callable[[Domain], Tuple[int, str, str]]:
     return lambda d: (rank.get(d.uri or "", len(rank)), d.name, d.uuid)
 
 
-def list_running(uris: Sequence[str]) -> Listing:
+def list_running(uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT, root: str = "/") -> Listing:
     """Running guests of every URI, from their live XML (the only XML naming auto-named
-    taps).  A guest that stops while we list is left out; a URI that cannot be opened, or
-    whose daemon goes away mid-listing, goes to `unreachable` with all its guests."""
+    taps).  A guest that stops while we list is left out; a URI that cannot be opened, whose
+    daemon goes away mid-listing, or that does not answer within TIMEOUT goes to
+    `unreachable` with all its guests; one whose driver does not exist here (under ROOT), to
+    `absent`."""
     libvirt = _libvirt()
-    parser = _SharedParser()
-    listing = Listing([], [], {}, [])
-    for uri, conn in _connections(libvirt, uris, listing.unreachable):
+
+    def work(conn: Any, uri: str) -> Tuple[List[Domain], List[str], List[str]]:
+        parser = _SharedParser()  # one per URI: the threads run at once
         found: List[Domain] = []
         skipped: List[str] = []
-        try:
-            for dom, xml in _xml_ahead(libvirt, conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)):
-                domain = _read_domain(libvirt, conn, dom, uri, skipped, parser, xml)
-                # no id: inactive XML, so the guest stopped between listing and XMLDesc
-                if domain is not None and _running(libvirt, conn, dom, domain):
-                    found.append(domain)
-        except (libvirt.libvirtError, _ConnectionLost) as exc:
-            listing.unreachable[uri] = _one_line(exc)
-            continue
+        unread: List[str] = []
+        for dom, xml in _xml_ahead(libvirt, conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)):
+            domain = _read_domain(libvirt, conn, dom, uri, skipped, parser, xml, unread)
+            # no id: inactive XML, so the guest stopped between listing and XMLDesc
+            if domain is not None and _running(libvirt, conn, dom, domain):
+                found.append(domain)
+        return found, skipped, unread
+
+    answers, unreachable, absent = _each_uri(libvirt, uris, work, timeout, root)
+    listing = Listing([], [], unreachable, [], absent, [])
+    for uri, (found, skipped, unread) in answers.items():
         listing.domains.extend(found)
         listing.skipped.extend(skipped)
+        listing.unread.extend(unread)
         listing.reached.append(uri)
     listing.domains.sort(key=_order(uris))
     return listing
 
 
-def list_all(uris: Sequence[str]) -> List[Tuple[Domain, bool]]:
+def list_all(uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> List[Tuple[Domain, bool]]:
     """Every guest, running or defined but off, with its running state: for the picker
     and status.  A running guest's XML is its live XML (targets included).  URIs that do
-    not answer are left out; if none answers, raises SmtpGateError rather than claim the
-    host has no guests."""
+    not answer (within TIMEOUT) are left out; if none answers, raises SmtpGateError rather
+    than claim the host has no guests."""
     libvirt = _libvirt()
-    parser = _SharedParser()
-    unreachable: Dict[str, str] = {}
-    reached = 0
-    result: List[Tuple[Domain, bool]] = []
-    for uri, conn in _connections(libvirt, uris, unreachable):
+
+    def work(conn: Any, uri: str) -> List[Tuple[Domain, bool]]:
+        parser = _SharedParser()
         found: List[Tuple[Domain, bool]] = []
-        try:
-            for dom, xml in _xml_ahead(libvirt, conn.listAllDomains(0)):
-                domain = _read_domain(libvirt, conn, dom, uri, [], parser, xml)
-                running = None if domain is None else _running(libvirt, conn, dom, domain)
-                if domain is not None and running is not None:
-                    found.append((domain, running))
-        except (libvirt.libvirtError, _ConnectionLost) as exc:
-            unreachable[uri] = _one_line(exc)
-            continue
-        reached += 1
-        result.extend(found)
-    if not reached and unreachable:
+        for dom, xml in _xml_ahead(libvirt, conn.listAllDomains(0)):
+            domain = _read_domain(libvirt, conn, dom, uri, [], parser, xml)
+            running = None if domain is None else _running(libvirt, conn, dom, domain)
+            if domain is not None and running is not None:
+                found.append((domain, running))
+        return found
+
+    answers, unreachable, absent = _each_uri(libvirt, uris, work, timeout)
+    if not answers and unreachable:
         raise SmtpGateError(f"no libvirt URI answered: {_reasons(unreachable)}")
     key = _order(uris)
+    result = [pair for found in answers.values() for pair in found]
     return sorted(result, key=lambda pair: key(pair[0]))
 
 
-def find(uris: Sequence[str], name_or_uuid: str) -> Optional[Tuple[Domain, bool]]:
+def find(uris: Sequence[str], name_or_uuid: str, timeout: float = DEFAULT_TIMEOUT) -> Optional[Tuple[Domain, bool]]:
     """The guest named NAME_OR_UUID (a name, or a UUID in any case) and whether it runs.
 
-    None only if every URI answered and none has it.  Raises SmtpGateError when the
-    guest is on several URIs (an allowance for the wrong one would be wrong), or when it
-    was not found but some URI did not answer.
+    None only if every URI answered (within TIMEOUT) and none has it.  Raises
+    SmtpGateError when the guest is on several URIs (an allowance for the wrong one would
+    be wrong), or when it was not found but some URI did not answer.
     """
     libvirt = _libvirt()
     key = name_or_uuid.strip()
     uuid = normalise_uuid(key)
-    unreachable: Dict[str, str] = {}
-    hits: List[Tuple[Domain, bool]] = []
-    for uri, conn in _connections(libvirt, uris, unreachable):
-        try:
-            dom = _lookup(libvirt, conn, key, uuid)
-            domain = None if dom is None else _read_domain(libvirt, conn, dom, uri, [])
-            running = None if domain is None else _running(libvirt, conn, dom, domain)
-        except (libvirt.libvirtError, _ConnectionLost) as exc:
-            unreachable[uri] = _one_line(exc)
-            continue
-        if domain is not None and running is not None:
-            hits.append((domain, running))
+
+    def work(conn: Any, uri: str) -> Optional[Tuple[Domain, bool]]:
+        dom = _lookup(libvirt, conn, key, uuid)
+        domain = None if dom is None else _read_domain(libvirt, conn, dom, uri, [])
+        running = None if domain is None else _running(libvirt, conn, dom, domain)
+        return (domain, running) if domain is not None and running is not None else None
+
+    answers, unreachable, _absent = _each_uri(libvirt, uris, work, timeout)
+    hits = [answers[uri] for uri in _unique(uris) if answers.get(uri) is not None]
     if len(hits) > 1:
         where = ", ".join(f"{d.uri} ({d.name} {d.uuid})" for d, _ in hits)
         raise SmtpGateError(f"guest {key!r} exists on several libvirt URIs: {where}; limit the URIs")

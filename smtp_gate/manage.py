@@ -156,7 +156,7 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
     """Whitelist the guest NAME (a name or a UUID) by a row bound to its UUID: control panels
     reuse names, and a later guest given this name must not inherit the allowance."""
     validate.one_line("reason", reason)  # before asking libvirt: a bad value is refused at once
-    found = hypervisor.find(config.uris(), name)
+    found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
     if found is None:
         raise SmtpGateError(
             f"guest {name!r} not found in libvirt ({', '.join(config.uris())}): "
@@ -190,7 +190,7 @@ def del_vm(config: Config, name: str) -> Change:
     """
     warnings: List[str] = []
     try:
-        found = hypervisor.find(config.uris(), name)
+        found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
     except SmtpGateError as exc:
         found = None
         warnings.append(f"{exc}; removing the whitelist rows of {name!r} anyway")
@@ -229,7 +229,7 @@ def add_mac(config: Config, mac: str, label: str, reason: str, user: str, when: 
     normal = validate.unicast_mac(mac)
     validate.one_line("label", label)  # before asking libvirt: a bad value is refused at once
     validate.one_line("reason", reason)
-    listing = hypervisor.list_running(config.uris())
+    listing = hypervisor.list_running(config.uris(), config.libvirt_timeout)
     running = [d for d in listing.domains if normal in guests.nic_macs(d)]
     warnings = []
     if not listing.reached:
@@ -293,15 +293,15 @@ class Row(NamedTuple):
 
 
 def picker_rows(config: Config) -> List[Row]:
-    pairs = hypervisor.list_all(config.uris())
+    pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)
     model = whitelist.load(config.whitelist).index()
-    master_of = discovery.master_of(discovery.read_links())
+    links = discovery.read_links()
+    index_of, master_of = discovery.index_of(links), discovery.master_of(links)
     rows = []
     for dom, running in pairs:
-        macs = tuple(guests.nic_macs(dom))
-        allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, macs))
+        verdict = guests.judge(dom, config.bridges, model.allowed_macs, index_of, master_of, running)
         unseen = exposure.unprotected_nics(dom, config.bridges, master_of) if running else []
-        rows.append(Row(dom, running, bool(allowed), tuple(unseen)))
+        rows.append(Row(dom, running, bool(verdict.whitelisted), tuple(unseen)))
     return rows
 
 
@@ -367,7 +367,7 @@ def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str], List[
     notes: List[str] = []
     if any(entry.bound == "uuid" for entry in model.entries()):
         try:
-            names = {dom.uuid: dom.name for dom, _running in hypervisor.list_all(config.uris())}
+            names = {dom.uuid: dom.name for dom, _running in hypervisor.list_all(config.uris(), config.libvirt_timeout)}
         except SmtpGateError as exc:
             notes.append(f"guest names of UUID rows not shown: {exc}")
     rows = []

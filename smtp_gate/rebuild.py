@@ -11,19 +11,27 @@ The order matters (DESIGN §2):
 The operator's off-switch (offswitch.py) is read under the lock in step 3, where
 `smtp-gate disable` removes the table: an unattended rebuild (the timer, the boot service,
 the watcher) then installs nothing; an operator's `apply` installs and removes the switch.
+Records a listing does not show are kept only while they cannot be checked (their URI did
+not answer, or the guest's XML could not be read), for at most KEEP_UNVERIFIED seconds,
+and never once their ports are gone (keep_unverified; docs/protocol.md).
 Rebuilds run one at a time (rebuild.lock), so the journal has one reader.  Both locks
 are taken with fcntl.flock, as the hooks take the main one (see lock.py: filelock's import
 and exit would be a tenth of a rebuild of 1 000 guests).
 """
 
-from typing import Dict, List, NamedTuple, Optional
+from typing import Collection, Dict, List, NamedTuple, Optional, Tuple
 
 from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.engine import Outcome
 from smtp_gate.errors import EnforcementDisabled
-from smtp_gate.runstate import Record, RunState, replay
+from smtp_gate.runstate import Record, RunState, now, replay
+
+# How long a rebuild keeps a record no listing vouches for (its libvirt did not answer, or
+# its XML could not be read), while its ports exist.  Long enough for a daemon restart or
+# upgrade; a driver silent for longer is broken, and its guests fall back to blocked.
+KEEP_UNVERIFIED = 3600.0
 
 
 class Result(NamedTuple):
@@ -38,18 +46,62 @@ class Result(NamedTuple):
 
 def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
     """One record per guest, from the whitelist as it is now (call under the lock)."""
-    allow = whitelist.load(config.whitelist).index()
+    matcher = whitelist.load(config.whitelist).index().allowed_macs
     index_of, master_of = discovery.index_of(links), discovery.master_of(links)
-    return [
-        guests.record_for(
-            d,
-            config.bridges,
-            allow.allowed_macs(whitelist.Guest(d.name, d.uuid, tuple(guests.nic_macs(d)))),
-            index_of,
-            master_of,
+    return [guests.judge(d, config.bridges, matcher, index_of, master_of).record() for d in domains]
+
+
+def keep_unverified(
+    recorded: Dict[str, Record],
+    listed: Collection[str],
+    listing: hypervisor.Listing,
+    alive: Collection[int],
+    at: float,
+    bound: float = KEEP_UNVERIFIED,
+) -> Tuple[List[Record], List[str]]:
+    """(records to keep, one note per record dropped for an unverified reason) among the
+    RECORDED guests that are not in LISTED (the amended listing's UUIDs).
+
+    A record is kept only when no answer could check it: its URI did not answer, or the
+    guest's XML could not be read (an older record without a URI: when any URI did not
+    answer).  A URI that answered or whose driver is absent vouches that the guest is not
+    running there, so its record goes.  A kept record holds only its ports that still
+    exist (ALIVE interface indexes; a device re-created under the name has a new index),
+    goes at once when none does, and goes BOUND seconds after the first rebuild that could
+    not check it (AT: runstate.now())."""
+    keep: List[Record] = []
+    notes: List[str] = []
+    for uuid, record in sorted(recorded.items()):
+        if uuid in listed:
+            continue
+        if record.uri and record.uri in listing.unreachable:
+            why = f"libvirt {record.uri} did not answer"
+        elif uuid in listing.unread:
+            why = "its XML could not be read"
+        elif not record.uri and listing.unreachable:
+            why = "a libvirt URI did not answer (record of an older version, URI unknown)"
+        else:
+            continue
+        ports = tuple(p for p in record.guest_ports if p[1] in alive)
+        foreign = tuple(p for p in record.foreign_ports if p[1] in alive)
+        if not ports and not foreign:
+            continue  # its devices are gone: the guest is not running, whatever libvirt says
+        since = record.unverified_since if record.unverified_since is not None else at
+        if at - since > bound:
+            notes.append(
+                f"guest {record.name!r} ({uuid}) dropped: unverified for {at - since:.0f}s ({why}); "
+                "its NICs are blocked until a rebuild can read it"
+            )
+            continue
+        keep.append(
+            record._replace(
+                guest_ports=ports,
+                foreign_ports=foreign,
+                allowed=tuple(p for p in record.allowed if p[0] in alive),
+                unverified_since=since,
+            )
         )
-        for d in domains
-    ]
+    return keep, notes
 
 
 def _off_switch(config: Config, reenable: bool) -> Optional[offswitch.Disabled]:
@@ -69,7 +121,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
     with lock.flock(state.rebuild_lock, lock.COMMAND_TIMEOUT):
         with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
             offset = state.journal_end()
-        listing = hypervisor.list_running(config.uris()) if use_libvirt else None
+        listing = hypervisor.list_running(config.uris(), config.libvirt_timeout) if use_libvirt else None
         notes: List[str] = []
         unprotected: Optional[List[exposure.Unprotected]] = None
         if listing is not None:
@@ -78,11 +130,15 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
             if not listing.reached:
                 notes.append(
                     "no hypervisor answered ("
-                    + "; ".join(f"{uri}: {why}" for uri, why in listing.unreachable.items())
+                    + "; ".join(f"{uri}: {why}" for uri, why in {**listing.unreachable, **listing.absent}.items())
                     + "): enforcement is installed and the kernel's allowances for existing ports are kept"
                 )
-            elif explicit and listing.unreachable:
-                notes += [f"libvirt {uri} did not answer: {why}" for uri, why in listing.unreachable.items()]
+            else:
+                notes += [
+                    f"libvirt {uri} did not answer: {why}; its guests keep what they had" for uri, why in listing.unreachable.items()
+                ]
+            if explicit and listing.reached:
+                notes += [f"libvirt {uri}: no such driver here: {why}" for uri, why in listing.absent.items()]
         with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
             off = _off_switch(config, reenable)
             links = discovery.read_links()
@@ -91,10 +147,10 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 amended = replay(snapshot, state.events_since(offset))
                 records = records_for(config, list(amended.values()), links)
                 unprotected = exposure.all_unprotected(amended.values(), config.bridges, discovery.master_of(links))
-                if listing.unreachable:
-                    # guests of a URI that did not answer: keep what their hooks recorded
-                    known = {r.uuid for r in records}
-                    records += [r for u, r in state.all_records().items() if u not in known]
+                alive = {link.ifindex for link in links.values()}
+                kept, dropped = keep_unverified(state.all_records(), amended, listing, alive, now())
+                records += kept
+                notes += dropped
                 outcome, batch = engine.apply(config, records, dry_run=dry_run, links=links)
                 if not dry_run:
                     state.replace_records(records)

@@ -2,7 +2,8 @@
 
 - records/<uuid>.json: what smtp-gate put into the kernel for one running guest (its
   guest ports and the ports left alone, each as (name, interface index), and its
-  allowances).  A stop hook removes exactly that, because
+  allowances), the libvirt URI that vouches for it, and since when no listing has
+  (a rebuild keeps a record it cannot check for a bounded time only: docs/protocol.md).  A stop hook removes exactly that, because
   the stop XML no longer names auto-created taps; a reconnect hook compares with it and
   does nothing when nothing changed.
 - journal: one line per guest start or stop a hook saw.  A rebuild reads libvirt without
@@ -19,6 +20,7 @@ empty at boot, when no guest runs.
 
 import json
 import os
+import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from smtp_gate.domain import Domain, Nic
@@ -37,12 +39,27 @@ def _ports(values: object) -> Tuple[Port, ...]:
     return tuple(out)
 
 
+def _number(value: object) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def now() -> float:
+    """The clock of unverified_since: seconds since boot (CLOCK_BOOTTIME), which no wall-clock
+    step moves and which counts suspended time; the run directory lives for one boot too."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Record(NamedTuple):
     uuid: str
     name: str
     guest_ports: Tuple[Port, ...] = ()
     foreign_ports: Tuple[Port, ...] = ()
     allowed: Tuple[Pair, ...] = ()
+    # the libvirt URI whose listing vouches for this guest; "" in an older version's record
+    uri: str = ""
+    # set while rebuilds keep the record without a listing that shows the guest (its URI did
+    # not answer, or its XML could not be read): since when (now()); None once seen again
+    unverified_since: Optional[float] = None
 
     def elements(self) -> List[Tuple[str, object]]:
         """(set, element) for everything this record puts into the kernel: what a start adds
@@ -60,6 +77,8 @@ class Record(NamedTuple):
                 "guest_ports": [list(p) for p in self.guest_ports],
                 "foreign_ports": [list(p) for p in self.foreign_ports],
                 "allowed": [list(p) for p in self.allowed],
+                "uri": self.uri,
+                "unverified_since": self.unverified_since,
             },
             sort_keys=True,
         )
@@ -73,6 +92,8 @@ class Record(NamedTuple):
             guest_ports=_ports(data.get("guest_ports")),
             foreign_ports=_ports(data.get("foreign_ports")),
             allowed=tuple((int(i), str(m)) for i, m in data.get("allowed", [])),
+            uri=str(data.get("uri") or ""),
+            unverified_since=_number(data.get("unverified_since")),
         )
 
 
@@ -203,6 +224,7 @@ def domain_event(op: str, domain: Domain) -> Dict[str, object]:
         "uuid": domain.uuid,
         "name": domain.name,
         "type": domain.type,
+        "uri": domain.uri or "",
         "nics": [[n.type, n.mac, n.bridge, n.target, n.virtualport] for n in domain.nics],
     }
 
@@ -212,7 +234,13 @@ def domain_from_event(event: Dict[str, object]) -> Domain:
         Nic(type=t or "", mac=m, bridge=b, network=None, target=d, virtualport=v)
         for t, m, b, d, v in event.get("nics", [])  # type: ignore[union-attr]
     )
-    return Domain(name=str(event["name"]), uuid=str(event["uuid"]), type=str(event.get("type", "")), nics=nics)
+    return Domain(
+        name=str(event["name"]),
+        uuid=str(event["uuid"]),
+        type=str(event.get("type", "")),
+        nics=nics,
+        uri=str(event.get("uri") or "") or None,
+    )
 
 
 def replay(snapshot: Dict[str, Domain], events: Iterable[Dict[str, object]]) -> Dict[str, Domain]:

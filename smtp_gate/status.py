@@ -167,9 +167,8 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     from smtp_gate.errors import SmtpGateError
 
     links = discovery.read_links() if links is None else links
-    master_of = discovery.master_of(links)
     try:
-        pairs = hypervisor.list_all(config.uris())
+        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)
     except SmtpGateError as exc:
         report.notes.append(f"guests not shown, and UNPROTECTED NICs could not be checked: {exc}")
         return
@@ -178,15 +177,17 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     attempts: Dict[str, int] = {}
     for item in report.attempts:
         attempts[item.mac] = attempts.get(item.mac, 0) + item.packets
+    index_of, master_of = discovery.index_of(links), discovery.master_of(links)
     for dom, running in pairs:
         macs = tuple(guests_mod.nic_macs(dom))
-        allowed = model.allowed_macs(whitelist.Guest(dom.name, dom.uuid, macs))
+        verdict = guests_mod.judge(dom, config.bridges, model.allowed_macs, index_of, master_of, running)
+        allowed = verdict.whitelisted
         if running:
             report.unprotected += [u.to_json() for u in exposure.unprotected_nics(dom, config.bridges, master_of)]
         if not allowed:
             continue
         filtered = [n for n in dom.nics if exposure.on_protected_bridge(n, config.bridges, master_of)]
-        expected = [(n.target, n.mac) for n in filtered if running and n.target and n.mac in allowed]
+        expected = [(v.nic.target, v.nic.mac) for v in verdict.nics if v.state == guests_mod.ALLOWED]
         held_all = all(pair in held for pair in expected)
         if not running:
             state = "-"

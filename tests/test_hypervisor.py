@@ -10,6 +10,7 @@ dying mid-listing) use a stand-in domain or connection, and say so.
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, List
 
@@ -18,6 +19,7 @@ import pytest
 from smtp_gate import hypervisor
 from smtp_gate.errors import SmtpGateError
 from tests import testdriver
+from tests.silent import SilentDaemon
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -231,6 +233,7 @@ def test_a_listing_stopped_early_leaves_no_thread_behind(monkeypatch, tmp_path: 
     class DeadDomain(_Proxy):
         def XMLDesc(self, flags: int = 0) -> str:
             calls.append(self._real.name())
+            time.sleep(0.01)  # an RPC takes time; an instant stand-in could finish all 50 first
             raise _error("End of file while reading data: Input/output error")
 
     class Dying(_Proxy):
@@ -288,7 +291,7 @@ def test_connections_are_closed(monkeypatch, node: str):
     assert listing.unreachable == {broken: "listing failed"}
     hypervisor.list_all([node])
     hypervisor.find([node], "vm00000")
-    assert closed == [node, broken, node, node]
+    assert sorted(closed) == sorted([node, broken, node, node])  # URIs are asked in parallel
 
 
 def test_missing_libvirt_python_is_a_clear_error(monkeypatch):
@@ -389,3 +392,82 @@ def test_driver_facts(tmp_path: Path):
     assert [n.target for n in b.nics] == ["testnet0"]  # counted per guest: not unique
     # every connection to a file URI loads its own copy: a random <uuid> differs each time
     assert hypervisor.find([uri], "a")[0].uuid != a.uuid
+
+
+# --- absent drivers: "reached, no guests", not "unreachable" -----------------------------
+
+
+def _driver_dir(root: Path) -> Path:
+    path = root / "usr" / "lib" / "x86_64-linux-gnu" / "libvirt" / "connection-driver"
+    path.mkdir(parents=True)
+    return path
+
+
+def test_a_driver_counts_as_not_installed_only_on_evidence(tmp_path: Path):
+    assert hypervisor.installed("lxc", str(tmp_path)), "no libvirt driver directory: unknown, so maybe"
+    modules = _driver_dir(tmp_path)
+    (modules / "libvirt_driver_qemu.so").touch()
+    assert hypervisor.installed("qemu", str(tmp_path))
+    assert not hypervisor.installed("lxc", str(tmp_path)) and not hypervisor.installed("libxl", str(tmp_path))
+    (tmp_path / "usr" / "sbin").mkdir(parents=True)
+    (tmp_path / "usr" / "sbin" / "virtxend").touch()  # a modular daemon is a driver too
+    assert hypervisor.installed("libxl", str(tmp_path))
+
+
+def test_a_uri_whose_driver_is_not_installed_is_absent_and_a_silent_installed_one_unreachable(tmp_path: Path, node: str):
+    """Real libvirt calls to sockets nobody serves; only the host's driver directory is a
+    stand-in (ROOT), so the answer does not depend on what this machine has installed."""
+    (_driver_dir(tmp_path) / "libvirt_driver_qemu.so").touch()
+    lxc, qemu = f"lxc:///system?socket={tmp_path}/none", f"qemu:///system?socket={tmp_path}/none"
+    listing = hypervisor.list_running([lxc, qemu, node], root=str(tmp_path))
+    assert list(listing.absent) == [lxc] and "lxc driver is not installed" in listing.absent[lxc]
+    assert list(listing.unreachable) == [qemu]
+    assert listing.reached == [node] and len(listing.domains) == 4
+
+
+def test_this_hosts_missing_drivers_are_absent():
+    """The same on this machine's own layout, for the drivers it lacks."""
+    missing = [d for d in ("lxc", "libxl") if not hypervisor.installed(d)]
+    if not missing:
+        pytest.skip("lxc and libxl are both installed here")
+    uris = [f"{'xen' if d == 'libxl' else d}:///system?socket=/nonexistent" for d in missing]
+    listing = hypervisor.list_running(uris)
+    assert list(listing.absent) == uris and listing.unreachable == {}
+
+
+def test_a_remote_uri_is_never_judged_by_this_hosts_drivers(tmp_path: Path):
+    _driver_dir(tmp_path)
+    exc = _error("Failed to connect socket")
+    assert hypervisor._absent_reason(libvirt, "lxc+tcp://192.0.2.1/system", exc, str(tmp_path)) is None
+    assert hypervisor._absent_reason(libvirt, "lxc:///system", exc, str(tmp_path)) is not None
+    assert hypervisor._absent_reason(libvirt, "test:///default", exc, str(tmp_path)) is None
+
+
+# --- deadlines ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent(tmp_path: Path) -> Iterator[SilentDaemon]:
+    daemon = SilentDaemon(tmp_path / "silent.sock")
+    yield daemon
+    daemon.close()
+
+
+@pytest.mark.parametrize("call", ["list_running", "list_all", "find"])
+def test_a_daemon_that_never_answers_costs_the_deadline_and_no_more(silent: SilentDaemon, node: str, call: str):
+    started = time.monotonic()
+    if call == "list_running":
+        listing = hypervisor.list_running([silent.uri, node], timeout=1.0)
+        assert listing.unreachable == {silent.uri: "no answer within 1s (LIBVIRT_TIMEOUT)"}
+        assert listing.reached == [node] and len(listing.domains) == 4, "the other URI still answers"
+    elif call == "list_all":
+        assert len(hypervisor.list_all([silent.uri, node], timeout=1.0)) == 6
+        with pytest.raises(SmtpGateError, match="no answer within 1s"):
+            hypervisor.list_all([silent.uri], timeout=1.0)
+    else:
+        assert hypervisor.find([silent.uri, node], "vm00001", timeout=1.0)[0].name == "vm00001"
+        with pytest.raises(SmtpGateError, match="did not answer.*no answer within 1s"):
+            hypervisor.find([silent.uri, node], "no-such-guest", timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert silent.accepted, "libvirt really connected to the silent daemon"
+    assert elapsed < (2 if call == "list_running" else 3) * 1.0 + 2.0, f"{call} took {elapsed:.1f}s"
