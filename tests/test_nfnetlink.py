@@ -351,5 +351,6 @@ def test_when_netlink_fails_the_guest_still_starts_and_stays_blocked(lab2: Bridg
     assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
     assert b"failed" in r.stderr and b"stays blocked" in r.stderr and b"Operation not permitted" in r.stderr, r.stderr
     assert b"nothing was changed" in r.stderr
+    assert b"nft -f" not in r.stderr, "a refusal by the kernel is not retried with nft: it would be refused too"
     assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
     assert MAC_FIXED not in listing(lab, "allowed")
