@@ -9,6 +9,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from smtp_gate import discovery, nft, ruleset, validate
 from smtp_gate.config import Config
+from smtp_gate.deadline import Deadline
 from smtp_gate.discovery import Link, PortPlan
 from smtp_gate.ruleset import Desired, Pair
 from smtp_gate.runstate import Record
@@ -173,15 +174,22 @@ def apply(
     keep_kernel: bool = False,
     dry_run: bool = False,
     links: Optional[Dict[str, Link]] = None,
+    deadline: Optional[Deadline] = None,
 ) -> Tuple[Outcome, ruleset.Batch]:
-    """Compute and install the whole desired state in one transaction (or only check it)."""
+    """Compute and install the whole desired state in one transaction (or only check it).
+    With DEADLINE (a hook's budget), each nft call gets what is left of it."""
+
+    def timeout(before: str) -> float:
+        return deadline.remaining(before) if deadline is not None else 60.0
+
     links = discovery.read_links() if links is None else links
-    kernel = nft.read_table(elements=keep_kernel)  # only kept allowances need the kernel's elements
+    # only kept allowances need the kernel's elements
+    kernel = nft.read_table(elements=keep_kernel, timeout=timeout("reading our table with nft"))
     if keep_kernel:
         links = stable_links(links, discovery.read_indexes())
     outcome = compute(config, links, guests, kernel, keep_kernel)
     batch = build(outcome, kernel)
-    nft.run_batch(batch, check_only=dry_run)
+    nft.run_batch(batch, check_only=dry_run, timeout=timeout("installing the table with nft -f"))
     return outcome, batch
 
 

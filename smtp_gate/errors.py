@@ -30,6 +30,10 @@ class LockTimeout(SmtpGateError):
     """Another smtp-gate process held the lock longer than we may wait."""
 
 
+class DeadlineExceeded(SmtpGateError):
+    """A hook used up its time budget (hook.DEADLINE) before a step it had to do."""
+
+
 class DomainXMLError(SmtpGateError):
     """A domain XML we cannot read: not XML, or missing the <name>/<uuid> every guest has."""
 

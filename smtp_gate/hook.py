@@ -9,15 +9,29 @@ extra` and the domain XML on stdin, while it holds the guest's lock.  So this co
   at reconnect kills a running guest.  Every error is logged (syslog and stderr) and
   the hook exits 0; the guest then stays blocked, which is the safe side, and the next
   rebuild repairs the rest;
-- waits for our lock a bounded time only;
+- is bounded as a whole: one budget, DEADLINE seconds from its start, pays for every wait
+  (our lock, each netlink answer, any `nft` process, which gets the rest of it as its
+  timeout).  When it runs out, the hook logs what it did not do and exits 0: a guest it
+  was to allow stays blocked (fail closed) and the next rebuild repairs the rest;
+- spawns no process on its common paths: element changes, the check that our table
+  exists (`prepare`) and the check of a guest's elements (`reconnect`) go over netlink;
+  `nft` runs only to install the base table, and to retry an element change when netlink
+  itself failed us (not when the kernel refused: nft would be refused the same);
 - imports as little as it can: its import time is most of its cost (no lxml, no
   filelock, no libvirt; the stdlib parses the XML).
 """
 
 import os
 import sys
-import time
 from typing import BinaryIO, List, Optional, Sequence
+
+from smtp_gate.deadline import Deadline
+from smtp_gate.errors import DeadlineExceeded, LockTimeout, NftError
+
+# Seconds for a whole hook call, from main() on.  libvirt holds the guest's lock meanwhile;
+# a start takes a few ms when nothing waits (bench/bench_hook.py), so this is only ever
+# spent waiting: for a rebuild holding our lock, or for a kernel or nft that does not answer.
+DEADLINE = 5.0
 
 # (driver, operation, sub-operation) -> action.  qemu and lxc create their taps/veths
 # before `start begin` and the guest cannot run yet: allow there.  libxl creates vifD.N
@@ -70,13 +84,16 @@ def _sysfs_bridge(name: str) -> Optional[str]:
 class Hook:
     """One hook call.  Holds the parsed inputs; each action is a method."""
 
-    def __init__(self, driver: str, argv: Sequence[str], xml: bytes) -> None:
+    def __init__(self, driver: str, argv: Sequence[str], xml: bytes, deadline: Deadline) -> None:
         from smtp_gate import config as config_mod
         from smtp_gate.runstate import RunState
 
         self.driver = driver
         self.guest = argv[0] if argv else "?"
         self.xml = xml
+        self.deadline = deadline
+        # what the current action would leave undone, and what that means, for the log
+        self.undone = f"change anything for guest {self.guest!r}: it stays blocked until the next rebuild"
         self.config = config_mod.load(None)
         self.state = RunState(self.config.run_dir)
         self.uri = self.config.hook_uri(driver)  # None: HYPERVISOR leaves this driver out
@@ -106,18 +123,52 @@ class Hook:
     def locked(self):  # type: ignore[no-untyped-def]
         from smtp_gate import lock
 
-        return lock.flock(self.config.lock_path, lock.HOOK_TIMEOUT)
+        return lock.flock(self.config.lock_path, self.deadline.remaining("taking the lock"))
+
+    # -- nftables within the budget ---------------------------------------------------------
+    def _netlink_timeout(self, before: str) -> float:
+        """Half of what is left: the kernel answers a request within our sendto(), so a longer
+        wait means netlink failed us, and the fallback (`nft`) gets the other half."""
+        return self.deadline.remaining(before) / 2
+
+    def _base_exists(self) -> bool:
+        """Whether our table exists with its base chains: two GETCHAIN over netlink, no process.
+        If netlink itself fails us, `nft list chains` with the rest of the budget."""
+        from smtp_gate import nft
+
+        try:
+            return nft.base_exists(self._netlink_timeout("looking up our table over netlink"))
+        except NftError as exc:
+            if not nft.netlink_failed(exc):
+                raise
+            _log(f"netlink failed ({exc}); asking nft whether our table exists")
+            return nft.table_exists(self.deadline.remaining("looking up our table with nft"))
+
+    def _run_elements(self, changes) -> None:  # type: ignore[no-untyped-def]
+        """CHANGES (ruleset.ElementChanges) in one netlink batch; if netlink itself failed us
+        (nft.netlink_failed: no socket, no answer...), the same change with `nft -f`, which
+        is just as atomic and idempotent.  Both within the budget."""
+        from smtp_gate import nft
+
+        try:
+            nft.run_elements(changes, timeout=self._netlink_timeout("sending the element changes over netlink"))
+        except NftError as exc:
+            if not nft.netlink_failed(exc):
+                raise
+            _log(f"netlink failed ({exc}); retrying the element changes with nft -f")
+            # if the retry fails too, the log says whether netlink's batch may have taken effect
+            self.undone += f" (netlink failed first: {exc})"
+            nft.run_batch(changes.batch(), timeout=self.deadline.remaining("retrying the element changes with nft -f"))
 
     # -- actions --------------------------------------------------------------------------
     def ensure(self) -> None:
         """Make sure the base table exists, even if the boot service has not run, unless the
-        operator switched enforcement off (`smtp-gate disable`)."""
-        from smtp_gate import nft
-
-        if self._disabled() or nft.table_exists():
+        operator switched enforcement off (`smtp-gate disable`).  The check spawns nothing."""
+        self.undone = "make sure our table exists (if it is missing, the watcher or the next rebuild installs it)"
+        if self._disabled() or self._base_exists():
             return
         with self.locked():
-            if not nft.table_exists():
+            if not self._base_exists():
                 self._install_base()
 
     def _disabled(self) -> bool:
@@ -137,7 +188,9 @@ class Hook:
 
         if self._disabled():
             return False
-        outcome, _batch = engine.apply(self.config, list(self.state.all_records().values()), keep_kernel=True)
+        outcome, _batch = engine.apply(
+            self.config, list(self.state.all_records().values()), keep_kernel=True, deadline=self.deadline
+        )
         _log(f"installed the base enforcement (table was missing) for {self.guest!r}")
         for message in outcome.warnings:
             _log(f"warning: {message}")
@@ -145,12 +198,12 @@ class Hook:
 
     def allow(self) -> None:
         from smtp_gate import nft, ruleset
-        from smtp_gate.errors import NftError
         from smtp_gate.runstate import domain_event
 
         if self._excluded():
             return
         dom = self.domain()._replace(uri=self.uri)
+        self.undone = f"add the elements of guest {dom.name!r}: it stays blocked until the next rebuild"
         with self.locked():
             record = self.record(dom)
             old = self.state.read_record(dom.uuid)
@@ -158,12 +211,12 @@ class Hook:
             delete = sorted(set(old.elements()) - set(add), key=repr) if old else []
             changes = ruleset.element_changes(add=add, delete=delete)
             try:
-                nft.run_elements(changes)  # the common case: one netlink batch, no check first
+                self._run_elements(changes)  # the common case: one netlink batch, no check first
             except NftError as exc:
                 if not nft.missing_table_or_set(exc):
                     raise
                 if self._install_base():  # the table was missing (prepare did not run, or a flush)
-                    nft.run_elements(changes)
+                    self._run_elements(changes)
             self.state.write_record(record)
             self.state.append(domain_event("start", dom))
         if record.allowed:
@@ -171,21 +224,41 @@ class Hook:
 
     def reconnect(self) -> None:
         """libvirtd restarted: one call per running guest, all at once.  Do nothing, without
-        the lock and without nft, when our record already says what the kernel must hold."""
+        the lock and without a process, when our record already says what the kernel must
+        hold AND the kernel holds each of those elements (looked up one by one over
+        netlink, not a dump of the sets); otherwise restore them as `start` does."""
+        from smtp_gate import nft
+
         if self._excluded():
             return
         dom = self.domain()
-        old = self.state.read_record(dom.uuid)
-        if old is not None and old == self.record(dom):
-            return
+        record = self.record(dom)
+        self.undone = (
+            f"check the elements of guest {dom.name!r} in the kernel: a missing one stays missing "
+            "(the guest blocked) until the next rebuild"
+        )
+        if record == self.state.read_record(dom.uuid):
+            try:
+                missing = nft.missing_elements(
+                    record.elements(), timeout=self._netlink_timeout("looking up the guest's elements over netlink")
+                )
+            except NftError as exc:  # cannot tell: restoring all of them is idempotent
+                _log(f"cannot look up the elements of guest {dom.name!r} over netlink ({exc}); adding them again")
+                missing = record.elements()
+            if not missing:
+                return
+            shown = ", ".join(f"{name} {{ {_show(element)} }}" for name, element in missing)
+            _log(f"the kernel lacked {shown} of guest {dom.name!r}: restoring")
         self.allow()
 
     def revoke(self) -> None:
         from smtp_gate import nft, ruleset
-        from smtp_gate.errors import NftError
         from smtp_gate.runstate import domain_event
 
         dom = self.domain()
+        # an allowance left behind names an interface index that went with the guest's
+        # device, and indexes are not reused: it lets nobody through
+        self.undone = f"remove the elements of guest {dom.name!r}: the next rebuild drops them"
         with self.locked():
             record = self.state.read_record(dom.uuid)
             if record is None:
@@ -194,10 +267,10 @@ class Hook:
                 record = self._record_from_kernel(dom)
             delete = record.elements()
             try:
-                nft.run_elements(ruleset.element_changes(delete=delete))
+                self._run_elements(ruleset.element_changes(delete=delete))
             except NftError as exc:
                 # no table, nothing to remove; a table without one of our sets is broken: say so
-                if not nft.missing_table_or_set(exc) or nft.table_exists():
+                if not nft.missing_table_or_set(exc) or self._base_exists():
                     raise
             self.state.drop_record(dom.uuid)
             self.state.append(domain_event("stop", dom))
@@ -226,11 +299,18 @@ class Hook:
         names = {link.ifindex: link.name for link in links.values()}
         pairs = [
             (index, mac)
-            for index, mac in sorted(engine.kernel_pairs(nft.read_table(), links, keep_gone=True))
+            for index, mac in sorted(engine.kernel_pairs(
+                nft.read_table(timeout=self.deadline.remaining("reading the kernel's allowances with nft")),
+                links, keep_gone=True,
+            ))
             if mac in macs and (index not in names or names[index] in targets)
         ]
         ports = tuple(sorted((name, links[name].ifindex) for name in targets if name in links))
         return Record(uuid=dom.uuid, name=dom.name, guest_ports=ports, allowed=tuple(pairs))
+
+
+def _show(element: object) -> str:
+    return f"{element[0]} . {element[1]}" if isinstance(element, tuple) else str(element)
 
 
 def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO] = None) -> int:
@@ -238,17 +318,27 @@ def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO
     args = sys.argv[1:] if argv is None else argv
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing of ours may ever reach libvirt's stdout
-    started = time.monotonic()
+    deadline = Deadline(DEADLINE)
+    hook: Optional[Hook] = None
     try:
         action = ACTIONS.get((driver, *(args[1:3] if len(args) >= 3 else ("", ""))))
         if action is None:
             return 0
         xml = (stdin or sys.stdin.buffer).read()
-        getattr(Hook(driver, args, xml), action)()
-    except Exception as exc:  # noqa: BLE001 - a hook must never fail a guest
+        hook = Hook(driver, args, xml, deadline)
+        getattr(hook, action)()
+    except (DeadlineExceeded, LockTimeout) as exc:  # the budget ran out (LockTimeout: while waiting for the lock)
+        undone = hook.undone if hook else "anything: it stays blocked until the next rebuild"
         _log(
-            f"{driver} hook for {args[:3]} failed after {time.monotonic() - started:.2f}s, "
-            f"the guest stays blocked until the next rebuild: {type(exc).__name__}: {exc}",
+            f"{driver} hook for {args[:3]} gave up after {deadline.elapsed():.2f}s ({DEADLINE:g}s allowed) "
+            f"and did not {undone}: {exc}",
+            error=True,
+        )
+    except Exception as exc:  # noqa: BLE001 - a hook must never fail a guest
+        undone = hook.undone if hook else "anything: it stays blocked until the next rebuild"
+        _log(
+            f"{driver} hook for {args[:3]} failed after {deadline.elapsed():.2f}s "
+            f"and did not {undone}: {type(exc).__name__}: {exc}",
             error=True,
         )
     finally:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from smtp_gate.errors import LockTimeout
 
-HOOK_TIMEOUT = 5.0  # seconds: libvirt holds the domain's lock while a hook runs
+HOOK_TIMEOUT = 5.0  # seconds; the hooks pass what is left of their whole budget (hook.DEADLINE)
 COMMAND_TIMEOUT = 60.0  # an operator's command may wait out a burst of hooks
 
 

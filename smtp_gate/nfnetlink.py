@@ -31,6 +31,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNETLINK_V0 = 0
 NFNL_MSG_BATCH_BEGIN = 0x10  # NLMSG_MIN_TYPE
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_GETCHAIN = 4
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
@@ -58,6 +59,8 @@ NETLINK_EXT_ACK = 11
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
@@ -80,11 +83,15 @@ Change = Tuple[str, bytes]  # (set name, key bytes)
 
 class NetlinkError(NftError):
     """The kernel refused (or never answered) a netlink request.  ERRNO is the kernel's errno
-    (0 when unknown); ENOENT from a batch means our table or one of its sets does not exist."""
+    (0 when unknown); ENOENT from a batch means our table or one of its sets does not exist.
+    REFUSED: the request itself was refused (by the kernel's answer, or as malformed before
+    it was sent), so `nft` would be refused too; otherwise netlink failed us (no socket, a
+    send error, no answer in time, lost or unreadable answers) and `nft` may still work."""
 
-    def __init__(self, message: str, errno_value: int = 0) -> None:
+    def __init__(self, message: str, errno_value: int = 0, refused: bool = False) -> None:
         super().__init__(message)
         self.errno = errno_value
+        self.refused = refused
 
     @property
     def missing(self) -> bool:
@@ -316,7 +323,7 @@ def apply_elements(
     try:
         data, ops = _build_batch(add, delete, table, family)
     except ValueError as exc:
-        raise NetlinkError(f"element changes not sent, nothing was changed: {exc}") from None
+        raise NetlinkError(f"element changes not sent, nothing was changed: {exc}", refused=True) from None
     where = f"{FAMILY_NAMES.get(family, str(family))} {table}"
     try:
         sock = _open(timeout, len(data), len(ops))
@@ -370,11 +377,13 @@ def _read_acks(sock: socket.socket, ops: List[_Op], where: str, timeout: float) 
                     f"nftables refused the element changes, nothing was changed: {subject}: "
                     f"{_errno_text(code)}{detail}",
                     code,
+                    refused=True,
                 )
             raise NetlinkError(
                 f"nftables refused the batch of element changes for {where}, nothing was changed: "
                 f"{_errno_text(code)}{detail}",
                 code,
+                refused=True,
             )
 
 
@@ -416,7 +425,7 @@ def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
             if msg_type == NLMSG_ERROR or msg_type == NLMSG_DONE:
                 code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
                 if code:
-                    raise NetlinkError(f"cannot list {where}: {_errno_text(code)}", code)
+                    raise NetlinkError(f"cannot list {where}: {_errno_text(code)}", code, refused=True)
                 if msg_type == NLMSG_DONE:
                     return None if interrupted else keys
                 continue
@@ -429,3 +438,81 @@ def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
                     for attr_kind, attr in _attrs(elem):
                         if attr_kind == NFTA_SET_ELEM_KEY:
                             keys += [data for data_kind, data in _attrs(attr) if data_kind == NFTA_DATA_VALUE]
+
+
+# -- lookups of exactly what a hook needs (no dump) -------------------------------------------
+
+
+def _ask_each(requests: Sequence[Tuple[int, bytes]], family: int, timeout: float, what: str) -> List[int]:
+    """Send one non-dump GET request per (message type, payload), all in one datagram, each
+    asking for an ACK; return each one's errno (0: found).  The kernel answers every request
+    of the datagram within our sendto(), so this waits only if answers were lost."""
+    data = b"".join(
+        _message((NFNL_SUBSYS_NFTABLES << 8) | msg, NLM_F_REQUEST | NLM_F_ACK, seq, family, payload)
+        for seq, (msg, payload) in enumerate(requests, start=1)
+    )
+    try:
+        sock = _open(timeout, len(data), 2 * len(requests))  # a reply and an ACK each
+    except OSError as exc:
+        raise NetlinkError(f"cannot open a netlink socket to nftables: {exc}", exc.errno or 0) from None
+    codes: List[Optional[int]] = [None] * len(requests)
+    try:
+        try:
+            sent = sock.sendto(data, (0, 0))
+            if sent != len(data):
+                raise NetlinkError(f"netlink took {sent} of {len(data)} bytes of {what}")
+            while None in codes:
+                for msg_type, flags, seq, payload in _messages(_receive(sock)):
+                    if msg_type == NLMSG_ERROR and 1 <= seq <= len(requests):
+                        codes[seq - 1] = _error_reply(flags, payload)[0]
+        except socket.timeout:
+            raise NetlinkError(f"nftables did not answer {what} within {timeout:g}s") from None
+        except OSError as exc:
+            raise NetlinkError(f"cannot ask nftables for {what}: {exc}", exc.errno or 0) from None
+    finally:
+        sock.close()
+    return [code or 0 for code in codes]
+
+
+def chains_exist(
+    chains: Sequence[str], table: str = "smtp_gate", family: int = NFPROTO_BRIDGE, timeout: float = 10.0
+) -> bool:
+    """Whether TABLE exists with every chain of CHAINS: one GETCHAIN per chain, no process and
+    no listing (a missing table or chain is ENOENT).  Raises NetlinkError for any other answer."""
+    table_attr = _name_attr(NFTA_CHAIN_TABLE, table, "table")
+    requests = [(NFT_MSG_GETCHAIN, table_attr + _name_attr(NFTA_CHAIN_NAME, chain, "chain")) for chain in chains]
+    where = f"{FAMILY_NAMES.get(family, str(family))} {table}"
+    codes = _ask_each(requests, family, timeout, f"the chains of {where}")
+    for chain, code in zip(chains, codes):
+        if code not in (0, errno.ENOENT):
+            raise NetlinkError(f"cannot look up chain {where} {chain}: {_errno_text(code)}", code, refused=True)
+    return all(code == 0 for code in codes)
+
+
+def missing_elements(
+    elements: Sequence[Change], table: str = "smtp_gate", family: int = NFPROTO_BRIDGE, timeout: float = 10.0
+) -> List[Change]:
+    """The (set name, key) of ELEMENTS the kernel does not hold: one non-dump GETSETELEM per
+    element, so the cost follows the guest's few elements, not the set's size.  A missing
+    table or set means every element of it is missing.  Raises NetlinkError for any other
+    answer (EOPNOTSUPP from a kernel before 4.20, which cannot look one element up)."""
+    if not elements:
+        return []
+    table_attr = _name_attr(NFTA_SET_ELEM_LIST_TABLE, table, "table")
+    try:
+        requests = [
+            (NFT_MSG_GETSETELEM, table_attr + _name_attr(NFTA_SET_ELEM_LIST_SET, set_name, "set") + _element_list(key))
+            for set_name, key in elements
+        ]
+    except ValueError as exc:
+        raise NetlinkError(f"element lookup not sent: {exc}", refused=True) from None
+    where = f"{FAMILY_NAMES.get(family, str(family))} {table}"
+    codes = _ask_each(requests, family, timeout, f"{len(requests)} elements of {where}")
+    for (set_name, key), code in zip(elements, codes):
+        if code not in (0, errno.ENOENT):
+            raise NetlinkError(
+                f"cannot look up element {where} {set_name} {{ {describe_key(key)} }}: {_errno_text(code)}",
+                code,
+                refused=True,
+            )
+    return [element for element, code in zip(elements, codes) if code == errno.ENOENT]

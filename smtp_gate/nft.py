@@ -6,21 +6,25 @@ Reading goes through `nft -j` and comes back as plain data.  Element changes (a 
 every guest start and stop, a whitelist command) go over netlink instead, as one batch
 just as atomic (nfnetlink.py): no process to spawn, and no dump of every network link,
 which nft does to resolve an interface index.  `subprocess` is imported only by the
-functions that run nft, so the hook's common path never imports it.
+functions that run nft, so the hook's common path never imports it; the hook's other
+questions (is our table there? does the kernel hold these elements?) go over netlink too.
+Every function that waits takes a timeout, so a hook can give it what is left of its budget.
 """
 
 import json
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from smtp_gate import nfnetlink
 from smtp_gate.errors import NftError
-from smtp_gate.ruleset import FAMILY, TABLE, Batch, ElementChanges
+from smtp_gate.ruleset import FAMILY, TABLE, Batch, Element, ElementChanges
 
 if TYPE_CHECKING:
     import subprocess
 
 FAMILY_NUMBER = nfnetlink.NFPROTO_BRIDGE  # FAMILY, "bridge", as netlink numbers it
+# our base chains: a table without both (someone else's half-done work) is not enforcement
+BASE_CHAINS = ("forward", "input")
 
 # libvirt runs hooks with PATH=/usr/sbin:/usr/bin:/sbin:/bin; an operator's sudo may not have sbin.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
@@ -74,10 +78,34 @@ def missing_table_or_set(exc: Exception) -> bool:
     return isinstance(exc, nfnetlink.NetlinkError) and exc.missing
 
 
-def table_exists() -> bool:
+def netlink_failed(exc: Exception) -> bool:
+    """Whether EXC is netlink failing us rather than the kernel refusing the request: no
+    socket (an LSM or seccomp policy, no descriptors, no memory), a send error, no answer in
+    time, answers lost or unreadable.  Then `nft` may still get through: the same change is
+    worth retrying with it (element changes are idempotent: adds do not need the element
+    absent, removals are an add and a delete).  A refusal by the kernel (EPERM without
+    CAP_NET_ADMIN, ENOENT, EINVAL...) is not: nft would be refused the same."""
+    return isinstance(exc, nfnetlink.NetlinkError) and not exc.refused
+
+
+def base_exists(timeout: float = 10.0) -> bool:
+    """table_exists() over netlink: one GETCHAIN per base chain, no process, no listing.
+    Raises NftError (nfnetlink.NetlinkError; see netlink_failed())."""
+    return nfnetlink.chains_exist(BASE_CHAINS, table=TABLE, family=FAMILY_NUMBER, timeout=timeout)
+
+
+def missing_elements(elements: Sequence[Tuple[str, Element]], timeout: float = 10.0) -> List[Tuple[str, Element]]:
+    """The (set, element) of ELEMENTS the kernel does not hold, each looked up by itself (not
+    a dump of the sets).  ELEMENTS must be checked (ruleset.element_changes)."""
+    keys, _none = ElementChanges(add=tuple(elements)).keys()
+    missing = set(nfnetlink.missing_elements(keys, table=TABLE, family=FAMILY_NUMBER, timeout=timeout))
+    return [element for element, key in zip(elements, keys) if key in missing]
+
+
+def table_exists(timeout: float = 60.0) -> bool:
     """Whether our table exists, cheaply.  `nft list tables` fetches every set element
     (186 ms with 10 000 allowances, measured); `list chains` fetches none (5 ms)."""
-    result = _run(["list", "chains", FAMILY])
+    result = _run(["list", "chains", FAMILY], timeout=timeout)
     if result.returncode != 0:
         raise NftError(f"nft list chains failed: {result.stderr.strip()}")
     head = f"table {FAMILY} {TABLE} {{"
@@ -87,7 +115,7 @@ def table_exists() -> bool:
     end = result.stdout.find("\ntable ", start + len(head))
     block = result.stdout[start : end if end >= 0 else None]
     # an empty table left by someone else's half-done work is not enforcement
-    return "chain forward {" in block and "chain input {" in block
+    return all(f"chain {chain} {{" in block for chain in BASE_CHAINS)
 
 
 class KernelTable:
@@ -147,12 +175,12 @@ def attempt_counters(set_json: dict) -> List[Tuple[str, str, int, int]]:
     return out
 
 
-def read_table(elements: bool = True) -> Optional[KernelTable]:
+def read_table(elements: bool = True, timeout: float = 60.0) -> Optional[KernelTable]:
     """Our table, or None when it does not exist.  Without ELEMENTS, only its chains, rules,
     sets and counters (`nft -t`): a rebuild that asked libvirt needs no element of the
     kernel's, and listing 2 000 guest ports and 10 000 allowances costs it tens of ms."""
     args = ["-j", "list", "table", FAMILY, TABLE]
-    result = _run(args if elements else ["-t", *args])
+    result = _run(args if elements else ["-t", *args], timeout=timeout)
     if result.returncode != 0:
         if "No such file or directory" in result.stderr:
             return None

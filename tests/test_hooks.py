@@ -7,11 +7,13 @@ import os
 import shutil
 import stat
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
+from smtp_gate.hook import DEADLINE
 from tests.netlab import REPO, BridgeLab
 
 pytestmark = pytest.mark.kernel
@@ -25,16 +27,18 @@ HEADER = "# vmname,mac,added_at,added_by,reason\n"
 
 def hook(
     lab: BridgeLab, driver: str, name: str, op: str, sub: str, xml: bytes, path: Optional[str] = None,
-    extra_env: Optional[Dict[str, str]] = None,
+    extra_env: Optional[Dict[str, str]] = None, prefix: Sequence[str] = (), timeout: float = 30,
 ) -> subprocess.CompletedProcess:
     """Run hooks/<driver> in the hypervisor namespace with libvirt's environment (LC_ALL, PATH,
-    HOME) plus SMTP_GATE_CONFIG, which the hook honours."""
+    HOME) plus SMTP_GATE_CONFIG, which the hook honours; PREFIX runs before the interpreter
+    (strace); TIMEOUT is a give-up bound, not a speed claim."""
     env = {"LC_ALL": "C", "PATH": path or "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
            "SMTP_GATE_CONFIG": str(lab.config_path)}
     env.update(extra_env or {})
     return subprocess.run(
-        ["ip", "netns", "exec", lab.hv.name, "/usr/bin/python3", str(REPO / "hooks" / driver), name, op, sub, "-"],
-        input=xml, capture_output=True, env=env, timeout=30,
+        ["ip", "netns", "exec", lab.hv.name, *prefix, "/usr/bin/python3", str(REPO / "hooks" / driver),
+         name, op, sub, "-"],
+        input=xml, capture_output=True, env=env, timeout=timeout,
     )
 
 
@@ -279,3 +283,192 @@ def test_while_disabled_the_hooks_install_nothing_but_keep_their_records(lab2: B
     assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
     r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"))
     assert (r.returncode, r.stdout) == (0, b"") and MAC_FIXED not in allowed(lab)
+
+
+# -- bounded hooks (issue 10): one budget, no process on the common paths, netlink fallbacks ----
+
+STARTED = sample("03-lab2-started-begin").replace(b"<domain type='qemu' id='2'>", b"<domain type='qemu' id='7'>")
+GIVE_UP = DEADLINE + 10  # seconds: only so that a hung hook fails the test instead of hanging it
+
+
+def traced(lab: BridgeLab, tmp_path: Path, op: str, sub: str, xml: bytes, **kwargs: object) -> Tuple[subprocess.CompletedProcess, List[str], List[str]]:
+    """Run the hook under `strace -f -e trace=execve` and PYTHONPROFILEIMPORTTIME: (result,
+    every execve of the hook's process tree, every module it imported)."""
+    if not shutil.which("strace"):
+        pytest.skip("needs strace")
+    trace = tmp_path / f"execve-{op}-{len(list(tmp_path.glob('execve-*')))}"
+    r = hook(lab, "qemu", "lab2", op, sub, xml, prefix=["strace", "-f", "-qq", "-e", "trace=execve", "-o", str(trace)],
+             extra_env={"PYTHONPROFILEIMPORTTIME": "1"}, **kwargs)  # type: ignore[arg-type]
+    execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
+    modules = [line.split("|")[-1].strip() for line in r.stderr.decode().splitlines() if line.startswith("import time:")]
+    return r, execs, modules
+
+
+def said(r: subprocess.CompletedProcess) -> bytes:
+    """What the hook itself wrote on stderr (without PYTHONPROFILEIMPORTTIME's lines)."""
+    return b"\n".join(line for line in r.stderr.splitlines() if not line.startswith(b"import time:"))
+
+
+@contextmanager
+def holding_the_lock(lab: BridgeLab) -> Iterator[None]:
+    """Hold smtp-gate's lock as a rebuild would (flock on config.lock_path)."""
+    from smtp_gate import config
+
+    path = config.load(lab.config_path).lock_path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def chains(lab: BridgeLab) -> str:
+    return lab.nft("list", "chains", "bridge").stdout
+
+
+def test_prepare_spawns_nothing_when_the_table_is_there_and_installs_it_when_not(lab2: BridgeLab, tmp_path: Path) -> None:
+    lab = lab2
+    lab.smtp_gate("apply")
+    r, execs, modules = traced(lab, tmp_path, "prepare", "begin", sample("01-lab2-prepare-begin"))
+    assert (r.returncode, r.stdout, said(r)) == (0, b"", b"")
+    assert len(execs) == 1 and "python3" in execs[0], f"prepare spawned a process: {execs}"
+    assert "smtp_gate.nfnetlink" in modules and "subprocess" not in modules
+
+    lab.nft("delete", "table", "bridge", "smtp_gate")
+    r = hook(lab, "qemu", "lab2", "prepare", "begin", sample("01-lab2-prepare-begin"))
+    assert (r.returncode, r.stdout) == (0, b"") and b"installed the base enforcement" in r.stderr, r.stderr
+    assert "chain forward" in chains(lab) and "chain input" in chains(lab)
+    assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
+
+    # someone else's half-done table (no input chain) is not enforcement: prepare completes it
+    lab.nft("delete", "table", "bridge", "smtp_gate")
+    lab.nft("add", "table", "bridge", "smtp_gate")
+    lab.nft("add", "chain", "bridge", "smtp_gate", "forward", "{ type filter hook forward priority -200; policy accept; }")
+    r = hook(lab, "qemu", "lab2", "prepare", "begin", sample("01-lab2-prepare-begin"))
+    assert (r.returncode, r.stdout) == (0, b"") and b"installed the base enforcement" in r.stderr, r.stderr
+    assert "chain input" in chains(lab)
+    assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
+
+
+def test_reconnect_restores_elements_the_kernel_lost(lab2: BridgeLab) -> None:
+    """The record still matches, but an allowance and a guest port went missing from the
+    kernel (someone's `nft delete element`): reconnect looks them up and puts them back."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    assert hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin")).returncode == 0
+    auto = lab.guests["lab2a"]
+    assert lab.tcp_connects(auto, lab.INET4, 25)
+    vnet1, lab2n1 = lab.hv.ifindex("vnet1"), lab.hv.ifindex("lab2n1")
+    lab.nft("delete", "element", "bridge", "smtp_gate", "allowed", f"{{ {vnet1} . {MAC_AUTO} }}")
+    lab.nft("delete", "element", "bridge", "smtp_gate", "guest_ifaces", f"{{ {lab2n1} }}")
+    assert not lab.tcp_connects(auto, lab.INET4, 25, timeout=0.5)
+
+    r = hook(lab, "qemu", "lab2", "reconnect", "begin", STARTED)
+    assert (r.returncode, r.stdout) == (0, b"")
+    assert b"the kernel lacked" in r.stderr and b"failed" not in r.stderr, r.stderr
+    assert f"guest_ifaces {{ {lab2n1} }}".encode() in r.stderr and f"{vnet1} . {MAC_AUTO}".encode() in r.stderr
+    assert lab.tcp_connects(auto, lab.INET4, 25) and lab.tcp_connects(auto, lab.INET6, 465)
+    assert '"lab2n1"' in lab.nft("list", "set", "bridge", "smtp_gate", "guest_ifaces").stdout
+    assert lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25), "the element that was there is still there"
+
+
+def test_reconnect_with_everything_in_place_takes_no_lock_and_spawns_nothing(lab2: BridgeLab, tmp_path: Path) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    assert hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin")).returncode == 0
+    journal = lab.tmp / "run" / "journal"
+    record = lab.tmp / "run" / "records" / f"{UUID2}.json"
+    sets = ("allowed", "guest_ifaces", "foreign_ifaces")
+    before = (journal.read_bytes(), record.stat().st_mtime_ns,
+              [lab.nft("list", "set", "bridge", "smtp_gate", s).stdout for s in sets])
+    with holding_the_lock(lab):  # a reconnect that took the lock would give up and say so
+        r, execs, modules = traced(lab, tmp_path, "reconnect", "begin", STARTED, timeout=GIVE_UP)
+    assert (r.returncode, r.stdout, said(r)) == (0, b"", b"")
+    assert len(execs) == 1 and "python3" in execs[0], f"reconnect spawned a process: {execs}"
+    assert "smtp_gate.nfnetlink" in modules and "subprocess" not in modules
+    assert (journal.read_bytes(), record.stat().st_mtime_ns,
+            [lab.nft("list", "set", "bridge", "smtp_gate", s).stdout for s in sets]) == before
+
+
+def test_a_hook_that_cannot_get_the_lock_gives_up_within_its_budget(lab2: BridgeLab) -> None:
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    lab.smtp_gate("apply")
+    with holding_the_lock(lab):
+        r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"), timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
+    assert b"gave up after" in r.stderr and f"({DEADLINE:g}s allowed)".encode() in r.stderr, r.stderr
+    assert b"did not add the elements of guest 'lab2': it stays blocked" in r.stderr and b"lock" in r.stderr
+    assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+    assert not (lab.tmp / "run" / "records" / f"{UUID2}.json").exists()
+
+
+@pytest.fixture(scope="session")
+def netlink_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/shims/netlink_shim.c built: LD_PRELOAD it to deny or mute nftables' netlink for the
+    hook's Python process while the nft it spawns works."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        pytest.skip("needs a C compiler for the netlink shim")
+    out = tmp_path_factory.mktemp("shim") / "netlink_shim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(out), str(REPO / "tests" / "shims" / "netlink_shim.c"), "-ldl"],
+                   check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("mode, why", [("deny", b"cannot open a netlink socket"), ("mute", b"did not answer")])
+def test_when_netlink_fails_the_hooks_fall_back_to_nft(lab2: BridgeLab, netlink_shim: str, mode: str, why: bytes) -> None:
+    """No socket (an LSM's denial) or no answer: the same change goes through `nft -f`, the
+    guest is allowed at start and blocked again at stop; prepare asks nft for the table."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    shim = {"LD_PRELOAD": netlink_shim, "SG_NETLINK": mode}
+    r = hook(lab, "qemu", "lab2", "prepare", "begin", sample("01-lab2-prepare-begin"), extra_env=shim, timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b"") and b"failed after" not in r.stderr and b"gave up" not in r.stderr, r.stderr
+    assert b"asking nft whether our table exists" in r.stderr and why in r.stderr
+    assert b"installed the base enforcement" in r.stderr and "chain input" in chains(lab)
+
+    r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"), extra_env=shim, timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b"") and b"failed after" not in r.stderr and b"gave up" not in r.stderr, r.stderr
+    assert b"retrying the element changes with nft -f" in r.stderr and why in r.stderr
+    assert lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25) and lab.tcp_connects(lab.guests["lab2b"], lab.INET6, 25)
+
+    r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"), extra_env=shim, timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b"") and b"failed after" not in r.stderr and b"gave up" not in r.stderr, r.stderr
+    assert b"retrying the element changes with nft -f" in r.stderr
+    assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+    assert "elements" not in allowed(lab)
+
+
+@pytest.mark.parametrize("mode", ["deny", "mute"])
+def test_a_failed_netlink_and_a_hung_nft_cost_the_budget_and_no_more(
+    lab2: BridgeLab, netlink_shim: str, tmp_path: Path, mode: str
+) -> None:
+    """netlink fails and the fallback nft hangs: the hook kills nft when the budget is spent,
+    exits 0 with nothing on stdout and says what it did not do.  With no socket the guest
+    stays blocked; when only the answers were lost ("mute") the kernel did take the batch,
+    whole, and the log says that this can be so."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    lab.smtp_gate("apply")
+    hung = tmp_path / "hung"
+    hung.mkdir()
+    (hung / "nft").write_text(f"#!/bin/sh\necho $$ >> {hung}/pids\nexec sleep 600\n")
+    (hung / "nft").chmod(0o755)
+    r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"), path=f"{hung}:/usr/sbin:/usr/bin:/sbin:/bin",
+             extra_env={"LD_PRELOAD": netlink_shim, "SG_NETLINK": mode}, timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
+    assert b"retrying the element changes with nft -f" in r.stderr, r.stderr
+    assert b"did not add the elements of guest 'lab2': it stays blocked" in r.stderr and b"did not finish" in r.stderr
+    pids = [int(p) for p in (hung / "pids").read_text().split()]
+    assert pids and not any(os.path.exists(f"/proc/{pid}") and "sleep" in open(f"/proc/{pid}/comm").read() for pid in pids), \
+        "the hung nft outlived the hook"
+    assert not (lab.tmp / "run" / "records" / f"{UUID2}.json").exists()
+    connects = [lab.tcp_connects(lab.guests[g], lab.INET4, 25, timeout=0.5) for g in ("lab2a", "lab2b")]
+    if mode == "deny":
+        assert connects == [False, False]
+    else:
+        assert b"did not answer" in r.stderr and b"applied entirely or not at all" in r.stderr
+        assert connects in ([False, False], [True, True]), "half a batch took effect"

@@ -90,6 +90,29 @@ def test_nothing_to_change_opens_no_socket(monkeypatch: pytest.MonkeyPatch) -> N
     nft.run_elements(ruleset.element_changes())
 
 
+def test_netlink_failing_us_is_told_apart_from_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the hook retries with nft (nft.netlink_failed): a socket that cannot be opened, for
+    every request; not a change refused before it is sent (nft would refuse it too)."""
+    def denied(*_args: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(nfnetlink.socket, "socket", denied)
+    calls = (
+        lambda: nfnetlink.apply_elements([("allowed", nfnetlink.pair_key(7, "52:54:00:aa:00:02"))]),
+        lambda: nfnetlink.chains_exist(["forward", "input"]),
+        lambda: nfnetlink.missing_elements([("guest_ifaces", nfnetlink.index_key(7))]),
+    )
+    for call in calls:
+        with pytest.raises(nfnetlink.NetlinkError) as info:
+            call()
+        assert nft.netlink_failed(info.value) and not info.value.refused and info.value.errno == 13
+        assert "cannot open a netlink socket" in str(info.value)
+    with pytest.raises(nfnetlink.NetlinkError) as info:  # a bad key: refused before any socket
+        nfnetlink.apply_elements([("allowed", b"")])
+    assert info.value.refused and not nft.netlink_failed(info.value)
+    assert not nft.netlink_failed(NftError("nft refused the batch"))
+
+
 def test_imports_only_the_standard_library_it_needs() -> None:
     code = (
         "import sys; before = set(sys.modules); import smtp_gate.nfnetlink; "
@@ -207,6 +230,35 @@ def test_one_bad_change_fails_the_whole_batch_and_changes_nothing(applied: Bridg
 
 
 @pytest.mark.kernel
+def test_chains_and_elements_are_looked_up_without_a_dump(applied: BridgeLab) -> None:
+    """GETCHAIN per base chain, GETSETELEM per element: the answers agree with nft's."""
+    lab = applied
+    assert nft.base_exists() and nft.table_exists()
+    index, mac = pair_of(lab, "g1")
+    lab.nft("add", "element", "bridge", "smtp_gate", "allowed", f"{{ {index} . {mac} }}")
+    lab.nft("add", "element", "bridge", "smtp_gate", "guest_ifaces", f"{{ {index} }}")
+    present = [("allowed", (index, mac)), ("guest_ifaces", index)]
+    absent = [("allowed", (index, "52:54:00:00:00:99")), ("guest_ifaces", 4242), ("foreign_ifaces", index)]
+    assert nft.missing_elements(present + absent) == absent
+    assert nft.missing_elements(present) == [] and nft.missing_elements([]) == []
+    # many lookups in one datagram: every answer is read, none is lost
+    many = [("allowed", (100000 + i, mac)) for i in range(2000)]
+    assert nft.missing_elements(present + many) == many
+    with pytest.raises(NftError) as info:  # a key of the wrong type: the kernel's EINVAL, not "missing"
+        nfnetlink.missing_elements([("guest_ifaces", nfnetlink.pair_key(index, mac))])
+    assert info.value.refused and "Invalid argument" in str(info.value)
+    assert nfnetlink.missing_elements([("nosuchset", nfnetlink.index_key(3))]) == [("nosuchset", nfnetlink.index_key(3))]
+
+    lab.nft("flush", "chain", "bridge", "smtp_gate", "input")
+    lab.nft("delete", "chain", "bridge", "smtp_gate", "input")
+    assert not nft.base_exists() and not nft.table_exists(), "a table without both base chains is not enforcement"
+    assert nfnetlink.chains_exist(["forward"])
+    lab.nft("delete", "table", "bridge", "smtp_gate")
+    assert not nft.base_exists() and not nft.table_exists()
+    assert nft.missing_elements(present) == present, "no table: every element is missing"
+
+
+@pytest.mark.kernel
 def test_a_large_batch_and_a_multipart_listing(applied: BridgeLab) -> None:
     """Thousands of changes: the send and receive buffers grow so that no ACK is lost; the
     listing comes back in many datagrams."""
@@ -299,5 +351,6 @@ def test_when_netlink_fails_the_guest_still_starts_and_stays_blocked(lab2: Bridg
     assert (r.returncode, r.stdout) == (0, b""), "a failing hook would stop the guest from starting"
     assert b"failed" in r.stderr and b"stays blocked" in r.stderr and b"Operation not permitted" in r.stderr, r.stderr
     assert b"nothing was changed" in r.stderr
+    assert b"nft -f" not in r.stderr, "a refusal by the kernel is not retried with nft: it would be refused too"
     assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
     assert MAC_FIXED not in listing(lab, "allowed")
