@@ -465,6 +465,11 @@ def _ask_each(requests: Sequence[Tuple[int, bytes]], family: int, timeout: float
                 for msg_type, flags, seq, payload in _messages(_receive(sock)):
                     if msg_type == NLMSG_ERROR and 1 <= seq <= len(requests):
                         codes[seq - 1] = _error_reply(flags, payload)[0]
+                        if codes[seq - 1] == errno.EPERM:
+                            # a sender without CAP_NET_ADMIN gets ONE refusal for the whole
+                            # datagram (nfnetlink_rcv acks its first message only): final
+                            raise NetlinkError(f"cannot ask nftables for {what}: {_errno_text(errno.EPERM)}",
+                                               errno.EPERM, refused=True)
         except socket.timeout:
             raise NetlinkError(f"nftables did not answer {what} within {timeout:g}s") from None
         except OSError as exc:

@@ -354,3 +354,27 @@ def test_when_netlink_fails_the_guest_still_starts_and_stays_blocked(lab2: Bridg
     assert b"nft -f" not in r.stderr, "a refusal by the kernel is not retried with nft: it would be refused too"
     assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
     assert MAC_FIXED not in listing(lab, "allowed")
+
+
+@pytest.mark.kernel
+def test_lookups_without_cap_net_admin_are_a_refusal_not_a_silence(applied: BridgeLab) -> None:
+    """The kernel answers a datagram from a sender without CAP_NET_ADMIN with ONE EPERM, for
+    its first request only: waiting for the other answers would take the whole timeout and
+    then look like netlink failing (which hooks retry with nft)."""
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv (util-linux)")
+    lab = applied
+    index, mac = pair_of(lab, "g1")
+    code = (
+        "import sys\n"
+        "from smtp_gate import nft, ruleset\n"
+        "for ask in (lambda: nft.base_exists(30),\n"
+        f"            lambda: nft.missing_elements(ruleset.element_changes(add=[('guest_ifaces', {index}), ('allowed', ({index}, '{mac}'))]).add, 30)):\n"
+        "    try:\n"
+        "        ask()\n"
+        "    except nft.NftError as exc:\n"
+        "        print(exc.refused, exc.errno)\n"
+    )
+    out = lab.hv.exec(["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin", sys.executable, "-c", code],
+                      env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.stdout.split() == ["True", "1", "True", "1"], out

@@ -118,7 +118,7 @@ def test_audit_mode_is_reported_as_fail_with_the_reason_and_blocked_ports_come_f
 def test_non_ip_accept_installs_with_its_warning_and_the_encapsulation_checks_fail_with_the_reason(
     root_lab: None, tmp_path: Path
 ) -> None:
-    result, _ = run_selftest(tmp_path, 'NON_IP="accept"\n', "--json")
+    result = run_selftest(tmp_path, 'NON_IP="accept"\n', "--json")
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     failed = sorted(c["name"] for c in report["checks"] if not c["ok"])
