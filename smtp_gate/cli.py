@@ -22,6 +22,7 @@ from smtp_gate.config import Config
 from smtp_gate.errors import PartialChange, SmtpGateError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE, EXIT_DISABLED, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5, 6
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -350,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    # --config and --debug after the subcommand too (`smtp-gate status --debug`); SUPPRESS keeps
+    # a subcommand that does not name them from overwriting what came before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     def add(name: str, help_text: str, example: str, aliases: Optional[List[str]] = None) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
@@ -357,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_text,
             epilog=f"example: {example}",
             aliases=aliases or [],
+            parents=[common],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
@@ -455,7 +463,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = {"rollback": "disable"}.get(args.command, args.command)
     try:
         config = config_mod.load(args.config)
-        return COMMANDS[command](args, config)
+        code = COMMANDS[command](args, config)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return code
+    except BrokenPipeError:
+        # the reader went away (`status | head`): not an error; nothing more can be said on
+        # stdout, and Python must not complain about it when it flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # every error, ours or not, is one line (a traceback only with --debug)
         if args.debug:
             import traceback  # here: only --debug needs it, and it costs every command ~6 ms

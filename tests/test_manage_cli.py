@@ -264,3 +264,25 @@ def test_many_concurrent_commands_lose_nothing(conf: Path) -> None:
     expected = sorted(f"52:54:00:10:{w:02x}:{i:02x}" for w in range(16) for i in (0, 2, 4, 5))
     assert sorted(macs) == expected, "a concurrent write lost or duplicated a row"
     assert (conf.parent / "whitelist.csv").read_text().startswith(HEADER)
+
+
+def test_config_and_debug_work_after_the_subcommand_too(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    (conf.parent / "whitelist.csv").write_text("# vmname,mac,added_at,added_by,reason\n,52:54:00:00:00:01,,,\n")
+    assert main(["list", "--config", str(conf)]) == 0
+    assert "52:54:00:00:00:01" in capsys.readouterr().out
+    assert main(["--config", str(conf), "list", "--config", str(conf.parent / "missing.conf")]) == 1
+    assert "missing.conf" in capsys.readouterr().err, "the later --config wins, as written"
+    assert main(["list", "--config", str(conf.parent / "missing.conf"), "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_an_error(conf: Path) -> None:
+    """`smtp-gate list | head -1`: no traceback, no error line, exit 141 (SIGPIPE's)."""
+    rows = "".join(f",52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x},,,reason {i}\n" for i in range(1, 3000))
+    (conf.parent / "whitelist.csv").write_text("# vmname,mac,added_at,added_by,reason\n" + rows)
+    proc = subprocess.Popen([sys.executable, "-m", "smtp_gate", "--config", str(conf), "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout is not None and proc.stdout.read(10)
+    proc.stdout.close()
+    _out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (141, b"")
