@@ -44,9 +44,11 @@ class Result(NamedTuple):
     unprotected: Optional[List[exposure.Unprotected]] = None
 
 
-def records_for(config: Config, domains: List[Domain], links: Dict[str, discovery.Link]) -> List[Record]:
+def records_for(
+    config: Config, domains: List[Domain], links: Dict[str, discovery.Link], model: Optional[whitelist.Whitelist] = None
+) -> List[Record]:
     """One record per guest, from the whitelist as it is now (call under the lock)."""
-    matcher = whitelist.load(config.whitelist).index().allowed_macs
+    matcher = (model or whitelist.load(config.whitelist)).index().allowed_macs
     index_of, master_of = discovery.index_of(links), discovery.master_of(links)
     return [guests.judge(d, config.bridges, matcher, index_of, master_of).record() for d in domains]
 
@@ -145,13 +147,16 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
             if listing is not None and listing.reached:
                 snapshot = {d.uuid: d for d in listing.domains}
                 amended = replay(snapshot, state.events_since(offset))
-                records = records_for(config, list(amended.values()), links)
+                model = whitelist.load(config.whitelist)
+                records = records_for(config, list(amended.values()), links, model)
                 unprotected = exposure.all_unprotected(amended.values(), config.bridges, discovery.master_of(links))
                 alive = {link.ifindex for link in links.values()}
                 kept, dropped = keep_unverified(state.all_records(), amended, listing, alive, now())
                 records += kept
                 notes += dropped
                 outcome, batch = engine.apply(config, records, dry_run=dry_run, links=links)
+                # a row that cannot be used allows nothing: whoever wrote it meant to allow a guest
+                outcome.warnings.extend(f"{config.whitelist}: {problem}" for problem in model.problems())
                 if not dry_run:
                     state.replace_records(records)
                     state.truncate_journal()

@@ -3,9 +3,10 @@
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from smtp_gate import discovery, nft, offswitch, ruleset, validate
+from smtp_gate import discovery, nft, offswitch, ruleset, validate, whitelist
 from smtp_gate.config import Config
 from smtp_gate.discovery import Link
+from smtp_gate.errors import SmtpGateError
 
 
 @dataclass
@@ -148,6 +149,11 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
                 f"{name} is now a port of protected bridge {link.master!r} but still left alone as a port of "
                 "an unprotected bridge: run `smtp-gate rebuild`"
             )
+    # a whitelist row that cannot be used allows nothing: whoever wrote it meant to allow a guest
+    try:
+        report.warnings += [f"{config.whitelist}: {problem}" for problem in whitelist.load(config.whitelist).problems()]
+    except SmtpGateError as exc:
+        report.warnings.append(f"the whitelist cannot be read: {exc}")
     if config.non_ip == "accept":
         report.warnings.append(
             'NON_IP="accept": non-IP frames from guests (QinQ double tags, PPPoE, ...) leave unfiltered, '

@@ -687,3 +687,16 @@ def test_a_port_moved_from_an_unprotected_bridge_onto_a_protected_one_keeps_no_e
     assert lab.smtp_gate("rebuild").returncode == 0  # no hypervisor answers: the kernel's state is kept...
     assert "vethc1" not in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout  # ...but not this
     assert not send4(lab, mover, 25) and not lab.tcp_connects(mover, lab.INET4, 25, timeout=0.5)
+
+
+def test_a_whitelist_row_that_cannot_be_used_is_reported_by_apply_and_status(lab: BridgeLab) -> None:
+    (lab.tmp / "whitelist.csv").write_text(
+        "# vmname,mac,added_at,added_by,reason\n,52:54:00:ab:cd:e,,,typo\n,52:54:00:77:00:02,,,fine\n"
+    )
+    node = lab.tmp / "node.xml"
+    node.write_text("<node/>\n")
+    lab.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="test://{node}"\n')
+    applied_ = lab.smtp_gate("apply", check=False)
+    assert applied_.returncode == 3 and "line 2" in applied_.stderr and "52:54:00:ab:cd:e" in applied_.stderr, applied_
+    status = lab.smtp_gate("status", check=False)
+    assert status.returncode == 3 and "line 2" in status.stdout
