@@ -17,7 +17,7 @@ closes it.  A signal during a send or receive is retried by Python itself (PEP 4
 import errno
 import os
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 try:
     import _socket as socket  # the C module socket.py wraps: same socket type, constants, timeout
@@ -392,6 +392,20 @@ def list_elements(
 ) -> List[bytes]:
     """The keys of every element of a set, as the kernel holds them (a GETSETELEM dump;
     restarted if a change interrupted it)."""
+    keys: List[bytes] = []
+    for elem in list_raw_elements(set_name, table, family, timeout):
+        for attr_kind, attr in _attrs(elem):
+            if attr_kind == NFTA_SET_ELEM_KEY:
+                keys += [data for data_kind, data in _attrs(attr) if data_kind == NFTA_DATA_VALUE]
+    return keys
+
+
+def list_raw_elements(
+    set_name: str, table: str = "smtp_gate", family: int = NFPROTO_BRIDGE, timeout: float = 10.0
+) -> List[bytes]:
+    """Every element of a set as the kernel sends it: all its attributes (key, interval end,
+    flags...), unparsed.  For comparing a set with itself at another time, e.g. an interval
+    set, whose layout in the kernel is nft's business."""
     payload = _name_attr(NFTA_SET_ELEM_LIST_TABLE, table, "table") + _name_attr(NFTA_SET_ELEM_LIST_SET, set_name, "set")
     where = f"set {FAMILY_NAMES.get(family, str(family))} {table} {set_name}"
     for _attempt in range(_DUMP_RETRIES):
@@ -403,21 +417,22 @@ def list_elements(
             request = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, 1,
                                family, payload)
             sock.sendto(request, (0, 0))
-            keys = _read_dump(sock, where)
+            elements = _read_dump(sock, where)
         except socket.timeout:
             raise NetlinkError(f"nftables did not answer a listing of {where} within {timeout:g}s") from None
         except OSError as exc:
             raise NetlinkError(f"cannot list {where}: {exc}", exc.errno or 0) from None
         finally:
             sock.close()
-        if keys is not None:
-            return keys
+        if elements is not None:
+            return elements
     raise NetlinkError(f"the listing of {where} was interrupted by changes {_DUMP_RETRIES} times")
 
 
 def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
-    """Keys from a multi-part dump, or None when the kernel flagged it inconsistent."""
-    keys: List[bytes] = []
+    """Each element's attributes (NFTA_LIST_ELEM payloads) from a multi-part dump, or None
+    when the kernel flagged it inconsistent."""
+    elements: List[bytes] = []
     interrupted = False
     while True:
         for msg_type, flags, _seq, payload in _messages(_receive(sock)):
@@ -427,17 +442,13 @@ def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
                 if code:
                     raise NetlinkError(f"cannot list {where}: {_errno_text(code)}", code, refused=True)
                 if msg_type == NLMSG_DONE:
-                    return None if interrupted else keys
+                    return None if interrupted else elements
                 continue
             if msg_type & 0xFF != NFT_MSG_NEWSETELEM:
                 continue
             for kind, value in _attrs(payload[4:]):
-                if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
-                    continue
-                for _elem_kind, elem in _attrs(value):
-                    for attr_kind, attr in _attrs(elem):
-                        if attr_kind == NFTA_SET_ELEM_KEY:
-                            keys += [data for data_kind, data in _attrs(attr) if data_kind == NFTA_DATA_VALUE]
+                if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    elements += [elem for _elem_kind, elem in _attrs(value)]
 
 
 # -- lookups of exactly what a hook needs (no dump) -------------------------------------------
@@ -521,3 +532,93 @@ def missing_elements(
                 refused=True,
             )
     return [element for element, code in zip(elements, codes) if code == errno.ENOENT]
+
+
+# -- events ---------------------------------------------------------------------------------
+#
+# nf_tables announces every committed change to the multicast group NFNLGRP_NFTABLES: one
+# message per object added or deleted (NEWTABLE, DELRULE, NEWSETELEM...), then NEWGEN for the
+# transaction as a whole.  Each object's first attribute (NFTA_TABLE_NAME, NFTA_CHAIN_TABLE,
+# NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE, NFTA_OBJ_TABLE,
+# NFTA_FLOWTABLE_TABLE) is the table's name, so one decoder serves them all.  A listener
+# that falls behind loses messages and is told so once, by ENOBUFS on its next read.
+
+NFNLGRP_NFTABLES = 7
+NETLINK_ADD_MEMBERSHIP = 1
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELTABLE = 2
+NFT_MSG_NEWCHAIN = 3
+NFT_MSG_DELCHAIN = 5
+NFT_MSG_NEWRULE = 6
+NFT_MSG_DELRULE = 8
+NFT_MSG_NEWSET = 9
+NFT_MSG_DELSET = 11
+NFT_MSG_NEWGEN = 15
+NFTA_TABLE_NAME = 1  # = NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST,OBJ,FLOWTABLE}_TABLE
+NFTA_GEN_ID = 1
+_SETELEM_MESSAGES = (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, 30)  # 30: NFT_MSG_DESTROYSETELEM (6.3)
+_EVENT_BUFFER = 8 * 1024 * 1024  # a burst of guest starts is thousands of element events
+
+
+class Event(NamedTuple):
+    """One nftables change as announced: what kind (NFT_MSG_*), in which family and table,
+    which set for an element change, who sent the request (its netlink port id), and the
+    generation for a NEWGEN."""
+
+    msg: int
+    family: int
+    table: Optional[str] = None
+    set_name: Optional[str] = None
+    portid: int = 0
+    generation: Optional[int] = None
+
+
+def _text(value: bytes) -> str:
+    return value.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def parse_events(data: bytes) -> List[Event]:
+    """The nftables events in one datagram from the multicast group; anything else is skipped."""
+    events = []
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, msg_type, _flags, _seq, portid = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size or offset + length > len(data):
+            break
+        payload = data[offset + _HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+        if msg_type >> 8 != NFNL_SUBSYS_NFTABLES or len(payload) < 4:
+            continue
+        msg, family = msg_type & 0xFF, payload[0]
+        table = set_name = generation = None
+        for kind, value in _attrs(payload[4:]):
+            if msg == NFT_MSG_NEWGEN:
+                if kind == NFTA_GEN_ID and len(value) >= 4:
+                    (generation,) = struct.unpack_from("!I", value)
+            elif kind == NFTA_TABLE_NAME:
+                table = _text(value)
+            elif kind == NFTA_SET_ELEM_LIST_SET and msg in _SETELEM_MESSAGES:
+                set_name = _text(value)
+        events.append(Event(msg, family, table, set_name, portid, generation))
+    return events
+
+
+def open_events(buffer: int = _EVENT_BUFFER) -> socket.socket:
+    """A socket subscribed to every nftables change in this network namespace (blocking;
+    read it with read_events())."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        _grow(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, buffer)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def read_events(sock: socket.socket) -> List[Event]:
+    """The events of one datagram.  Raises OSError with errno ENOBUFS when the kernel dropped
+    events because the socket's buffer was full: the caller must assume anything changed."""
+    data = sock.recv(1 << 20)
+    return parse_events(data)

@@ -1,134 +1,289 @@
-"""`smtp-gate watch`: bring enforcement back at once when another tool removes it.
+"""`smtp-gate watch`: put our table back at once when anything else changes it.
 
-`nft flush ruleset` (Debian's /etc/nftables.conf begins with it, so does many a
-script), `systemctl restart nftables`, or an admin's typo delete our table; the 60 s
-rebuild timer would leave guests unblocked for up to a minute.  This process follows
-`nft monitor` and, after every transaction that deleted our table, one of our chains,
-or rules of ours without adding any back (our own rebuilds delete and add in one
-transaction), restores enforcement from what hooks and rebuilds recorded, without
-waiting for libvirt, then rebuilds from libvirt to be exact.
+`nft flush ruleset` (Debian's /etc/nftables.conf begins with it, so does many a script),
+`systemctl restart nftables`, an admin's typo or a tool that "cleans up" can remove our
+table, delete or insert a rule, or add and remove set elements (a foreign allowance, a port
+taken out of `blocked_ports`); the 60 s rebuild timer would leave guests open for up to a
+minute.  This process follows nftables' own change events over netlink (nfnetlink.py:
+multicast group NFNLGRP_NFTABLES; no `nft monitor` child, nothing to parse) and keeps the
+table as it should be.
+
+Ours or foreign?  Our own writers change the table too: hooks add and remove elements of
+`guest_ifaces`, `foreign_ifaces` and `allowed` at every guest start and stop, the whitelist
+commands change `allowed`, `apply`/`rebuild` rewrite everything in one transaction.  An
+event cannot say which is which (the sender's netlink port id names a process, not a
+purpose), so the watcher does not judge events: it judges the STATE they leave.  Every
+legitimate writer changes the kernel and the run directory's per-guest records together,
+under the main lock.  So, after any event touching our table, and a short debounce (one
+check per burst, whatever its size), the watcher takes the main lock and compares:
+- the dynamic sets (`guest_ifaces`, `foreign_ifaces`, `allowed`) with exactly what
+  engine.compute() derives from the configuration, the links and the records
+  (runstate.RunState.all_records()), key by key over netlink;
+- the fixed part (chains, rules, set definitions, counters by name, and the elements of
+  `uplinks`, `blocked_ports`, `relay4`, `relay6`) with how the kernel rendered that same
+  fixed part right after this watcher last installed it.  The expected text is regenerated
+  from the configuration (re-read at every check, so `ports-set` is not undone); a text
+  this watcher has not installed yet (at start, after a configuration or uplink change)
+  counts as different, so it is installed once and its rendering remembered.  Comparing
+  the kernel's rendering with itself avoids re-implementing nft's JSON for every rule.
+When they differ, it re-applies exactly that state (engine.apply without keep_kernel:
+kernel elements that no record accounts for are not ours, so a foreign allowance on an
+existing port is removed too) and logs what differed.  Its own restore causes events as
+well; they lead to one more comparison, which finds nothing to do.  Statistics (the
+`attempts` set, counter values) are never compared.
+
+Never behind libvirt (issue 10, 5a): the restore takes only the main lock, which nothing
+holds while it talks to libvirt, never rebuild.lock (a rebuild from the timer holds that
+while libvirtd may hang), and asks libvirt nothing.  Our records are what hooks and
+rebuilds derived from libvirt; the timer's rebuild catches up with anything else.
+
+Overruns: a full receive buffer loses events, and the next read fails with ENOBUFS; that
+counts as "anything may have changed": the state is compared as above.
+
+Children: none but `nft -f`/`nft -j list` of a check, each waited for; SIGTERM ends the
+process through SystemExit, so a running nft is waited for too.
 
 While the operator has switched enforcement off (`smtp-gate disable`, offswitch.py) it
-restores nothing: the restore, like every unattended rebuild, refuses under the lock.  It
-then stops following events and looks for the off-switch once a second; when it is gone
-(`smtp-gate enable`, or the file removed by hand) it says so, follows events again and
-repairs what is missing.
+restores nothing: the check reads the off-switch under the lock, as every unattended writer
+does.  It then stops following events and looks for the off-switch once a second; when it
+is gone (`smtp-gate enable`, or the file removed by hand) it says so, follows events again
+and repairs what is missing.
 """
 
-import os
-import pty
-import subprocess
+import errno
+import json
+import select
+import signal
 import sys
 import time
-from typing import Callable, Iterable, Iterator, List, Optional
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
 
-from smtp_gate import nft, offswitch
+from smtp_gate import config as config_mod
+from smtp_gate import discovery, engine, lock, nfnetlink, nft, offswitch, ruleset
 from smtp_gate.config import Config
-from smtp_gate.errors import EnforcementDisabled
-from smtp_gate.ruleset import FAMILY, TABLE
+from smtp_gate.errors import EnforcementDisabled, SmtpGateError
+from smtp_gate.runstate import RunState
 
-OURS = f"{FAMILY} {TABLE}"
-
-
-def transactions(lines: Iterable[str]) -> Iterator[List[str]]:
-    """Group `nft monitor` output into transactions: each ends with a `# new generation` line."""
-    block: List[str] = []
-    for line in lines:
-        line = line.rstrip("\n")
-        if line.startswith("# new generation"):
-            yield block
-            block = []
-        elif line and not line.startswith("#"):
-            block.append(line)
+DEBOUNCE = 0.05  # s of quiet that ends a burst of events
+MAX_DELAY = 0.25  # s from a burst's first event to its check, however long the burst
+RETRY = 1.0  # s before a check that failed (nft refused, lock busy) is tried again
+LOCK_TIMEOUT = 10.0  # s: the main lock is held for moments (hooks wait at most 5 s)
+DYNAMIC_SETS = ("guest_ifaces", "foreign_ifaces", "allowed")
+FIXED_SETS = tuple(name for name in ruleset.STATE_SETS if name not in DYNAMIC_SETS)
+_VOLATILE = frozenset(("handle", "packets", "bytes"))  # a rebuild renumbers; traffic counts
+_REMEMBERED = 8  # fixed-part renderings kept (configurations seen lately)
 
 
-def removes_enforcement(block: Iterable[str]) -> bool:
-    """Whether a transaction took something of ours away without putting it back."""
-    deleted_table = deleted_chains = deleted_rules = added_rules = added_chains = 0
-    for line in block:
-        if line == f"delete table {OURS}" or line.startswith(f"delete table {OURS} "):
-            deleted_table += 1
-        elif line.startswith(f"delete chain {OURS} "):
-            deleted_chains += 1
-        elif line.startswith(f"add chain {OURS} "):
-            added_chains += 1
-        elif line.startswith(f"delete rule {OURS} "):
-            deleted_rules += 1
-        elif line.startswith(f"add rule {OURS} "):
-            added_rules += 1
-    return bool(deleted_table or deleted_chains > added_chains or (deleted_rules and not added_rules))
+def relevant(event: nfnetlink.Event) -> bool:
+    """Whether EVENT changed our table (statistics aside: the datapath fills `attempts`)."""
+    return (
+        event.family == nfnetlink.NFPROTO_BRIDGE
+        and event.table == ruleset.TABLE
+        and event.set_name != ruleset.ATTEMPTS_SET
+    )
+
+
+def _strip(value: object) -> object:
+    """nft JSON without what changes by itself: handles and traffic counts."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def expected_keys(desired: ruleset.Desired) -> Dict[str, set]:
+    """The dynamic sets' keys, in the kernel's bytes, for DESIRED."""
+    return {
+        "guest_ifaces": {nfnetlink.index_key(i) for i in desired.guest_ifaces},
+        "foreign_ifaces": {nfnetlink.index_key(i) for i in desired.foreign_ifaces},
+        "allowed": {nfnetlink.pair_key(i, m) for i, m in desired.allowed},
+    }
+
+
+def fixed_text(desired: ruleset.Desired) -> str:
+    """The fixed part of DESIRED as nft commands: everything but the dynamic sets' elements."""
+    fixed = desired._replace(guest_ifaces=(), foreign_ifaces=(), allowed=())
+    return ruleset.apply_batch(fixed).text()
+
+
+class Kernel:
+    """Our table as the kernel holds it, read for one comparison."""
+
+    def __init__(self, fixed: str, keys: Dict[str, set]) -> None:
+        self.fixed = fixed  # a canonical rendering of the fixed part
+        self.keys = keys  # dynamic set -> its keys
+
+    @classmethod
+    def read(cls) -> Optional["Kernel"]:
+        """None when our table does not exist."""
+        result = nft._run(["-j", "-t", "list", "table", ruleset.FAMILY, ruleset.TABLE])
+        if result.returncode != 0:
+            if "No such file or directory" in result.stderr:
+                return None
+            raise SmtpGateError(f"nft list table {ruleset.T} failed: {result.stderr.strip()}")
+        listing = [item for item in json.loads(result.stdout).get("nftables", []) if "metainfo" not in item]
+        elements: Dict[str, List[str]] = {}
+        keys: Dict[str, set] = {}
+        try:
+            for name in FIXED_SETS:
+                elements[name] = sorted(e.hex() for e in nfnetlink.list_raw_elements(name, ruleset.TABLE))
+            for name in DYNAMIC_SETS:
+                keys[name] = set(nfnetlink.list_elements(name, ruleset.TABLE))
+        except nfnetlink.NetlinkError as exc:
+            if not exc.missing:
+                raise
+            return cls(f"(a set is missing: {exc})", {})
+        fixed = json.dumps({"objects": _strip(listing), "elements": elements}, sort_keys=True)
+        return cls(fixed, keys)
+
+
+def differences(kernel: Optional[Kernel], desired: ruleset.Desired, known_fixed: Optional[str]) -> List[str]:
+    """How KERNEL differs from DESIRED, one phrase each; empty when it holds just that.
+    KNOWN_FIXED: the kernel's rendering of DESIRED's fixed part, if this watcher installed it."""
+    if kernel is None:
+        return ["our table is missing"]
+    out = []
+    if known_fixed is None:
+        out.append("its rules and set definitions are not yet checked against this configuration")
+    elif kernel.fixed != known_fixed:
+        out.append("its chains, rules, set definitions or fixed sets changed")
+    for name, want in expected_keys(desired).items():
+        have = kernel.keys.get(name)
+        if have is None:
+            continue  # a missing set was reported through the fixed part
+        extra, missing = len(have - want), len(want - have)
+        if extra or missing:
+            out.append(f"set {name} has {extra} element(s) no record accounts for and lacks {missing}")
+    return out
+
+
+class Keeper:
+    """Compares our table with what it should be, and restores it; remembers how the kernel
+    rendered each fixed part it installed (a few, for configurations seen lately)."""
+
+    def __init__(self, config: Config, log: Callable[[str], None]) -> None:
+        self.config = config
+        self.log = log
+        self.rendered: "OrderedDict[str, str]" = OrderedDict()
+
+    def _reload(self) -> Config:
+        """The configuration as it is now (`ports-set` changes it); the last good one if it
+        cannot be read, so a typo in the file does not leave the host without enforcement."""
+        try:
+            self.config = config_mod.load(self.config.path)
+        except SmtpGateError as exc:
+            self.log(f"cannot re-read the configuration, using the last good one: {exc}")
+        return self.config
+
+    def check(self) -> bool:
+        """Compare and, if they differ, restore; True if it restored.  Raises EnforcementDisabled
+        while the operator's off-switch is set (nothing is installed then)."""
+        with lock.flock(self.config.lock_path, LOCK_TIMEOUT):
+            started = time.monotonic()
+            off = offswitch.read(self.config.disabled_path)
+            if off is not None:
+                raise EnforcementDisabled(off)
+            config = self._reload()
+            links = discovery.read_links()
+            records = list(RunState(config.run_dir).all_records().values())
+            desired = engine.compute(config, links, records, None).desired
+            text = fixed_text(desired)
+            found = differences(Kernel.read(), desired, self.rendered.get(text))
+            if not found:
+                return False
+            outcome, _batch = engine.apply(config, records, links=links)
+            after = Kernel.read()
+            if after is not None and outcome.desired == desired:
+                self.rendered[text] = after.fixed
+                self.rendered.move_to_end(text)
+                while len(self.rendered) > _REMEMBERED:
+                    self.rendered.popitem(last=False)
+            self.log(f"{'; '.join(found)}; restored in {time.monotonic() - started:.3f}s")
+            return True
+
+
+def _wait_readable(sock: object, timeout: Optional[float]) -> bool:
+    ready, _, _ = select.select([sock], [], [], timeout)
+    return bool(ready)
+
+
+def _drain(sock: object) -> Tuple[bool, bool]:
+    """Read one datagram: (relevant event seen, events were lost)."""
+    try:
+        return any(relevant(e) for e in nfnetlink.read_events(sock)), False  # type: ignore[arg-type]
+    except OSError as exc:
+        if exc.errno == errno.ENOBUFS:
+            return False, True
+        raise
+
+
+def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None]) -> None:
+    """Check at once, then after every burst of events touching our table, until CHECK raises
+    EnforcementDisabled.  A check that failed is tried again after RETRY seconds."""
+    burst_first: Optional[float] = None  # when the pending burst began
+    burst_due: Optional[float] = time.monotonic()  # at start a removal would have gone unseen
+    retry_due: Optional[float] = None
+    while True:
+        due = min((d for d in (burst_due, retry_due) if d is not None), default=None)
+        now = time.monotonic()
+        if due is not None and now >= due:
+            burst_first = burst_due = retry_due = None
+            try:
+                check()
+            except (SmtpGateError, OSError, ValueError) as exc:
+                if isinstance(exc, EnforcementDisabled):
+                    raise
+                # nft refused, the lock stayed busy, a listing failed: try again soon
+                log(f"could not check or restore our table (retrying in {RETRY:g}s): {exc}")
+                retry_due = time.monotonic() + RETRY
+            continue
+        if not _wait_readable(sock, None if due is None else due - now):
+            continue
+        seen, lost = _drain(sock)
+        if lost:
+            log("nftables events were lost (receive buffer overrun): checking our table")
+        if seen or lost:
+            now = time.monotonic()
+            burst_first = now if burst_first is None else burst_first
+            # a burst ends after DEBOUNCE of quiet, or MAX_DELAY after it began
+            burst_due = min(now + DEBOUNCE, burst_first + MAX_DELAY)
 
 
 def watch(
-    restore: Callable[[], None],
-    rebuild: Callable[[], None],
+    keeper_check: Callable[[], bool],
     log: Callable[[str], None],
     disabled: Callable[[], Optional[offswitch.Disabled]],
+    open_events: Callable[[], object] = nfnetlink.open_events,
     poll: float = 1.0,
 ) -> None:
-    """Run until killed.  RESTORE must be fast and must not ask libvirt; REBUILD may.  Both
-    raise EnforcementDisabled while DISABLED() finds the operator's off-switch."""
-
-    def repair(what: str) -> bool:
-        """Restore and rebuild; False when the operator disabled enforcement (nothing restored)."""
-        started = time.monotonic()
+    """Run until killed: follow events while enforcement is on; while the operator's off-switch
+    is set, only look for it to go away, once every POLL seconds."""
+    while True:
+        sock = open_events()  # subscribed before the first check: no change falls in between
+        log("following nftables events")
         try:
-            restore()
+            follow(sock, keeper_check, log)
         except EnforcementDisabled as exc:
-            log(f"{what}, but {exc}")
-            return False
-        log(f"{what}; restored in {time.monotonic() - started:.3f}s")
-        try:
-            rebuild()
-        except Exception as exc:  # noqa: BLE001 - the timer retries; the watch must go on
-            log(f"rebuild after the restore failed (the timer retries): {exc}")
-        return True
-
-    def wait_until_enabled() -> None:
+            log(f"our table changed or is missing, but {exc}")
+        finally:
+            sock.close()  # type: ignore[attr-defined]
         while disabled() is not None:
             time.sleep(poll)
         log("enforcement was re-enabled (the off-switch is gone): following nft events again")
 
-    while True:
-        # nft block-buffers its output into a pipe; on a terminal it writes each event at once
-        master, slave = pty.openpty()
-        process = subprocess.Popen(
-            [nft.nft_binary(), "monitor"], stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-        )
-        os.close(slave)
-        # at start, and between two monitors, a removal would go unseen: look once
-        enforced = nft.table_exists() or repair("enforcement was missing")
-        if enforced:
-            with os.fdopen(master, "r", encoding="utf-8", errors="replace", newline=None) as events:
-                try:
-                    for block in transactions(events):
-                        if removes_enforcement(block) and not repair("enforcement was removed by another tool"):
-                            enforced = False
-                            break
-                except OSError:
-                    pass  # EIO: the monitor exited and closed the terminal
-        else:
-            os.close(master)
-        if not enforced:  # the operator's off-switch: no monitor while it lasts
-            process.terminate()
-            process.wait()
-            wait_until_enabled()
-            continue
-        code = process.wait()
-        log(f"nft monitor ended (exit {code}); restarting it")
-        time.sleep(1)
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)  # unwinds: a running nft child is killed and waited for by subprocess
 
 
 def main_loop(config: Config) -> int:
-    from smtp_gate import rebuild as rebuild_mod
-
     def log(message: str) -> None:
         print(f"smtp-gate watch: {message}", file=sys.stderr, flush=True)
 
-    watch(
-        restore=lambda: rebuild_mod.rebuild(config, use_libvirt=False),
-        rebuild=lambda: rebuild_mod.rebuild(config),
-        log=log,
-        disabled=lambda: offswitch.read(config.disabled_path),
-    )
+    signal.signal(signal.SIGTERM, _terminate)
+    keeper = Keeper(config, log)
+    watch(keeper.check, log, lambda: offswitch.read(config.disabled_path))
     return 0
+

@@ -868,7 +868,7 @@ def test_live_install_under_a_real_systemd(snapshot: Path, tmp_path: Path, host_
 
         # the watcher (sandboxed as installed) puts the table back after a flush by hand
         assert ct.show("smtp-gate-watch.service", "ActiveState") == "active"
-        time.sleep(1)  # let it reach `nft monitor`
+        time.sleep(1)  # let it subscribe to nftables events
         started = time.monotonic()
         ct("nft", "flush", "ruleset")
         assert ct.wait_table(), "smtp-gate-watch.service did not restore the table after nft flush ruleset"
