@@ -146,27 +146,28 @@ def _verdict(state: Desired) -> str:
 
 # Upper-layer protocols other than TCP that may follow an IPv6 header directly, or an IPv6
 # first fragment's fragment header: UDP, ICMPv6, ESP, GRE, SCTP, UDP-Lite, IPv4 and IPv6
-# tunnels, "no next header".  Never an extension header: the kernel walks an extension
-# header chain to the end of the frame, trailer included, while the receiver stops at the
-# packet's length, so a chain that runs past the packet can name UDP for nft and go on to
-# TCP in the next fragment for the receiver.  A list of what may pass, not of what may not:
-# an extension header nft does not know fails closed.
-IPV6_NOT_TCP = "{ udp, ipv6-icmp, esp, gre, sctp, udplite, 4, 41, 59 }"
+# tunnels.  Never an extension header: the kernel walks an extension header chain to the
+# end of the frame, trailer included, while the receiver stops at the packet's length, so a
+# chain that runs past the packet can name UDP for nft and go on to TCP in the next
+# fragment for the receiver.  A list of what may pass, not of what may not: an extension
+# header nft does not know fails closed.  ("No next header" is left to the full checks.)
+IPV6_UPPER = ("udp", "ipv6-icmp", "esp", "gre", "sctp", "udplite", "4", "41")
+IPV6_NOT_TCP = "{ " + ", ".join(IPV6_UPPER) + " }"
 
 # The fast path: the first rules of both base chains.  They accept only what the full
-# checks would accept from any port in any direction -- IPv4 that is not TCP, IPv6 whose
-# fixed header names a protocol of IPV6_NOT_TCP (no extension header, so no fragment), and
-# TCP to a port that is not blocked, for IPv6 only when TCP follows the fixed header
-# directly (an IPv6 fragment carrying TCP is dropped by the full checks, so no fragment may
-# pass here).  `meta l4proto` is set only for a valid IPv4 header (never for ARP, QinQ,
-# PPPoE); `meta protocol` is the protocol inside a single VLAN tag, and placed before `ip6
-# nexthdr` it keeps nft from adding an `ether type` dependency that would read the tag.
-# See docs/verdicts.md for the equivalence argument.
+# checks would accept from any port in any direction: IPv4, and IPv6 whose fixed header
+# names TCP or a protocol of IPV6_NOT_TCP (no extension header, so no fragment), when the
+# 16 bits where a destination port would be (`th dport`) are not a blocked port.  For TCP
+# that is the destination port, and TCP to a port that is not blocked is accepted by the
+# full checks; any other protocol is accepted by them whatever those bytes hold, and when
+# they happen to match a blocked port the frame just takes the full checks.  A later IPv4
+# fragment has no transport header for nft (`th` does not match): full checks.
+# `meta protocol` is the protocol inside a single VLAN tag, and placed before `ip6 nexthdr`
+# it keeps nft from adding an `ether type` dependency that would read the tag.  One rule
+# per family, one set lookup: see docs/verdicts.md for the equivalence argument.
 FAST_PATH = (
-    "meta protocol ip meta l4proto != tcp accept",
-    f"meta protocol ip6 ip6 nexthdr {IPV6_NOT_TCP} accept",
-    "meta protocol ip tcp dport != @blocked_ports accept",
-    "meta protocol ip6 ip6 nexthdr tcp tcp dport != @blocked_ports accept",
+    "meta protocol ip th dport != @blocked_ports accept",
+    "meta protocol ip6 ip6 nexthdr { tcp, " + ", ".join(IPV6_UPPER) + " } th dport != @blocked_ports accept",
 )
 
 
