@@ -12,8 +12,8 @@ namespace), side by side in one run, in three states:
 
 Three flows, each a single TCP stream from a guest:
 
-  not allowed, TCP 80   the fast path: the second rule of `forward` (`tcp dport !=
-                        @blocked_ports accept`) accepts it, one set lookup;
+  not allowed, TCP 80   the fast path: the first rule of `forward` (`meta protocol ip
+                        th dport != @blocked_ports accept`) accepts it, one set lookup;
   allowed, TCP 25       the full checks: the fast path misses, then `iif @guest_ifaces`,
                         `oifname @uplinks`, and the `allowed` lookup accepts it;
   not allowed, TCP 465  the full checks of a guest that is NOT allowed, without a drop: the
@@ -283,7 +283,7 @@ def main() -> int:
             "max spread = largest (max/min - 1) over the rounds of one cell of the row: differences below it are noise",
             "each round passes through the three states in turn, starting one further on each round, "
             "so load drifts hit every column alike",
-            "fast path: forward -> `meta l4proto != tcp accept` -> `tcp dport != @blocked_ports accept`",
+            "fast path: forward -> `meta protocol ip th dport != @blocked_ports accept`",
             "full checks: fast path misses -> iif @guest_ifaces -> egress: oifname @uplinks -> outbound: "
             "@allowed (allowed: accept) -> vmap -> out4: @relay4 (relay: accept)",
         ],

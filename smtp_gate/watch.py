@@ -139,6 +139,9 @@ class Kernel:
         return cls(fixed, keys)
 
 
+NOT_YET_CHECKED = "its rules and set definitions are not yet checked against this configuration"
+
+
 def differences(kernel: Optional[Kernel], desired: ruleset.Desired, known_fixed: Optional[str]) -> List[str]:
     """How KERNEL differs from DESIRED, one phrase each; empty when it holds just that.
     KNOWN_FIXED: the kernel's rendering of DESIRED's fixed part, if this watcher installed it."""
@@ -146,7 +149,7 @@ def differences(kernel: Optional[Kernel], desired: ruleset.Desired, known_fixed:
         return ["our table is missing"]
     out = []
     if known_fixed is None:
-        out.append("its rules and set definitions are not yet checked against this configuration")
+        out.append(NOT_YET_CHECKED)
     elif kernel.fixed != known_fixed:
         out.append("its chains, rules, set definitions or fixed sets changed")
     for name, want in expected_keys(desired).items():
@@ -200,13 +203,48 @@ class Keeper:
                 self.rendered.move_to_end(text)
                 while len(self.rendered) > _REMEMBERED:
                     self.rendered.popitem(last=False)
-            self.log(f"{'; '.join(found)}; restored in {time.monotonic() - started:.3f}s")
+            if found == [NOT_YET_CHECKED]:
+                # nothing was wrong: the first look at a configuration installs it once, to
+                # learn how the kernel renders its rules (later changes to them are undone)
+                self.log(f"checked our table against this configuration in {time.monotonic() - started:.3f}s")
+            else:
+                self.log(f"{'; '.join(found)}; restored in {time.monotonic() - started:.3f}s")
             return True
 
 
-def _wait_readable(sock: object, timeout: Optional[float]) -> bool:
-    ready, _, _ = select.select([sock], [], [], timeout)
-    return bool(ready)
+RTNLGRP_LINK = 1
+NETLINK_ROUTE = 0
+
+
+def open_link_events() -> object:
+    """A socket told of every link change of this network namespace (rtnetlink's link group).
+    A port moved onto a protected bridge keeps its interface index, and with it an exemption
+    as a port of an unprotected bridge, and no nftables event says so: a link change makes
+    the watcher check, and the check recomputes which ports are foreign from their masters."""
+    import socket
+
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        sock.bind((0, 1 << (RTNLGRP_LINK - 1)))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _drain_links(sock: object) -> bool:
+    """Read one datagram of link events: any of them (or a lost batch) calls for a check."""
+    try:
+        sock.recv(1 << 16)  # type: ignore[attr-defined]
+    except OSError as exc:
+        if exc.errno != errno.ENOBUFS:
+            raise
+    return True
+
+
+def _wait_readable(socks: List[object], timeout: Optional[float]) -> List[object]:
+    ready, _, _ = select.select(socks, [], [], timeout)
+    return ready
 
 
 def _drain(sock: object) -> Tuple[bool, bool]:
@@ -219,9 +257,10 @@ def _drain(sock: object) -> Tuple[bool, bool]:
         raise
 
 
-def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None]) -> None:
-    """Check at once, then after every burst of events touching our table, until CHECK raises
-    EnforcementDisabled.  A check that failed is tried again after RETRY seconds."""
+def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None], links: Optional[object] = None) -> None:
+    """Check at once, then after every burst of events touching our table (or, with LINKS,
+    of link changes), until CHECK raises EnforcementDisabled.  A check that failed is tried
+    again after RETRY seconds."""
     burst_first: Optional[float] = None  # when the pending burst began
     burst_due: Optional[float] = time.monotonic()  # at start a removal would have gone unseen
     retry_due: Optional[float] = None
@@ -239,9 +278,12 @@ def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None]) 
                 log(f"could not check or restore our table (retrying in {RETRY:g}s): {exc}")
                 retry_due = time.monotonic() + RETRY
             continue
-        if not _wait_readable(sock, None if due is None else due - now):
+        ready = _wait_readable([sock] + ([links] if links is not None else []), None if due is None else due - now)
+        if not ready:
             continue
-        seen, lost = _drain(sock)
+        seen, lost = _drain(sock) if sock in ready else (False, False)
+        if links is not None and links in ready:
+            seen = _drain_links(links) or seen
         if lost:
             log("nftables events were lost (receive buffer overrun): checking our table")
         if seen or lost:
@@ -257,18 +299,22 @@ def watch(
     disabled: Callable[[], Optional[offswitch.Disabled]],
     open_events: Callable[[], object] = nfnetlink.open_events,
     poll: float = 1.0,
+    open_links: Optional[Callable[[], object]] = open_link_events,
 ) -> None:
     """Run until killed: follow events while enforcement is on; while the operator's off-switch
     is set, only look for it to go away, once every POLL seconds."""
     while True:
         sock = open_events()  # subscribed before the first check: no change falls in between
-        log("following nftables events")
+        links = open_links() if open_links is not None else None
+        log("following nftables events" + (" and link changes" if links is not None else ""))
         try:
-            follow(sock, keeper_check, log)
+            follow(sock, keeper_check, log, links)
         except EnforcementDisabled as exc:
             log(f"our table changed or is missing, but {exc}")
         finally:
             sock.close()  # type: ignore[attr-defined]
+            if links is not None:
+                links.close()  # type: ignore[attr-defined]
         while disabled() is not None:
             time.sleep(poll)
         log("enforcement was re-enabled (the off-switch is gone): following nft events again")

@@ -205,7 +205,8 @@ class Watcher:
 
     def ready(self) -> None:
         """Following events, and its first check (which installs and remembers the table) done."""
-        wait_for(lambda: "following nftables events" in self.text() and self.restores() >= 1, timeout=10)
+        wait_for(lambda: "following nftables events" in self.text() and (
+            self.restores() >= 1 or "checked our table against this configuration" in self.text()), timeout=10)
         time.sleep(0.3)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -467,3 +468,32 @@ def test_the_event_socket_sees_changes_of_our_table_in_its_namespace(bare_lab: B
         assert any(e.msg == nfnetlink.NFT_MSG_NEWTABLE and e.family == 7 and e.table == "smtp_gate" for e in seen)
     finally:
         sock.close()
+
+
+def test_a_port_moved_onto_a_protected_bridge_loses_its_exemption_at_once(lab: BridgeLab) -> None:
+    """No nftables event tells of `ip link set PORT master br0`: the watcher follows link
+    changes too, and its check finds the port no longer foreign (input chain: the host)."""
+    lab.hv.ip("link", "add", "br1", "type", "bridge")
+    lab.hv.ip("link", "set", "br1", "up")
+    lab.hv.ip("addr", "add", "10.77.0.254/24", "dev", "br0")
+    lab.listen(lab.hv, [25])
+    mover_ns = lab.netns("mover")
+    lab.connect(mover_ns, "eth0", "vnet5", ip4="10.77.0.60/24", mac="52:54:00:00:05:05", bridge="br1")
+    lab.smtp_gate("apply")
+    assert "vnet5" in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout
+    watcher = Watcher(lab)
+    try:
+        watcher.ready()
+        assert "and link changes" in watcher.text()
+        lab.hv.ip("link", "set", "vnet5", "nomaster")
+        lab.hv.ip("link", "set", "vnet5", "master", "br0")
+        wait_for(lambda: "vnet5" not in lab.nft("list", "set", "bridge", "smtp_gate", "foreign_ifaces").stdout)
+        assert not netlab_tcp(mover_ns, "10.77.0.254", 25), "the moved port reached the host's port 25"
+    finally:
+        watcher.stop()
+
+
+def netlab_tcp(ns, addr: str, port: int) -> bool:  # type: ignore[no-untyped-def]
+    from smtp_gate import netlab
+
+    return netlab.tcp_connects(ns, addr, port, 0.5)
