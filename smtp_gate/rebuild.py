@@ -16,10 +16,11 @@ not answer, or the guest's XML could not be read), for at most KEEP_UNVERIFIED s
 and never once their ports are gone (keep_unverified; docs/protocol.md).
 Rebuilds run one at a time (rebuild.lock), so the journal has one reader.  Both locks
 are taken with fcntl.flock, as the hooks take the main one (see lock.py: filelock's import
-and exit would be a tenth of a rebuild of 1 000 guests).
+and exit would be a tenth of a rebuild of 1 000 guests).  A dry run writes no file: it
+creates neither the run directory nor a lock file, and takes each lock whose file exists.
 """
 
-from typing import Collection, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Collection, ContextManager, Dict, List, NamedTuple, Optional, Tuple
 
 from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
@@ -119,9 +120,13 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
     (the timer, the boot service, the watcher) honours the off-switch and installs nothing."""
     _off_switch(config, reenable)  # early too: a disabled host is not worth asking libvirt
     state = RunState(config.run_dir)
-    state.prepare()
-    with lock.flock(state.rebuild_lock, lock.COMMAND_TIMEOUT):
-        with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+    # a dry run writes nothing, so it creates neither the run directory nor a lock file: it
+    # takes each lock whose file exists (a consistent read of the records and the journal)
+    take: Callable[[str, float], ContextManager[object]] = lock.flock_existing if dry_run else lock.flock
+    if not dry_run:
+        state.prepare()
+    with take(state.rebuild_lock, lock.COMMAND_TIMEOUT):
+        with take(config.lock_path, lock.COMMAND_TIMEOUT):
             offset = state.journal_end()
         listing = hypervisor.list_running(config.uris(), config.libvirt_timeout) if use_libvirt else None
         notes: List[str] = []
@@ -141,7 +146,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 ]
             if explicit and listing.reached:
                 notes += [f"libvirt {uri}: no such driver here: {why}" for uri, why in listing.absent.items()]
-        with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+        with take(config.lock_path, lock.COMMAND_TIMEOUT):
             off = _off_switch(config, reenable)
             links = discovery.read_links()
             if listing is not None and listing.reached:
