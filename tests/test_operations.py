@@ -3,6 +3,7 @@ writes nothing, every apply reads the whitelist for its problems, an operating-s
 names the config key and what was expected, the off-switch works without a usable RUN_DIR,
 and `list`, `debug`, `--help` and `guest-bridges` say what is so, each in one line."""
 
+import json
 import shutil
 from pathlib import Path
 from typing import Dict, Tuple
@@ -72,3 +73,52 @@ def test_a_dry_run_leaves_an_existing_run_directory_as_it_was(bare_lab: BridgeLa
     assert tree(run) == before
     r = lab.smtp_gate("apply", check=False)  # the real apply writes them, as the dry run would have
     assert r.returncode == 0 and (run / "rebuild.lock").exists() and (run / "journal").stat().st_size == 0
+
+
+# ----------------------------------------------------------------- RUN_DIR and disable
+def bad_run_dir(lab: BridgeLab, kind: str) -> str:
+    if kind == "/proc/nope":
+        return kind
+    blocker = lab.tmp / "a-file"
+    blocker.write_text("")
+    return str(blocker)
+
+
+def write_config_with_run_dir(lab: BridgeLab, run_dir: str) -> None:
+    lab.config_path.write_text(
+        f'UPLINKS="uplink0"\nLIBVIRT_URI="qemu:///system?socket={lab.tmp}/none"\nRUN_DIR="{run_dir}"\n'
+    )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("kind", ["/proc/nope", "a regular file"])
+def test_a_run_dir_that_cannot_be_used_is_one_line_naming_the_key(bare_lab: BridgeLab, kind: str) -> None:
+    lab = bare_lab
+    run_dir = bad_run_dir(lab, kind)
+    write_config_with_run_dir(lab, run_dir)
+    problem = "cannot be created: No such file or directory" if kind == "/proc/nope" else "is not a directory"
+    for args in (["apply"], ["rebuild", "--if-enabled"], ["add-mac", "52:54:00:ab:cd:ef"]):
+        r = lab.smtp_gate(*args, check=False)
+        assert (r.returncode, r.stdout) == (1, ""), (args, r)
+        assert r.stderr == (
+            f"smtp-gate: error: RUN_DIR '{run_dir}' (from {lab.config_path}:3) {problem}; {EXPECTED_RUN_DIR}\n"
+        ), args
+    assert not table_installed(lab)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("kind", ["/proc/nope", "a regular file"])
+def test_disable_works_when_run_dir_cannot_be_used(lab: BridgeLab, kind: str) -> None:
+    lab.smtp_gate("apply")
+    assert table_installed(lab)
+    run_dir = bad_run_dir(lab, kind)
+    write_config_with_run_dir(lab, run_dir)
+    r = lab.smtp_gate("disable", "--reason", "incident 7", check=False, env={"SUDO_USER": "alice"})
+    assert r.returncode == 0, r.stderr
+    assert not table_installed(lab) and (lab.tmp / "disabled").exists()
+    assert json.loads((lab.tmp / "disabled").read_text())["reason"] == "incident 7"
+    assert "ok: removed table bridge smtp_gate" in r.stdout
+    (warning,) = r.stderr.splitlines()
+    assert warning.startswith(f"smtp-gate: warning: RUN_DIR '{run_dir}' (from {lab.config_path}:3) ")
+    assert "switching off without the lock" in warning
+    assert lab.tcp_connects(lab.guests["g1"], lab.INET4, 25), "disabled means nothing is blocked"
