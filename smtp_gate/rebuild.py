@@ -26,7 +26,7 @@ from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, off
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.engine import Outcome
-from smtp_gate.errors import EnforcementDisabled
+from smtp_gate.errors import EnforcementDisabled, WhitelistError
 from smtp_gate.runstate import Record, RunState, now, replay
 
 # How long a rebuild keeps a record no listing vouches for (its libvirt did not answer, or
@@ -107,6 +107,21 @@ def keep_unverified(
     return keep, notes
 
 
+def whitelist_warnings(config: Config) -> List[str]:
+    """The whitelist's problems, for an apply that matches no guest against it (no hypervisor
+    asked or answering: the boot service's apply).  Read anyway, so that a broken file is
+    heard at boot, not at the first guest start that finds it; a file that cannot be read at
+    all is a warning too, never an error: enforcement must be installed regardless."""
+    try:
+        model = whitelist.load(config.whitelist)
+    except WhitelistError as exc:
+        return [
+            f"the whitelist cannot be read ({exc}): enforcement is installed and the kernel's "
+            "allowances for existing ports are kept"
+        ]
+    return [f"{config.whitelist}: {problem}" for problem in model.problems()]
+
+
 def _off_switch(config: Config, reenable: bool) -> Optional[offswitch.Disabled]:
     """The off-switch, if set; raises EnforcementDisabled unless REENABLE (an operator's apply)."""
     off = offswitch.read(config.disabled_path)
@@ -169,6 +184,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 # no libvirt: what hooks and the last rebuild recorded, and what the kernel holds
                 recorded = list(state.all_records().values())
                 outcome, batch = engine.apply(config, recorded, keep_kernel=True, dry_run=dry_run, links=links)
+                outcome.warnings.extend(whitelist_warnings(config))
             if off is not None and not dry_run:
                 offswitch.clear(off.path)  # installed: only now is enforcement back on
     seen = len(listing.domains) if listing is not None and listing.reached else None

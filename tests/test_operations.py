@@ -6,7 +6,7 @@ and `list`, `debug`, `--help` and `guest-bridges` say what is so, each in one li
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -122,3 +122,68 @@ def test_disable_works_when_run_dir_cannot_be_used(lab: BridgeLab, kind: str) ->
     assert warning.startswith(f"smtp-gate: warning: RUN_DIR '{run_dir}' (from {lab.config_path}:3) ")
     assert "switching off without the lock" in warning
     assert lab.tcp_connects(lab.guests["g1"], lab.INET4, 25), "disabled means nothing is blocked"
+
+
+# ------------------------------------------------------------------ the whitelist on apply
+def break_whitelist(lab: BridgeLab, how: str) -> Path:
+    path = lab.tmp / "whitelist.csv"
+    if how == "directory":
+        path.mkdir()
+    else:
+        path.write_text(HEADER + BAD_MAC_ROW)
+    return path
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("how", ["directory", "bad MAC"])
+@pytest.mark.parametrize("args", [["apply", "--no-libvirt"], ["apply", "--no-libvirt", "--if-enabled"], ["rebuild"]])
+def test_without_libvirt_a_broken_whitelist_is_a_warning_and_enforcement_is_installed(
+    lab: BridgeLab, how: str, args: List[str]
+) -> None:
+    """The boot service's apply asks no libvirt, and the lab's rebuild finds none answering:
+    the whitelist is read anyway, its problem is a warning (exit 3), and the table is installed."""
+    path = break_whitelist(lab, how)
+    r = lab.smtp_gate(*args, check=False)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert r.stdout.startswith("ok: enforcing on br0")
+    warnings = [line for line in r.stderr.splitlines()
+                if line.startswith("smtp-gate: warning: ") and "no hypervisor answered" not in line]
+    if how == "directory":
+        assert warnings == [
+            f"smtp-gate: warning: the whitelist cannot be read (WHITELIST '{path}' is a directory: expected a file): "
+            "enforcement is installed and the kernel's allowances for existing ports are kept"
+        ], r.stderr
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(f"smtp-gate: warning: {path}: line 2: "), r.stderr
+        assert "52:54:0:ab:cd:ef" in warnings[0]
+    assert table_installed(lab)
+    assert not lab.tcp_connects(lab.guests["g1"], lab.INET4, 25, timeout=0.5)
+
+
+@pytest.mark.kernel
+def test_a_dry_run_without_libvirt_says_the_whitelist_would_be_unreadable(bare_lab: BridgeLab) -> None:
+    lab = bare_lab
+    break_whitelist(lab, "directory")
+    r = lab.smtp_gate("apply", "--dry-run", "--no-libvirt", check=False)
+    assert r.returncode == 3
+    assert "dry run, nothing installed: the whitelist cannot be read" in r.stderr
+    assert "enforcement would be installed" in r.stderr and "is installed" not in r.stderr
+    assert not table_installed(lab)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("how", ["directory", "bad MAC"])
+def test_with_libvirt_answering_a_broken_whitelist_is_as_the_readme_says(bare_lab: BridgeLab, how: str) -> None:
+    """An unreadable whitelist is an error when it is needed to decide the allowances
+    (exit 1, nothing changed); a row that cannot be used is a warning (exit 3)."""
+    lab = bare_lab
+    lab.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="{answering(lab)}"\n')
+    path = break_whitelist(lab, how)
+    r = lab.smtp_gate("apply", check=False)
+    if how == "directory":
+        assert (r.returncode, r.stdout) == (1, ""), r
+        assert r.stderr == f"smtp-gate: error: WHITELIST '{path}' is a directory: expected a file\n"
+        assert not table_installed(lab)
+    else:
+        assert r.returncode == 3, r
+        assert f"smtp-gate: warning: {path}: line 2: " in r.stderr and table_installed(lab)
