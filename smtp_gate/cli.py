@@ -7,8 +7,8 @@ refused the change is put back); 2 usage; 3 done, with a warning the operator mu
 enforcement is not active; 5 the operator switched enforcement off
 (`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
 change whose file was written, and the file could not be put back (the message says what
-is left).  No hypervisor answering is a note on stderr, not a warning: apply then keeps
-what the kernel holds.
+is left); 141 the reader of stdout went away (`status | head`).  No hypervisor answering
+is a note on stderr, not a warning: apply then keeps what the kernel holds.
 """
 
 import argparse
@@ -169,7 +169,8 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
     print("== configuration (value <- source)")
     for key, (attr, _parser) in config_mod.KEYS.items():
         print(f'{key}="{_shown(getattr(config, attr))}"  <- {config.sources.get(attr, "default")}')
-    print(f"config file: {config.path}")
+    exists = "" if os.path.exists(config.path) else " (does not exist: every value above is the default)"
+    print(f"config file: {config.path}{exists}")
     print("== links")
     for link in sorted(links.values(), key=lambda l: l.ifindex):
         uplink = " auto-uplink" if discovery.is_auto_uplink(link, links) else ""
@@ -246,8 +247,15 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
     rows, problems, notes = manage.list_rows(config)
+    # read after the rows: a file that went away in between is shown as absent, never the reverse
+    exists = os.path.lexists(config.whitelist)
     if args.json:
-        print(json.dumps({"whitelist": str(config.whitelist), "rows": rows, "problems": problems}, indent=2))
+        print(json.dumps(
+            {"whitelist": str(config.whitelist), "exists": exists, "rows": rows, "problems": problems}, indent=2
+        ))
+    elif not exists:
+        # the empty whitelist, as every command reads it; add-vm and add-mac create the file
+        print(f"# {config.whitelist}: the whitelist file does not exist (no guest is allowed)")
     else:
         print(f"# {config.whitelist}: {len(rows)} row(s)")
         for row in rows:
@@ -353,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
         epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning (e.g. an UNPROTECTED guest NIC), "
         "4 (status) not active, "
-        "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not",
+        "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not, "
+        "141 the reader of the output went away (`status | head`)",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -1,17 +1,21 @@
 """What the operator meets when something around a command is absent or broken: a dry run
 writes nothing, every apply reads the whitelist for its problems, an operating-system error
 names the config key and what was expected, the off-switch works without a usable RUN_DIR,
-and `list`, `debug`, `--help` and `guest-bridges` say what is so, each in one line."""
+and `list`, `debug` and `--help` say what is so."""
 
 import json
+import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
 
+from smtp_gate.cli import build_parser, main
 from tests import testdriver
-from tests.netlab import BridgeLab
+from tests.netlab import REPO, BridgeLab
 
 HEADER = "# vmname,mac,added_at,added_by,reason\n"
 BAD_MAC_ROW = "web1,52:54:0:ab:cd:ef,2026-11-25T14:03:07+00:00,alice,typo\n"
@@ -187,3 +191,45 @@ def test_with_libvirt_answering_a_broken_whitelist_is_as_the_readme_says(bare_la
     else:
         assert r.returncode == 3, r
         assert f"smtp-gate: warning: {path}: line 2: " in r.stderr and table_installed(lab)
+
+
+# ------------------------------------------------------------- list, debug, help, libvirt
+def test_list_says_when_the_whitelist_file_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    conf = tmp_path / "smtp-gate.conf"
+    missing = tmp_path / "nowhere.csv"
+    conf.write_text(f'WHITELIST="{missing}"\nRUN_DIR="{tmp_path / "run"}"\n')
+    assert main(["--config", str(conf), "list"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"# {missing}: the whitelist file does not exist (no guest is allowed)\n" and err == ""
+    assert main(["--config", str(conf), "list", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["exists"], report["rows"], report["problems"]) == (False, [], [])
+    missing.write_text(HEADER)
+    assert main(["--config", str(conf), "list"]) == 0
+    assert capsys.readouterr().out == f"# {missing}: 0 row(s)\n"
+    assert json.loads((main(["--config", str(conf), "list", "--json"]), capsys.readouterr().out)[1])["exists"] is True
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.kernel
+def test_debug_says_when_its_config_file_does_not_exist(bare_lab: BridgeLab) -> None:
+    """Without --config, the installed default is read, and its absence means defaults: a copy
+    of the application in a temporary directory has no config/smtp-gate.conf."""
+    lab = bare_lab
+    app = lab.tmp / "app"
+    shutil.copytree(REPO / "smtp_gate", app / "smtp_gate", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "SMTP_GATE_CONFIG"}
+    # from APP: `python -m` puts the working directory first on the path
+    run = f"cd {shlex.quote(str(app))} && exec {shlex.quote(sys.executable)} -m smtp_gate debug"
+    r = lab.hv.exec(["sh", "-c", run], check=False, env=dict(env, PYTHONPATH=str(app)))
+    assert r.returncode == 0, r.stderr
+    default = app / "config" / "smtp-gate.conf"
+    assert f"config file: {default} (does not exist: every value above is the default)\n" in r.stdout
+    r = lab.smtp_gate("debug")
+    assert f"config file: {lab.config_path}\n" in r.stdout
+
+
+def test_the_top_level_help_lists_every_exit_code() -> None:
+    epilog = build_parser().epilog or ""
+    for code in ("0 ok", "1 error", "2 usage", "3 done", "4 (status)", "5 disabled", "6 a file", "141 the reader"):
+        assert code in epilog, code
