@@ -1,12 +1,13 @@
 """What the operator meets when something around a command is absent or broken: a dry run
 writes nothing, every apply reads the whitelist for its problems, an operating-system error
 names the config key and what was expected, the off-switch works without a usable RUN_DIR,
-and `list`, `debug` and `--help` say what is so."""
+and `list`, `debug`, `--help` and `guest-bridges` say what is so, each in one line."""
 
 import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -233,3 +234,16 @@ def test_the_top_level_help_lists_every_exit_code() -> None:
     epilog = build_parser().epilog or ""
     for code in ("0 ok", "1 error", "2 usage", "3 done", "4 (status)", "5 disabled", "6 a file", "141 the reader"):
         assert code in epilog, code
+
+
+def test_guest_bridges_with_a_test_uri_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "smtp-gate.conf"
+    conf.write_text(f'RUN_DIR="{tmp_path / "run"}"\n')
+    missing = tmp_path / "missing.xml"
+    r = subprocess.run(
+        [sys.executable, "-m", "smtp_gate", "--config", str(conf), "guest-bridges", "--libvirt-uri", f"test://{missing}"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
+    )
+    assert (r.returncode, r.stdout) == (1, ""), r
+    (line,) = r.stderr.splitlines()  # libxml2's "I/O warning" line would come before it
+    assert line.startswith(f"smtp-gate: error: no libvirt URI answered, so the guests' bridges are unknown: test://{missing}: ")
