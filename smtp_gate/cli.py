@@ -7,11 +7,12 @@ refused the change is put back); 2 usage; 3 done, with a warning the operator mu
 enforcement is not active; 5 the operator switched enforcement off
 (`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
 change whose file was written, and the file could not be put back (the message says what
-is left).  No hypervisor answering is a note on stderr, not a warning: apply then keeps
-what the kernel holds.
+is left); 141 the reader of stdout went away (`status | head`).  No hypervisor answering
+is a note on stderr, not a warning: apply then keeps what the kernel holds.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -92,7 +93,16 @@ def cmd_disable(args: argparse.Namespace, config: Config) -> int:
 
     by = manage.invoking_user()
     at = manage.now().isoformat(timespec="seconds")
-    with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lock.flock(config.lock_path, lock.COMMAND_TIMEOUT))
+        except OSError as exc:
+            # the off-switch must work whatever state the run directory is in; and whatever
+            # installs the table (hooks, rebuilds, the watcher) needs this very lock first
+            warn(
+                f"{_os_error_text(exc, config)}: switching off without the lock (hooks, rebuilds and the "
+                "watcher cannot take it either, so none of them installs the table meanwhile)"
+            )
         # already off: keep the first record, which says since when and why
         before = offswitch.read(config.disabled_path)
         off = before if before is not None else offswitch.write(config.disabled_path, by, at, args.reason)
@@ -159,7 +169,8 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
     print("== configuration (value <- source)")
     for key, (attr, _parser) in config_mod.KEYS.items():
         print(f'{key}="{_shown(getattr(config, attr))}"  <- {config.sources.get(attr, "default")}')
-    print(f"config file: {config.path}")
+    exists = "" if os.path.exists(config.path) else " (does not exist: every value above is the default)"
+    print(f"config file: {config.path}{exists}")
     print("== links")
     for link in sorted(links.values(), key=lambda l: l.ifindex):
         uplink = " auto-uplink" if discovery.is_auto_uplink(link, links) else ""
@@ -236,8 +247,15 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
     rows, problems, notes = manage.list_rows(config)
+    # read after the rows: a file that went away in between is shown as absent, never the reverse
+    exists = os.path.lexists(config.whitelist)
     if args.json:
-        print(json.dumps({"whitelist": str(config.whitelist), "rows": rows, "problems": problems}, indent=2))
+        print(json.dumps(
+            {"whitelist": str(config.whitelist), "exists": exists, "rows": rows, "problems": problems}, indent=2
+        ))
+    elif not exists:
+        # the empty whitelist, as every command reads it; add-vm and add-mac create the file
+        print(f"# {config.whitelist}: the whitelist file does not exist (no guest is allowed)")
     else:
         print(f"# {config.whitelist}: {len(rows)} row(s)")
         for row in rows:
@@ -343,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
         epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning (e.g. an UNPROTECTED guest NIC), "
         "4 (status) not active, "
-        "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not",
+        "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not, "
+        "141 the reader of the output went away (`status | head`)",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -461,6 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     command = {"rollback": "disable"}.get(args.command, args.command)
+    config: Optional[Config] = None
     try:
         config = config_mod.load(args.config)
         code = COMMANDS[command](args, config)
@@ -476,26 +496,60 @@ def main(argv: Optional[List[str]] = None) -> int:
             import traceback  # here: only --debug needs it, and it costs every command ~6 ms
 
             traceback.print_exc()
-        print(f"smtp-gate: error: {_error_line(exc)}", file=sys.stderr)
+        print(f"smtp-gate: error: {_error_line(exc, config)}", file=sys.stderr)
         return EXIT_PARTIAL if isinstance(exc, PartialChange) else EXIT_ERROR
     except KeyboardInterrupt:
         print("smtp-gate: interrupted", file=sys.stderr)
         return 130
 
 
-def _error_line(exc: Exception) -> str:
-    """EXC as one line: our own message; an OS error with the file it concerns; any other
-    error with its type, since it is a bug to report.  Line breaks (nft's stderr, say)
-    become ' | ', so that one error is one line whatever produced it."""
+def _error_line(exc: Exception, config: Optional[Config] = None) -> str:
+    """EXC as one line: our own message; an OS error with the file it concerns (and, for a
+    path of the CONFIG's, the key it comes from and what was expected); any other error
+    with its type, since it is a bug to report.  Line breaks (nft's stderr, say) become
+    ' | ', so that one error is one line whatever produced it."""
     if isinstance(exc, SmtpGateError):
         text = str(exc)
     elif isinstance(exc, OSError):
-        files = [repr(os.fsdecode(f) if isinstance(f, bytes) else str(f)) for f in (exc.filename, exc.filename2)
-                 if f is not None]
-        text = f"{exc.strerror or exc}" + (f": {' -> '.join(files)}" if files else "")
+        text = _os_error_text(exc, config)
     else:
         text = f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and report it)"
     return " | ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__
+
+
+def _os_error_text(exc: OSError, config: Optional[Config]) -> str:
+    """An OS error as the README's rule asks: the value, where it came from, what was expected.
+
+    Of the configured paths, only RUN_DIR's reach here as OS errors (its lock, records and
+    journal are used by several modules); the whitelist, the config file and the off-switch
+    have messages of their own.  Any other OS error is shown with the files it names."""
+    names = [os.fsdecode(f) if isinstance(f, bytes) else str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    why = exc.strerror or str(exc)
+    if config is not None and names and _under_run_dir(names[0], config.run_dir):
+        run_dir, path = os.path.abspath(config.run_dir), os.path.abspath(names[0])
+        source = config.sources.get("run_dir", "default")
+        if source == "default":
+            origin, expected = " (the default)", "expected a directory smtp-gate can write"
+        else:
+            origin = f" (from {source})"
+            expected = f"expected a directory smtp-gate can write (default {Config._field_defaults['run_dir']})"
+        if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+            problem = "is not a directory"
+        elif not os.path.isdir(run_dir):
+            problem = f"cannot be created: {why}"
+        else:
+            problem = f"cannot be used: {why}" + ("" if path == run_dir else f" ({names[0]!r})")
+        return f"RUN_DIR {config.run_dir!r}{origin} {problem}; {expected}"
+    return why + (f": {' -> '.join(repr(name) for name in names)}" if names else "")
+
+
+def _under_run_dir(path: str, run_dir: str) -> bool:
+    """Whether an error on PATH is one of RUN_DIR's: the directory, a file in it, or a missing
+    parent that creating it failed on (an existing parent is never the one an error names)."""
+    path, run_dir = os.path.abspath(path), os.path.abspath(run_dir)
+    if path == run_dir or path.startswith(run_dir.rstrip(os.sep) + os.sep):
+        return True
+    return run_dir.startswith(path.rstrip(os.sep) + os.sep) and not os.path.isdir(path)
 
 
 if __name__ == "__main__":

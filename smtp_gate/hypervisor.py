@@ -105,7 +105,32 @@ def _libvirt() -> Any:
         ) from None
     # libvirt prints every error to stderr by default; ours go into the result instead
     libvirt.registerErrorHandler(_ignore_error, None)
+    _quiet_libxml2_warnings()
     return libvirt
+
+
+def _quiet_libxml2_warnings() -> None:
+    """Keep libxml2 from printing its warnings on stderr in the threads that talk to libvirt.
+
+    A driver that runs in this process (the test driver) reads its file with libxml2, which
+    prints "I/O warning : failed to load external entity ..." itself before libvirt reports
+    the failure as an error, which we show in one line: the warning was a second line
+    outside our control.  Only libxml2's warnings are turned off: its errors, libvirt's
+    errors (what we report) and lxml's parse errors (domain.py) are unchanged.  libxml2
+    keeps the setting per thread: it is set for threads started from now on (each URI is
+    asked in a new one) and for this one, which libxml2 then takes as its main thread (else
+    the first thread to ask would be, with the process-wide value).  Without the library
+    or its functions, nothing changes."""
+    import ctypes  # here: only callers of libvirt need it
+
+    try:
+        libxml2 = ctypes.CDLL("libxml2.so.2")
+        libxml2.xmlThrDefGetWarningsDefaultValue(0)
+        this_thread = libxml2.__xmlGetWarningsDefaultValue
+    except (OSError, AttributeError):
+        return
+    this_thread.restype = ctypes.POINTER(ctypes.c_int)
+    this_thread()[0] = 0
 
 
 def _ignore_error(_context: Any, _error: Any) -> None:

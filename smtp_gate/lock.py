@@ -34,6 +34,27 @@ def flock(path: "os.PathLike[str] | str", timeout: float = HOOK_TIMEOUT) -> Iter
     path = os.fspath(path)
     _ensure_dir(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with _held(fd, path, timeout):
+        yield
+
+
+@contextmanager
+def flock_existing(path: "os.PathLike[str] | str", timeout: float = COMMAND_TIMEOUT) -> Iterator[bool]:
+    """flock() for a caller that must write nothing (a dry run): the lock is taken only if
+    its file exists, and yields whether it was.  Creating the file, or its directory, would
+    be a write; and while no file exists, no hook or rebuild has taken the lock yet."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
+    except (FileNotFoundError, NotADirectoryError):
+        yield False
+        return
+    with _held(fd, os.fspath(path), timeout):
+        yield True
+
+
+@contextmanager
+def _held(fd: int, path: str, timeout: float) -> Iterator[None]:
+    """Lock FD (open on PATH) within TIMEOUT seconds, and close it at the end."""
 
     def expire(_signum: int, _frame: object) -> None:
         raise LockTimeout(f"lock {str(path)!r} still held by another smtp-gate process after {timeout:g}s")

@@ -139,8 +139,8 @@ def _write_and_apply(
     """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel;
     if the kernel change fails, the whitelist is put back as it was."""
     with lock.command_lock(config.lock_path):
+        model = whitelist.load(config.whitelist)  # first: its errors name WHITELIST and what was expected
         before = _snapshot(config.whitelist, "whitelist", WhitelistError)
-        model = whitelist.load(config.whitelist)
         effects = edit(model)
         written = any(e.changed for e in effects)
         if written:

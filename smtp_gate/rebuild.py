@@ -16,16 +16,17 @@ not answer, or the guest's XML could not be read), for at most KEEP_UNVERIFIED s
 and never once their ports are gone (keep_unverified; docs/protocol.md).
 Rebuilds run one at a time (rebuild.lock), so the journal has one reader.  Both locks
 are taken with fcntl.flock, as the hooks take the main one (see lock.py: filelock's import
-and exit would be a tenth of a rebuild of 1 000 guests).
+and exit would be a tenth of a rebuild of 1 000 guests).  A dry run writes no file: it
+creates neither the run directory nor a lock file, and takes each lock whose file exists.
 """
 
-from typing import Collection, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Collection, ContextManager, Dict, List, NamedTuple, Optional, Tuple
 
 from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.engine import Outcome
-from smtp_gate.errors import EnforcementDisabled
+from smtp_gate.errors import EnforcementDisabled, WhitelistError
 from smtp_gate.runstate import Record, RunState, now, replay
 
 # How long a rebuild keeps a record no listing vouches for (its libvirt did not answer, or
@@ -106,6 +107,21 @@ def keep_unverified(
     return keep, notes
 
 
+def whitelist_warnings(config: Config) -> List[str]:
+    """The whitelist's problems, for an apply that matches no guest against it (no hypervisor
+    asked or answering: the boot service's apply).  Read anyway, so that a broken file is
+    heard at boot, not at the first guest start that finds it; a file that cannot be read at
+    all is a warning too, never an error: enforcement must be installed regardless."""
+    try:
+        model = whitelist.load(config.whitelist)
+    except WhitelistError as exc:
+        return [
+            f"the whitelist cannot be read ({exc}): enforcement is installed and the kernel's "
+            "allowances for existing ports are kept"
+        ]
+    return [f"{config.whitelist}: {problem}" for problem in model.problems()]
+
+
 def _off_switch(config: Config, reenable: bool) -> Optional[offswitch.Disabled]:
     """The off-switch, if set; raises EnforcementDisabled unless REENABLE (an operator's apply)."""
     off = offswitch.read(config.disabled_path)
@@ -119,9 +135,13 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
     (the timer, the boot service, the watcher) honours the off-switch and installs nothing."""
     _off_switch(config, reenable)  # early too: a disabled host is not worth asking libvirt
     state = RunState(config.run_dir)
-    state.prepare()
-    with lock.flock(state.rebuild_lock, lock.COMMAND_TIMEOUT):
-        with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+    # a dry run writes nothing, so it creates neither the run directory nor a lock file: it
+    # takes each lock whose file exists (a consistent read of the records and the journal)
+    take: Callable[[str, float], ContextManager[object]] = lock.flock_existing if dry_run else lock.flock
+    if not dry_run:
+        state.prepare()
+    with take(state.rebuild_lock, lock.COMMAND_TIMEOUT):
+        with take(config.lock_path, lock.COMMAND_TIMEOUT):
             offset = state.journal_end()
         listing = hypervisor.list_running(config.uris(), config.libvirt_timeout) if use_libvirt else None
         notes: List[str] = []
@@ -141,7 +161,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 ]
             if explicit and listing.reached:
                 notes += [f"libvirt {uri}: no such driver here: {why}" for uri, why in listing.absent.items()]
-        with lock.flock(config.lock_path, lock.COMMAND_TIMEOUT):
+        with take(config.lock_path, lock.COMMAND_TIMEOUT):
             off = _off_switch(config, reenable)
             links = discovery.read_links()
             if listing is not None and listing.reached:
@@ -164,6 +184,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 # no libvirt: what hooks and the last rebuild recorded, and what the kernel holds
                 recorded = list(state.all_records().values())
                 outcome, batch = engine.apply(config, recorded, keep_kernel=True, dry_run=dry_run, links=links)
+                outcome.warnings.extend(whitelist_warnings(config))
             if off is not None and not dry_run:
                 offswitch.clear(off.path)  # installed: only now is enforcement back on
     seen = len(listing.domains) if listing is not None and listing.reached else None

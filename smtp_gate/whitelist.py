@@ -687,8 +687,12 @@ def _read(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
             data = f.read()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise WhitelistError(f"WHITELIST {str(path)!r} is a directory: expected a file") from None
     except OSError as e:
-        raise WhitelistError(f"cannot read whitelist {str(path)!r}: {e.strerror or e}") from None
+        raise WhitelistError(
+            f"WHITELIST {str(path)!r} cannot be read: {e.strerror or e}; expected a file smtp-gate can read"
+        ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
