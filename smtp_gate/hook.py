@@ -23,7 +23,8 @@ extra` and the domain XML on stdin, while it holds the guest's lock.  So this co
 
 import os
 import sys
-from typing import BinaryIO, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 from smtp_gate.deadline import Deadline
 from smtp_gate.errors import DeadlineExceeded, LockTimeout, NftError
@@ -56,11 +57,40 @@ ACTIONS = {
 }
 
 
-def _log(message: str, error: bool = False) -> None:
-    import syslog
+# syslog facility daemon (3 << 3) with the severities err (3) and info (6), as in syslog.h
+_PRI_ERR, _PRI_INFO = 24 + 3, 24 + 6
+_DEV_LOG = "/dev/log"
 
-    syslog.openlog("smtp-gate-hook", syslog.LOG_PID, syslog.LOG_DAEMON)
-    syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, message)
+
+def _syslog(message: str, error: bool = False) -> None:
+    """Send MESSAGE to syslog without ever waiting: glibc's syslog() blocks while /dev/log's
+    queue is full (a journald or rsyslog that does not read), and libvirt waits for its
+    hooks without a timeout, so a hook that blocks there hangs the guest's start.  One
+    datagram, MSG_DONTWAIT on a non-blocking socket; when it cannot go at once (EAGAIN,
+    no /dev/log, nobody bound to it, any OSError) the line is dropped: stderr keeps it,
+    in libvirt's log.  _socket, not socket.py: import time is most of a hook's cost."""
+    try:
+        import _socket as sock_mod
+    except ImportError:  # an interpreter that has no _socket
+        import socket as sock_mod  # type: ignore[no-redef]
+    line = f"<{_PRI_ERR if error else _PRI_INFO}>smtp-gate-hook[{os.getpid()}]: {message}"
+    try:
+        sock = sock_mod.socket(sock_mod.AF_UNIX, sock_mod.SOCK_DGRAM | sock_mod.SOCK_CLOEXEC)
+    except OSError:
+        return
+    try:
+        sock.setblocking(False)
+        sock.sendto(line.encode("utf-8", "replace"), sock_mod.MSG_DONTWAIT, _DEV_LOG)
+    except OSError:
+        pass  # EAGAIN (queue full), ENOENT, ECONNREFUSED, EMSGSIZE...: the stderr line remains
+    finally:
+        sock.close()
+
+
+def _log(message: str, error: bool = False) -> None:
+    """One line to syslog (never blocking: _syslog) and to stderr, which libvirt keeps in its
+    log (never stdout: libvirt may take that as the domain XML)."""
+    _syslog(message, error)
     print(f"smtp-gate hook: {message}", file=sys.stderr)
 
 
@@ -97,6 +127,8 @@ class Hook:
         self.config = config_mod.load(None)
         self.state = RunState(self.config.run_dir)
         self.uri = self.config.hook_uri(driver)  # None: HYPERVISOR leaves this driver out
+        self.held = False  # while we hold the main lock, log lines wait in `pending` (see locked())
+        self.pending: List[Tuple[str, bool]] = []
 
     def domain(self):  # type: ignore[no-untyped-def]
         import xml.etree.ElementTree as ET
@@ -120,10 +152,31 @@ class Hook:
             _log(f"{self.driver} is not in HYPERVISOR: guest {self.guest!r} gets no allowance")
         return self.uri is None
 
-    def locked(self):  # type: ignore[no-untyped-def]
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The main lock, for what is left of the budget.  What is logged meanwhile (_say) is
+        written once the lock is released: every smtp-gate process waits for this lock, and
+        no log line, however slow its reader, is worth holding it."""
         from smtp_gate import lock
 
-        return lock.flock(self.config.lock_path, self.deadline.remaining("taking the lock"))
+        try:
+            with lock.flock(self.config.lock_path, self.deadline.remaining("taking the lock")):
+                self.held = True
+                try:
+                    yield
+                finally:
+                    self.held = False
+        finally:
+            pending, self.pending = self.pending, []
+            for message, error in pending:
+                _log(message, error)
+
+    def _say(self, message: str, error: bool = False) -> None:
+        """_log, or after the lock is released when it is held (see locked())."""
+        if self.held:
+            self.pending.append((message, error))
+        else:
+            _log(message, error)
 
     # -- nftables within the budget ---------------------------------------------------------
     def _netlink_timeout(self, before: str) -> float:
@@ -141,7 +194,7 @@ class Hook:
         except NftError as exc:
             if not nft.netlink_failed(exc):
                 raise
-            _log(f"netlink failed ({exc}); asking nft whether our table exists")
+            self._say(f"netlink failed ({exc}); asking nft whether our table exists")
             return nft.table_exists(self.deadline.remaining("looking up our table with nft"))
 
     def _run_elements(self, changes) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +208,7 @@ class Hook:
         except NftError as exc:
             if not nft.netlink_failed(exc):
                 raise
-            _log(f"netlink failed ({exc}); retrying the element changes with nft -f")
+            self._say(f"netlink failed ({exc}); retrying the element changes with nft -f")
             # if the retry fails too, the log says whether netlink's batch may have taken effect
             self.undone += f" (netlink failed first: {exc})"
             nft.run_batch(changes.batch(), timeout=self.deadline.remaining("retrying the element changes with nft -f"))
@@ -178,7 +231,7 @@ class Hook:
 
         off = offswitch.read(self.config.disabled_path)
         if off is not None:
-            _log(f"{off.describe()}: guest {self.guest!r} runs without enforcement until `smtp-gate enable`")
+            self._say(f"{off.describe()}: guest {self.guest!r} runs without enforcement until `smtp-gate enable`")
         return off is not None
 
     def _install_base(self) -> bool:
@@ -191,9 +244,9 @@ class Hook:
         outcome, _batch = engine.apply(
             self.config, list(self.state.all_records().values()), keep_kernel=True, deadline=self.deadline
         )
-        _log(f"installed the base enforcement (table was missing) for {self.guest!r}")
+        self._say(f"installed the base enforcement (table was missing) for {self.guest!r}")
         for message in outcome.warnings:
-            _log(f"warning: {message}")
+            self._say(f"warning: {message}")
         return True
 
     def allow(self) -> None:

@@ -4,7 +4,9 @@ on stdin, a clean environment; the kernel state and real frames checked after ea
 import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 from contextlib import contextmanager
@@ -472,3 +474,70 @@ def test_a_failed_netlink_and_a_hung_nft_cost_the_budget_and_no_more(
     else:
         assert b"did not answer" in r.stderr and b"applied entirely or not at all" in r.stderr
         assert connects in ([False, False], [True, True]), "half a batch took effect"
+
+
+# -- what a hook must survive: a syslog that does not read, a run directory that cannot be written --
+
+
+@contextmanager
+def deaf_syslog(tmp_path: Path) -> Iterator[Tuple[socket.socket, List[str]]]:
+    """A datagram socket nobody reads, and a hook() prefix that runs the hook in a private
+    mount namespace where /dev/log is that socket (a tmpfs over /dev there, with the few
+    device nodes a process needs bound in: this machine's /dev is never touched)."""
+    path = tmp_path / "log.sock"
+    (tmp_path / "olddev").mkdir()
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    script = (
+        'mount --bind /dev "$0/olddev" && mount -t tmpfs none /dev || exit 97; '
+        'for n in null zero full random urandom; do touch /dev/$n && mount --bind "$0/olddev/$n" /dev/$n || exit 97; done; '
+        'touch /dev/log && mount --bind "$0/log.sock" /dev/log || exit 97; exec "$@"'
+    )
+    try:
+        yield receiver, ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(tmp_path)]
+    finally:
+        receiver.close()
+
+
+def fill(path: str) -> int:
+    """Queue datagrams at PATH until its queue is full; how many."""
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+    count = 0
+    try:
+        while True:
+            sender.sendto(b"<14>filler", path)
+            count += 1
+    except BlockingIOError:
+        return count
+    finally:
+        sender.close()
+
+
+def test_a_syslog_that_does_not_read_never_holds_up_a_hook(lab2: BridgeLab, tmp_path: Path) -> None:
+    """/dev/log's queue is full (a journald that does not read): glibc's syslog() would block
+    forever, and libvirt waits for its hook, so the guest's start would hang.  The hooks
+    drop the syslog line, keep the stderr one, and finish; prepare logs while it installs
+    the table, start while it allows.  Once the queue has room, the line arrives."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    with deaf_syslog(tmp_path) as (receiver, prefix):
+        assert fill(receiver.getsockname()) > 0
+        for op, xml, line in (("prepare", "01-lab2-prepare-begin", b"installed the base enforcement"),
+                              ("start", "02-lab2-start-begin", b"guest 'lab2' allowed on")):
+            r = hook(lab, "qemu", "lab2", op, "begin", sample(xml), prefix=prefix, timeout=GIVE_UP)  # a give-up bound
+            assert (r.returncode, r.stdout) == (0, b""), r.stderr
+            assert line in r.stderr and b"failed" not in r.stderr, r.stderr
+        assert lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25)
+
+        receiver.setblocking(False)
+        try:
+            while receiver.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"), prefix=prefix, timeout=GIVE_UP)
+        assert (r.returncode, r.stdout) == (0, b""), r.stderr
+        sent = receiver.recv(4096)
+    assert re.fullmatch(rb"<30>smtp-gate-hook\[\d+\]: guest 'lab2' stopped: allowance removed", sent), sent
+    assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
