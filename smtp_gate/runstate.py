@@ -116,12 +116,20 @@ def boot_id(path: str = BOOT_ID) -> Optional[str]:
 
 
 def _write(path: str, text: str) -> None:
-    """Write-then-rename: a reader never sees half a record."""
+    """Write-then-rename: a reader never sees half a record.  On failure (a full /run) the
+    temporary file goes too: nothing half-written is left to fill the directory further."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _holds(path: str, data: bytes) -> bool:

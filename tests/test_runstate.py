@@ -90,6 +90,15 @@ def test_records_and_journal_of_another_boot_are_ignored_and_the_next_writer_wip
     assert RunState(tmp_path).all_records() == {}
 
 
+def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    state = RunState(tmp_path)
+    state.write_record(A)
+    os.mkdir(state._record_path(B.uuid))  # the rename onto a directory fails, after the write
+    with pytest.raises(OSError):
+        state.write_record(B)
+    assert sorted(os.listdir(state.records)) == sorted([f"{A.uuid}.json", f"{B.uuid}.json"])
+
+
 @pytest.mark.kernel
 def test_after_a_reboot_a_reused_interface_index_inherits_no_allowance(tmp_path: Path, kernel_skip_reason: str) -> None:
     """Boot 1: the whitelisted guest A runs on vnet1 and the machine goes down with it (no stop
