@@ -263,17 +263,60 @@ class Hook:
             add = record.elements()
             delete = sorted(set(old.elements()) - set(add), key=repr) if old else []
             changes = ruleset.element_changes(add=add, delete=delete)
+            applied = True
             try:
                 self._run_elements(changes)  # the common case: one netlink batch, no check first
             except NftError as exc:
                 if not nft.missing_table_or_set(exc):
                     raise
-                if self._install_base():  # the table was missing (prepare did not run, or a flush)
+                applied = self._install_base()  # the table was missing (prepare did not run, or a flush)
+                if applied:
                     self._run_elements(changes)
-            self.state.write_record(record)
+            try:
+                self.state.write_record(record)
+            except OSError:
+                if applied:  # the kernel must not keep what no record names (main() logs the error)
+                    known = set(old.elements()) if old else set()
+                    self._undo(dom.name, [e for e in add if e not in known], delete, bool(old))
+                raise
+            self.undone = (
+                f"journal the start of guest {dom.name!r}: it is allowed and recorded, but a rebuild that "
+                "was reading libvirt meanwhile may miss it and block it until the next rebuild"
+            )
             self.state.append(domain_event("start", dom))
         if record.allowed:
             _log(f"guest {dom.name!r} allowed on {', '.join(f'#{i}/{m}' for i, m in record.allowed)}")
+
+    def _undo(self, name: str, added: List[Tuple[str, object]], deleted: List[Tuple[str, object]], recorded: bool) -> None:
+        """The record of a change the kernel took could not be written (a full or read-only
+        run directory): send the inverse batch, so that the kernel holds what the records
+        say, and set `undone` to what the log must say.  An allowance no record names is
+        one a stop hook cannot find: the guest would be allowed while the log said blocked."""
+        from smtp_gate import ruleset
+
+        shown = ", ".join(f"{s} {{ {_show(e)} }}" for s, e in added)
+        back = ", ".join(f"{s} {{ {_show(e)} }}" for s, e in deleted)
+        if not added and not deleted:
+            self.undone = f"record guest {name!r} in the run directory (the kernel holds what its earlier record says)"
+            return
+        try:
+            self._run_elements(ruleset.element_changes(add=deleted, delete=added))
+        except (NftError, DeadlineExceeded) as exc:
+            self.undone = (
+                f"record guest {name!r} in the run directory, and undoing its element changes failed too ({exc}): "
+                f"the kernel holds {shown or 'nothing new'}"
+                + (f" and lacks {back}" if back else "")
+                + " without a record saying so; the next rebuild that reaches libvirt records or removes them"
+            )
+            return
+        what = f"removed again what it had added ({shown})" if added else ""
+        if deleted:
+            what += f"{' and ' if what else ''}put back what it had removed ({back})"
+        self.undone = (
+            f"record guest {name!r} in the run directory; {what}: "
+            + ("the kernel holds what the guest's earlier record says" if recorded else "the guest stays blocked")
+            + " until the next rebuild"
+        )
 
     def reconnect(self) -> None:
         """libvirtd restarted: one call per running guest, all at once.  Do nothing, without
@@ -325,6 +368,10 @@ class Hook:
                 # no table, nothing to remove; a table without one of our sets is broken: say so
                 if not nft.missing_table_or_set(exc) or self._base_exists():
                     raise
+            self.undone = (
+                f"drop the record of guest {dom.name!r}: its elements are removed from the kernel, "
+                "and the next rebuild drops the record"
+            )
             self.state.drop_record(dom.uuid)
             self.state.append(domain_event("stop", dom))
         if record.allowed:
