@@ -6,11 +6,12 @@ checked against what the kernel actually holds, so an allowance nobody recorded 
 started before smtp-gate ran) is revoked too.
 """
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from smtp_gate import discovery, engine, guests, nft, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
+from smtp_gate.errors import NftError, PartialChange, RunStateError
 from smtp_gate.runstate import Pair, Record, RunState
 
 
@@ -63,12 +64,63 @@ def reconcile(
             messages.append(f"revoked {who}NIC {mac} on {names.get(index, f'#{index} (gone)')}")
             if record is not None and record.uuid not in new_records:
                 new_records[record.uuid] = record._replace(allowed=tuple(p for p in record.allowed if p != pair))
+    applied: Optional[ruleset.ElementChanges] = None  # the inverse of what the kernel took
     if add or delete:
         if not nft.table_exists():
             messages.append("enforcement is not active: the change takes effect at the next `smtp-gate apply`")
             return messages
-        nft.run_elements(ruleset.element_changes(add=add, delete=delete))
-    for record in new_records.values():
-        state.write_record(record)
+        changes = ruleset.element_changes(add=add, delete=delete)
+        absent = set(nft.missing_elements(changes.add))  # what the batch really adds, to undo it exactly
+        nft.run_elements(changes)
+        applied = ruleset.ElementChanges(add=changes.delete, delete=tuple(e for e in changes.add if e in absent))
+    _commit(state, records, new_records, applied, messages)
     return messages
+
+
+def _commit(
+    state: RunState,
+    before: Dict[str, Record],
+    new_records: Dict[str, Record],
+    undo: Optional[ruleset.ElementChanges],
+    messages: List[str],
+) -> None:
+    """Write NEW_RECORDS.  If that fails after the kernel took the change (a full or read-only
+    run directory), put back the records already written and send UNDO, so that exit 1 keeps
+    its promise: a kernel allowance no record names is one a stop hook cannot find, and
+    the whitelist is restored by the caller.  What cannot be put back is a PartialChange
+    naming exactly what is left (the caller keeps the whitelist then: it matches the kernel)."""
+    written: List[str] = []
+    try:
+        for record in new_records.values():
+            state.write_record(record)
+            written.append(record.uuid)
+    except OSError as exc:
+        if undo is None:
+            raise  # the kernel did not change: the caller restores the whitelist
+        problem = f"cannot record the change in the run directory {state.dir!r} ({exc.strerror or exc})"
+        change = "; ".join(messages) or "element changes"
+        stuck: List[str] = []
+        for uuid in written:
+            try:
+                if uuid in before:
+                    state.write_record(before[uuid])
+                else:
+                    state.drop_record(uuid)
+            except OSError:
+                stuck.append(new_records[uuid].name)
+        if stuck:
+            raise PartialChange(
+                f"{problem}, nor put back the records of {', '.join(map(repr, stuck))}: the whitelist and the "
+                f"kernel hold the change ({change}); `smtp-gate rebuild` records it once the run directory can be written"
+            ) from None
+        try:
+            if undo.add or undo.delete:
+                nft.run_elements(undo)
+        except NftError as undo_exc:
+            raise PartialChange(
+                f"{problem}, and undoing the kernel change failed too ({undo_exc}): the whitelist and the kernel "
+                f"hold the change ({change}) and the records do not show it; `smtp-gate rebuild` records it once the run "
+                "directory can be written"
+            ) from None
+        raise RunStateError(f"{problem}: the kernel change was undone, nothing was changed") from None
 

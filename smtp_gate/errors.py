@@ -46,7 +46,13 @@ class EnforcementDisabled(SmtpGateError):
         self.off = off
 
 
+class RunStateError(SmtpGateError):
+    """The run directory (records, journal) cannot be written; the kernel change that needed
+    recording was undone, so nothing was changed."""
+
+
 class PartialChange(SmtpGateError):
-    """A file was written, the kernel then refused the change, and the file could not be
-    restored: the file holds a change the kernel does not.  Its own exit code (6), since
-    exit 1 promises that nothing was changed."""
+    """A change was made only in part: a file was written, the kernel then refused the change,
+    and the file could not be restored; or the kernel took a change its record could not be
+    written for, and undoing it failed.  The message says exactly what is left.  Its own
+    exit code (6), since exit 1 promises that nothing was changed."""

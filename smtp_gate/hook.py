@@ -23,7 +23,8 @@ extra` and the domain XML on stdin, while it holds the guest's lock.  So this co
 
 import os
 import sys
-from typing import BinaryIO, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 from smtp_gate.deadline import Deadline
 from smtp_gate.errors import DeadlineExceeded, LockTimeout, NftError
@@ -56,11 +57,40 @@ ACTIONS = {
 }
 
 
-def _log(message: str, error: bool = False) -> None:
-    import syslog
+# syslog facility daemon (3 << 3) with the severities err (3) and info (6), as in syslog.h
+_PRI_ERR, _PRI_INFO = 24 + 3, 24 + 6
+_DEV_LOG = "/dev/log"
 
-    syslog.openlog("smtp-gate-hook", syslog.LOG_PID, syslog.LOG_DAEMON)
-    syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, message)
+
+def _syslog(message: str, error: bool = False) -> None:
+    """Send MESSAGE to syslog without ever waiting: glibc's syslog() blocks while /dev/log's
+    queue is full (a journald or rsyslog that does not read), and libvirt waits for its
+    hooks without a timeout, so a hook that blocks there hangs the guest's start.  One
+    datagram, MSG_DONTWAIT on a non-blocking socket; when it cannot go at once (EAGAIN,
+    no /dev/log, nobody bound to it, any OSError) the line is dropped: stderr keeps it,
+    in libvirt's log.  _socket, not socket.py: import time is most of a hook's cost."""
+    try:
+        import _socket as sock_mod
+    except ImportError:  # an interpreter that has no _socket
+        import socket as sock_mod  # type: ignore[no-redef]
+    line = f"<{_PRI_ERR if error else _PRI_INFO}>smtp-gate-hook[{os.getpid()}]: {message}"
+    try:
+        sock = sock_mod.socket(sock_mod.AF_UNIX, sock_mod.SOCK_DGRAM | sock_mod.SOCK_CLOEXEC)
+    except OSError:
+        return
+    try:
+        sock.setblocking(False)
+        sock.sendto(line.encode("utf-8", "replace"), sock_mod.MSG_DONTWAIT, _DEV_LOG)
+    except OSError:
+        pass  # EAGAIN (queue full), ENOENT, ECONNREFUSED, EMSGSIZE...: the stderr line remains
+    finally:
+        sock.close()
+
+
+def _log(message: str, error: bool = False) -> None:
+    """One line to syslog (never blocking: _syslog) and to stderr, which libvirt keeps in its
+    log (never stdout: libvirt may take that as the domain XML)."""
+    _syslog(message, error)
     print(f"smtp-gate hook: {message}", file=sys.stderr)
 
 
@@ -97,6 +127,8 @@ class Hook:
         self.config = config_mod.load(None)
         self.state = RunState(self.config.run_dir)
         self.uri = self.config.hook_uri(driver)  # None: HYPERVISOR leaves this driver out
+        self.held = False  # while we hold the main lock, log lines wait in `pending` (see locked())
+        self.pending: List[Tuple[str, bool]] = []
 
     def domain(self):  # type: ignore[no-untyped-def]
         import xml.etree.ElementTree as ET
@@ -120,10 +152,31 @@ class Hook:
             _log(f"{self.driver} is not in HYPERVISOR: guest {self.guest!r} gets no allowance")
         return self.uri is None
 
-    def locked(self):  # type: ignore[no-untyped-def]
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The main lock, for what is left of the budget.  What is logged meanwhile (_say) is
+        written once the lock is released: every smtp-gate process waits for this lock, and
+        no log line, however slow its reader, is worth holding it."""
         from smtp_gate import lock
 
-        return lock.flock(self.config.lock_path, self.deadline.remaining("taking the lock"))
+        try:
+            with lock.flock(self.config.lock_path, self.deadline.remaining("taking the lock")):
+                self.held = True
+                try:
+                    yield
+                finally:
+                    self.held = False
+        finally:
+            pending, self.pending = self.pending, []
+            for message, error in pending:
+                _log(message, error)
+
+    def _say(self, message: str, error: bool = False) -> None:
+        """_log, or after the lock is released when it is held (see locked())."""
+        if self.held:
+            self.pending.append((message, error))
+        else:
+            _log(message, error)
 
     # -- nftables within the budget ---------------------------------------------------------
     def _netlink_timeout(self, before: str) -> float:
@@ -141,7 +194,7 @@ class Hook:
         except NftError as exc:
             if not nft.netlink_failed(exc):
                 raise
-            _log(f"netlink failed ({exc}); asking nft whether our table exists")
+            self._say(f"netlink failed ({exc}); asking nft whether our table exists")
             return nft.table_exists(self.deadline.remaining("looking up our table with nft"))
 
     def _run_elements(self, changes) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +208,7 @@ class Hook:
         except NftError as exc:
             if not nft.netlink_failed(exc):
                 raise
-            _log(f"netlink failed ({exc}); retrying the element changes with nft -f")
+            self._say(f"netlink failed ({exc}); retrying the element changes with nft -f")
             # if the retry fails too, the log says whether netlink's batch may have taken effect
             self.undone += f" (netlink failed first: {exc})"
             nft.run_batch(changes.batch(), timeout=self.deadline.remaining("retrying the element changes with nft -f"))
@@ -178,7 +231,7 @@ class Hook:
 
         off = offswitch.read(self.config.disabled_path)
         if off is not None:
-            _log(f"{off.describe()}: guest {self.guest!r} runs without enforcement until `smtp-gate enable`")
+            self._say(f"{off.describe()}: guest {self.guest!r} runs without enforcement until `smtp-gate enable`")
         return off is not None
 
     def _install_base(self) -> bool:
@@ -191,9 +244,9 @@ class Hook:
         outcome, _batch = engine.apply(
             self.config, list(self.state.all_records().values()), keep_kernel=True, deadline=self.deadline
         )
-        _log(f"installed the base enforcement (table was missing) for {self.guest!r}")
+        self._say(f"installed the base enforcement (table was missing) for {self.guest!r}")
         for message in outcome.warnings:
-            _log(f"warning: {message}")
+            self._say(f"warning: {message}")
         return True
 
     def allow(self) -> None:
@@ -210,17 +263,60 @@ class Hook:
             add = record.elements()
             delete = sorted(set(old.elements()) - set(add), key=repr) if old else []
             changes = ruleset.element_changes(add=add, delete=delete)
+            applied = True
             try:
                 self._run_elements(changes)  # the common case: one netlink batch, no check first
             except NftError as exc:
                 if not nft.missing_table_or_set(exc):
                     raise
-                if self._install_base():  # the table was missing (prepare did not run, or a flush)
+                applied = self._install_base()  # the table was missing (prepare did not run, or a flush)
+                if applied:
                     self._run_elements(changes)
-            self.state.write_record(record)
+            try:
+                self.state.write_record(record)
+            except OSError:
+                if applied:  # the kernel must not keep what no record names (main() logs the error)
+                    known = set(old.elements()) if old else set()
+                    self._undo(dom.name, [e for e in add if e not in known], delete, bool(old))
+                raise
+            self.undone = (
+                f"journal the start of guest {dom.name!r}: it is allowed and recorded, but a rebuild that "
+                "was reading libvirt meanwhile may miss it and block it until the next rebuild"
+            )
             self.state.append(domain_event("start", dom))
         if record.allowed:
             _log(f"guest {dom.name!r} allowed on {', '.join(f'#{i}/{m}' for i, m in record.allowed)}")
+
+    def _undo(self, name: str, added: List[Tuple[str, object]], deleted: List[Tuple[str, object]], recorded: bool) -> None:
+        """The record of a change the kernel took could not be written (a full or read-only
+        run directory): send the inverse batch, so that the kernel holds what the records
+        say, and set `undone` to what the log must say.  An allowance no record names is
+        one a stop hook cannot find: the guest would be allowed while the log said blocked."""
+        from smtp_gate import ruleset
+
+        shown = ", ".join(f"{s} {{ {_show(e)} }}" for s, e in added)
+        back = ", ".join(f"{s} {{ {_show(e)} }}" for s, e in deleted)
+        if not added and not deleted:
+            self.undone = f"record guest {name!r} in the run directory (the kernel holds what its earlier record says)"
+            return
+        try:
+            self._run_elements(ruleset.element_changes(add=deleted, delete=added))
+        except (NftError, DeadlineExceeded) as exc:
+            self.undone = (
+                f"record guest {name!r} in the run directory, and undoing its element changes failed too ({exc}): "
+                f"the kernel holds {shown or 'nothing new'}"
+                + (f" and lacks {back}" if back else "")
+                + " without a record saying so; the next rebuild that reaches libvirt records or removes them"
+            )
+            return
+        what = f"removed again what it had added ({shown})" if added else ""
+        if deleted:
+            what += f"{' and ' if what else ''}put back what it had removed ({back})"
+        self.undone = (
+            f"record guest {name!r} in the run directory; {what}: "
+            + ("the kernel holds what the guest's earlier record says" if recorded else "the guest stays blocked")
+            + " until the next rebuild"
+        )
 
     def reconnect(self) -> None:
         """libvirtd restarted: one call per running guest, all at once.  Do nothing, without
@@ -272,6 +368,10 @@ class Hook:
                 # no table, nothing to remove; a table without one of our sets is broken: say so
                 if not nft.missing_table_or_set(exc) or self._base_exists():
                     raise
+            self.undone = (
+                f"drop the record of guest {dom.name!r}: its elements are removed from the kernel, "
+                "and the next rebuild drops the record"
+            )
             self.state.drop_record(dom.uuid)
             self.state.append(domain_event("stop", dom))
         if record.allowed:

@@ -27,7 +27,7 @@ from smtp_gate import (
 )
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain, normalise_uuid
-from smtp_gate.errors import ConfigError, NftError, PartialChange, SmtpGateError, WhitelistError
+from smtp_gate.errors import ConfigError, NftError, PartialChange, RunStateError, SmtpGateError, WhitelistError
 from smtp_gate.runstate import RunState
 
 
@@ -108,6 +108,8 @@ def _undo_on_failure(
     """
     try:
         yield
+    except PartialChange:
+        raise  # its raiser left the file as the kernel holds it, and says what is left
     except BaseException as exc:  # KeyboardInterrupt too: the file must not outlive a change never made
         try:
             if before is None:
@@ -126,6 +128,8 @@ def _undo_on_failure(
             ) from None
         if isinstance(exc, NftError):
             raise NftError(f"{exc}; {what} {str(path)!r} restored as it was") from None
+        if isinstance(exc, RunStateError):  # the kernel change was undone before the record failed
+            raise RunStateError(f"{exc}; {what} {str(path)!r} restored as it was") from None
         raise
 
 

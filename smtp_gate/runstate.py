@@ -14,6 +14,12 @@
 - rebuild.lock: rebuilds run one at a time, so the one that truncates the journal is
   the only one reading it.
 
+- boot_id: the kernel's boot id (BOOT_ID) when this directory's records and journal were
+  written.  Interface indexes start again at every boot, so a record of another boot may
+  name the index a new, unrelated device has now: readers ignore the records and journal
+  of another boot (or of no stamp at all), and the next writer wipes them and stamps the
+  directory.  It matters when RUN_DIR is not a tmpfs that starts empty at boot.
+
 Everything here is written under the main lock.  The directory is tmpfs: it starts
 empty at boot, when no guest runs.
 """
@@ -97,13 +103,33 @@ class Record(NamedTuple):
         )
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id(path: str = BOOT_ID) -> Optional[str]:
+    """This boot's id; None if the kernel does not tell (then no stamp is checked or written)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(64).strip().decode("ascii", "replace") or None
+    except OSError:
+        return None
+
+
 def _write(path: str, text: str) -> None:
-    """Write-then-rename: a reader never sees half a record."""
+    """Write-then-rename: a reader never sees half a record.  On failure (a full /run) the
+    temporary file goes too: nothing half-written is left to fill the directory further."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _holds(path: str, data: bytes) -> bool:
@@ -129,15 +155,57 @@ class RunState:
         self.records = os.path.join(self.dir, "records")
         self.journal = os.path.join(self.dir, "journal")
         self.rebuild_lock = os.path.join(self.dir, "rebuild.lock")
+        self.stamp = os.path.join(self.dir, "boot_id")
+        self._boot: Optional[str] = None
+        self._current = False  # once the stamp was seen to be this boot's, it stays so
 
     def prepare(self) -> None:
         os.makedirs(self.records, mode=0o700, exist_ok=True)
+
+    # -- the boot stamp ---------------------------------------------------------------------
+    def current(self) -> bool:
+        """Whether the records and journal here were written during this boot (one small read
+        of each id; the answer is kept once it is yes).  Readers see nothing otherwise."""
+        if self._current:
+            return True
+        self._boot = self._boot or boot_id()
+        if self._boot is None:
+            self._current = True  # the kernel does not tell: trust the directory, as before
+            return True
+        try:
+            with open(self.stamp, "rb") as handle:
+                stamped = handle.read(64).strip().decode("ascii", "replace")
+        except OSError:
+            stamped = ""
+        self._current = stamped == self._boot
+        return self._current
+
+    def claim(self) -> None:
+        """For writers, under the main lock: if the directory holds another boot's records and
+        journal, remove them and stamp it with this boot's id, before writing anything."""
+        self.prepare()
+        if self.current():
+            return
+        for name in os.listdir(self.records):
+            if name.endswith(".json") or ".tmp" in name:
+                try:
+                    os.unlink(os.path.join(self.records, name))
+                except FileNotFoundError:
+                    pass
+        try:
+            os.unlink(self.journal)
+        except FileNotFoundError:
+            pass
+        _write(self.stamp, f"{self._boot}\n")  # last: a writer interrupted before it wipes again
+        self._current = True
 
     # -- per-guest records ------------------------------------------------------------------
     def _record_path(self, uuid: str) -> str:
         return os.path.join(self.records, f"{uuid}.json")
 
     def read_record(self, uuid: str) -> Optional[Record]:
+        if not self.current():
+            return None
         try:
             with open(self._record_path(uuid), encoding="utf-8") as handle:
                 return Record.from_json(handle.read())
@@ -147,10 +215,11 @@ class RunState:
             return None  # a damaged record is as good as none: the caller falls back
 
     def write_record(self, record: Record) -> None:
-        self.prepare()
+        self.claim()
         _write(self._record_path(record.uuid), record.to_json() + "\n")
 
     def drop_record(self, uuid: str) -> None:
+        self.claim()
         try:
             os.unlink(self._record_path(uuid))
         except FileNotFoundError:
@@ -158,6 +227,8 @@ class RunState:
 
     def all_records(self) -> Dict[str, Record]:
         out: Dict[str, Record] = {}
+        if not self.current():
+            return out
         try:
             names = os.listdir(self.records)
         except FileNotFoundError:
@@ -172,7 +243,7 @@ class RunState:
     def replace_records(self, records: Iterable[Record]) -> None:
         """After a rebuild: exactly one record per running guest.  Files are compared as
         text, not parsed: a rebuild of 1 000 unchanged guests then writes nothing."""
-        self.prepare()
+        self.claim()
         wanted = {r.uuid: r.to_json() + "\n" for r in records}
         for name in os.listdir(self.records):
             if name.endswith(".json") and not name.startswith(".") and name[: -len(".json")] not in wanted:
@@ -184,13 +255,15 @@ class RunState:
 
     # -- journal --------------------------------------------------------------------------
     def journal_end(self) -> int:
+        if not self.current():
+            return 0
         try:
             return os.stat(self.journal).st_size
         except FileNotFoundError:
             return 0
 
     def append(self, event: Dict[str, object]) -> None:
-        self.prepare()
+        self.claim()
         line = (json.dumps(event, sort_keys=True) + "\n").encode("utf-8")
         fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -199,6 +272,8 @@ class RunState:
             os.close(fd)
 
     def events_since(self, offset: int) -> Iterator[Dict[str, object]]:
+        if not self.current():
+            return
         try:
             with open(self.journal, "rb") as handle:
                 handle.seek(offset)
@@ -212,6 +287,7 @@ class RunState:
                 continue
 
     def truncate_journal(self) -> None:
+        self.claim()
         try:
             os.truncate(self.journal, 0)
         except FileNotFoundError:

@@ -2,6 +2,8 @@
 test must not inherit from this machine; the CI switch (tests/require_all.py)."""
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Dict, Iterator
 
@@ -55,3 +57,16 @@ def lab(bare_lab: netlab.BridgeLab) -> netlab.BridgeLab:
     bare_lab.add_guest("g1", "vnet0", 2)
     bare_lab.add_guest("g2", "vnet1", 3)
     return bare_lab
+
+
+@pytest.fixture(scope="session")
+def netlink_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/shims/netlink_shim.c built: LD_PRELOAD it to deny or mute nftables' netlink for a
+    Python process (a hook, a command) while the nft it spawns works."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        pytest.skip("needs a C compiler for the netlink shim")
+    out = tmp_path_factory.mktemp("shim") / "netlink_shim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(out), str(netlab.REPO / "tests" / "shims" / "netlink_shim.c"), "-ldl"],
+                   check=True, capture_output=True)
+    return str(out)

@@ -10,8 +10,9 @@ import os
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from smtp_gate import netlab
 from smtp_gate.netlab import Guest, Listener, Netns
@@ -23,6 +24,18 @@ def missing_kernel_features() -> Optional[str]:
     """A skip reason, or None when this machine can run the kernel tests."""
     missing = netlab.missing_features(f"sgprobe{os.getpid()}")
     return "needs " + "; ".join(missing) if missing else None
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """PATH made immutable (chattr +i) meanwhile: no file can be created, replaced or removed
+    in it even by root, as in a full /run (ENOSPC) but at once.  Always made mutable again."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
 
 
 class BridgeLab:

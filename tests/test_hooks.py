@@ -4,7 +4,9 @@ on stdin, a clean environment; the kernel state and real frames checked after ea
 import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 from contextlib import contextmanager
@@ -14,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from smtp_gate.hook import DEADLINE
-from tests.netlab import REPO, BridgeLab
+from tests.netlab import REPO, BridgeLab, immutable
 
 pytestmark = pytest.mark.kernel
 
@@ -405,19 +407,6 @@ def test_a_hook_that_cannot_get_the_lock_gives_up_within_its_budget(lab2: Bridge
     assert not (lab.tmp / "run" / "records" / f"{UUID2}.json").exists()
 
 
-@pytest.fixture(scope="session")
-def netlink_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """tests/shims/netlink_shim.c built: LD_PRELOAD it to deny or mute nftables' netlink for the
-    hook's Python process while the nft it spawns works."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if not compiler:
-        pytest.skip("needs a C compiler for the netlink shim")
-    out = tmp_path_factory.mktemp("shim") / "netlink_shim.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(out), str(REPO / "tests" / "shims" / "netlink_shim.c"), "-ldl"],
-                   check=True, capture_output=True)
-    return str(out)
-
-
 @pytest.mark.parametrize("mode, why", [("deny", b"cannot open a netlink socket"), ("mute", b"did not answer")])
 def test_when_netlink_fails_the_hooks_fall_back_to_nft(lab2: BridgeLab, netlink_shim: str, mode: str, why: bytes) -> None:
     """No socket (an LSM's denial) or no answer: the same change goes through `nft -f`, the
@@ -472,3 +461,118 @@ def test_a_failed_netlink_and_a_hung_nft_cost_the_budget_and_no_more(
     else:
         assert b"did not answer" in r.stderr and b"applied entirely or not at all" in r.stderr
         assert connects in ([False, False], [True, True]), "half a batch took effect"
+
+
+# -- what a hook must survive: a syslog that does not read, a run directory that cannot be written --
+
+
+@contextmanager
+def deaf_syslog(tmp_path: Path) -> Iterator[Tuple[socket.socket, List[str]]]:
+    """A datagram socket nobody reads, and a hook() prefix that runs the hook in a private
+    mount namespace where /dev/log is that socket (a tmpfs over /dev there, with the few
+    device nodes a process needs bound in: this machine's /dev is never touched)."""
+    path = tmp_path / "log.sock"
+    (tmp_path / "olddev").mkdir()
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    script = (
+        'mount --bind /dev "$0/olddev" && mount -t tmpfs none /dev || exit 97; '
+        'for n in null zero full random urandom; do touch /dev/$n && mount --bind "$0/olddev/$n" /dev/$n || exit 97; done; '
+        'touch /dev/log && mount --bind "$0/log.sock" /dev/log || exit 97; exec "$@"'
+    )
+    try:
+        yield receiver, ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(tmp_path)]
+    finally:
+        receiver.close()
+
+
+def fill(path: str) -> int:
+    """Queue datagrams at PATH until its queue is full; how many."""
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+    count = 0
+    try:
+        while True:
+            sender.sendto(b"<14>filler", path)
+            count += 1
+    except BlockingIOError:
+        return count
+    finally:
+        sender.close()
+
+
+def test_a_syslog_that_does_not_read_never_holds_up_a_hook(lab2: BridgeLab, tmp_path: Path) -> None:
+    """/dev/log's queue is full (a journald that does not read): glibc's syslog() would block
+    forever, and libvirt waits for its hook, so the guest's start would hang.  The hooks
+    drop the syslog line, keep the stderr one, and finish; prepare logs while it installs
+    the table, start while it allows.  Once the queue has room, the line arrives."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    with deaf_syslog(tmp_path) as (receiver, prefix):
+        assert fill(receiver.getsockname()) > 0
+        for op, xml, line in (("prepare", "01-lab2-prepare-begin", b"installed the base enforcement"),
+                              ("start", "02-lab2-start-begin", b"guest 'lab2' allowed on")):
+            r = hook(lab, "qemu", "lab2", op, "begin", sample(xml), prefix=prefix, timeout=GIVE_UP)  # a give-up bound
+            assert (r.returncode, r.stdout) == (0, b""), r.stderr
+            assert line in r.stderr and b"failed" not in r.stderr, r.stderr
+        assert lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25)
+
+        receiver.setblocking(False)
+        try:
+            while receiver.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        r = hook(lab, "qemu", "lab2", "stopped", "end", sample("04-lab2-stopped-end"), prefix=prefix, timeout=GIVE_UP)
+        assert (r.returncode, r.stdout) == (0, b""), r.stderr
+        sent = receiver.recv(4096)
+    assert re.fullmatch(rb"<30>smtp-gate-hook\[\d+\]: guest 'lab2' stopped: allowance removed", sent), sent
+    assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET4, 25, timeout=0.5)
+
+
+def test_a_start_whose_record_cannot_be_written_undoes_its_elements(lab2: BridgeLab) -> None:
+    """The kernel took the start's elements, then its record could not be written (an immutable
+    records directory stands in for a full /run): an allowance no record names is one the
+    stop hook cannot find, so the hook removes its elements again and says so.  The guest
+    starts (exit 0) and stays blocked."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    lab.smtp_gate("apply")
+    records = lab.tmp / "run" / "records"
+    with immutable(records):
+        r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"), timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b""), r.stderr
+    vnet1, lab2n1 = lab.hv.ifindex("vnet1"), lab.hv.ifindex("lab2n1")
+    assert b"did not record guest 'lab2' in the run directory; removed again what it had added (" in r.stderr, r.stderr
+    assert f"allowed {{ {vnet1} . {MAC_AUTO} }}".encode() in r.stderr and f"guest_ifaces {{ {lab2n1} }}".encode() in r.stderr
+    assert b"the guest stays blocked until the next rebuild" in r.stderr and b"Operation not permitted" in r.stderr
+    assert "elements" not in allowed(lab)
+    assert '"vnet1"' not in lab.nft("list", "set", "bridge", "smtp_gate", "guest_ifaces").stdout
+    assert not lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25, timeout=0.5)
+    assert not lab.tcp_connects(lab.guests["lab2b"], lab.INET6, 25, timeout=0.5)
+    assert list(records.iterdir()) == [], "nothing left behind in the run directory"
+
+
+def test_when_the_undo_fails_too_the_hook_says_what_the_kernel_holds(
+    lab2: BridgeLab, netlink_shim: str, tmp_path: Path
+) -> None:
+    """The record cannot be written, and the undo cannot get through either (its netlink socket
+    is denied, the nft it falls back to fails): the log must not claim the guest is blocked,
+    since it is not; it names what the kernel holds without a record."""
+    lab = lab2
+    (lab.tmp / "whitelist.csv").write_text(HEADER + "lab2,,2026-01-01T00:00:00+00:00,root,\n")
+    lab.smtp_gate("apply")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "nft").write_text("#!/bin/sh\necho 'nft: broken for this test' >&2\nexit 1\n")
+    (broken / "nft").chmod(0o755)
+    with immutable(lab.tmp / "run" / "records"):
+        r = hook(lab, "qemu", "lab2", "start", "begin", sample("02-lab2-start-begin"), path=f"{broken}:/usr/sbin:/usr/bin:/sbin:/bin",
+                 extra_env={"LD_PRELOAD": netlink_shim, "SG_NETLINK": "deny-after-1"}, timeout=GIVE_UP)
+    assert (r.returncode, r.stdout) == (0, b""), r.stderr
+    vnet1 = lab.hv.ifindex("vnet1")
+    assert b"did not record guest 'lab2' in the run directory, and undoing its element changes failed too" in r.stderr, r.stderr
+    assert b"the kernel holds guest_ifaces { " in r.stderr, r.stderr
+    assert f"guest_ifaces {{ {vnet1} }}".encode() in r.stderr and f"allowed {{ {vnet1} . {MAC_AUTO} }}".encode() in r.stderr
+    assert b"stays blocked" not in r.stderr and b"the next rebuild that reaches libvirt records or removes them" in r.stderr
+    assert lab.tcp_connects(lab.guests["lab2a"], lab.INET4, 25), "what the log says the kernel holds, it holds"

@@ -15,7 +15,7 @@ from typing import List
 import pytest
 
 from tests import testdriver
-from tests.netlab import REPO, BridgeLab
+from tests.netlab import REPO, BridgeLab, immutable
 
 pytestmark = pytest.mark.kernel
 
@@ -249,6 +249,59 @@ def test_when_the_kernel_refuses_the_file_is_restored_and_exit_1_means_nothing_c
     assert not [p for p in lab.tmp.iterdir() if ".tmp" in p.name], "no temporary file left behind"
     assert lab.nft("list", "table", "bridge", "smtp_gate").stdout == table
     assert can_mail(lab, "vm1n0") and not can_mail(lab, "vm2n0") and not can_mail(lab, "vm0n1")
+
+
+@pytest.mark.parametrize("command", ["add-mac", "del-mac"])
+def test_when_the_record_cannot_be_written_the_kernel_change_is_undone_and_exit_1_means_nothing_changed(
+    fleet: BridgeLab, command: str
+) -> None:
+    """The kernel took the change, then the run directory refused its record (an immutable
+    records directory stands in for a full /run).  An allowance no record names would
+    outlive the whitelist row that was put back, so the command undoes the kernel change
+    too: the guest can mail exactly as before, and exit 1 is true."""
+    lab = fleet
+    wl = lab.tmp / "whitelist.csv"
+    mac = testdriver.mac(0, 1)
+    if command == "del-mac":
+        assert sg(lab, "add-mac", mac, "relay").returncode == 0
+    before = wl.read_bytes()
+    allowed = lab.nft("list", "set", "bridge", "smtp_gate", "allowed").stdout
+    could = can_mail(lab, "vm0n1")
+    assert could is (command == "del-mac")
+    records = lab.tmp / "run" / "records"
+    with immutable(records):
+        r = sg(lab, command, mac)
+    assert (r.returncode, r.stdout) == (1, ""), (r.stdout, r.stderr)
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"smtp-gate: error: cannot record the change in the run directory {str(lab.tmp / 'run')!r} ("), line
+    assert "Operation not permitted" in line and "the kernel change was undone, nothing was changed" in line, line
+    assert line.endswith(f"whitelist {str(wl)!r} restored as it was"), line
+    assert wl.read_bytes() == before
+    assert lab.nft("list", "set", "bridge", "smtp_gate", "allowed").stdout == allowed
+    assert can_mail(lab, "vm0n1") is could and not can_mail(lab, "vm0n0")
+    assert not [p for p in records.iterdir() if ".tmp" in p.name], "no temporary file left behind"
+
+
+def test_when_neither_the_record_nor_the_undo_can_be_done_exit_6_says_what_is_left(
+    fleet: BridgeLab, netlink_shim: str
+) -> None:
+    """The record cannot be written and the undo cannot reach the kernel either (its netlink
+    socket is denied, after the lookup's and the change's): the whitelist is kept, since it
+    matches the kernel, and exit 6 names the allowance no record holds.  Once the run
+    directory can be written again, a rebuild records it."""
+    lab = fleet
+    mac = testdriver.mac(0, 1)
+    records = lab.tmp / "run" / "records"
+    with immutable(records):
+        r = sg(lab, "add-mac", mac, "relay", env={"LD_PRELOAD": netlink_shim, "SG_NETLINK": "deny-after-2"})
+    assert (r.returncode, r.stdout) == (6, ""), (r.stdout, r.stderr)
+    (line,) = r.stderr.splitlines()
+    assert "cannot record the change in the run directory" in line and "undoing the kernel change failed too" in line, line
+    assert f"the whitelist and the kernel hold the change (allowed guest 'vm00000' NIC {mac} on tap0n1)" in line, line
+    assert [row["mac"] for row in rows(lab)] == [mac]
+    assert can_mail(lab, "vm0n1") and not can_mail(lab, "vm0n0")
+    assert sg(lab, "rebuild").returncode == 0
+    assert any(mac in p.read_text() for p in records.glob("*.json")), "the rebuild recorded the allowance"
 
 
 def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: BridgeLab) -> None:

@@ -65,7 +65,7 @@ def test_a_kept_record_ends_with_its_ports_or_after_the_bound() -> None:
 
 def test_records_of_an_older_version_are_read_without_uri(tmp_path: Path) -> None:
     state = RunState(tmp_path)
-    state.prepare()
+    state.claim()  # this boot's directory, as a writer leaves it
     Path(state._record_path(A.uuid)).write_text(
         json.dumps({"uuid": A.uuid, "name": "a", "guest_ports": [["vnet0", 7]], "allowed": [[7, "52:54:00:00:00:01"]]})
     )

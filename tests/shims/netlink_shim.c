@@ -6,6 +6,8 @@
  *                    LSM or seccomp policy would make it
  *   SG_NETLINK=mute  the kernel's answers on such a socket are read and thrown away: the
  *                    caller waits for answers that never come
+ *   SG_NETLINK=deny-after-N  the first N such sockets work, every later one is denied as
+ *                    with deny: a change goes through and the one meant to undo it does not
  *
  * Only processes whose name starts with "python" are affected.
  * Build: gcc -shared -fPIC -o netlink_shim.so netlink_shim.c -ldl
@@ -19,6 +21,7 @@
 #include <linux/netlink.h>
 
 static int muted[4096];
+static int opened;
 
 static const char *mode(void) {
     const char *value = getenv("SG_NETLINK");
@@ -32,7 +35,8 @@ int socket(int domain, int type, int protocol) {
     if (!real)
         real = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
     int nftables = domain == AF_NETLINK && protocol == NETLINK_NETFILTER;
-    if (nftables && strcmp(mode(), "deny") == 0) {
+    if (nftables && (strcmp(mode(), "deny") == 0 ||
+                     (strncmp(mode(), "deny-after-", 11) == 0 && opened++ >= atoi(mode() + 11)))) {
         errno = EACCES;
         return -1;
     }
