@@ -9,6 +9,7 @@ import select
 import subprocess
 import sys
 import time
+import uuid as uuid_mod
 from pathlib import Path
 from typing import List
 
@@ -283,3 +284,62 @@ def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: Bridg
     assert b"ok: added guest 'vm00001'" in output
     assert can_mail(lab, "vm1n0")
     assert [(r["vmname"], r["guest"]) for r in rows(lab)] == [(testdriver.uuid(1), "vm00001")]
+
+
+# -- revocations while the table is absent, and removals that leave a NIC allowed ---------------
+
+
+def test_a_revocation_while_disabled_is_not_undone_by_an_install_that_does_not_ask_libvirt(
+    bare_lab: BridgeLab,
+) -> None:
+    """The reviewer's sequence: a guest allowed by a MAC row, `disable`, `del-mac`, then
+    `enable --no-libvirt` (and a rebuild with libvirt silent), which install from the
+    records: the guest stays blocked.  libvirt never answers here; the hook's record is all
+    smtp-gate knows of the guest."""
+    lab = bare_lab
+    mac = "52:54:00:77:00:0a"
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"acustomer,{mac},2026-01-01T00:00:00+00:00,alice,verified\n")
+    guest = lab.add_guest("a", "vnet1", 10, mac=mac)
+    sg(lab, "apply")
+    lab.start_guest(guest)
+    assert can_mail(lab, "a")
+    assert sg(lab, "disable", "--reason", "incident", env={"SUDO_USER": "alice"}).returncode == 0
+    assert can_mail(lab, "a"), "disabled: nothing is enforced"
+
+    r = sg(lab, "del-mac", mac)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == [f"ok: removed MAC {mac} (acustomer) from line 2", f"ok: revoked guest 'a' NIC {mac} on vnet1"]
+    assert re.fullmatch(
+        r"ok: enforcement is disabled \(by alice at \S+ \(incident\)\): the change takes effect at `smtp-gate enable`",
+        lines[2],
+    ), lines
+    assert len(lines) == 3 and "smtp-gate apply" not in r.stdout + r.stderr
+    (record,) = [json.loads(p.read_text()) for p in (lab.tmp / "run" / "records").glob("*.json")]
+    assert record["name"] == "a" and record["allowed"] == [], "the record must not bring the allowance back"
+
+    r = sg(lab, "enable", "--no-libvirt")
+    assert r.returncode == 0, r.stderr
+    assert "0 allowed guest NIC(s)" in r.stdout
+    assert not can_mail(lab, "a"), "enable --no-libvirt put back a revoked allowance"
+    assert sg(lab, "rebuild").returncode == 0  # libvirt silent: the records and the kernel are kept
+    assert not can_mail(lab, "a")
+
+
+def test_del_vm_while_disabled_revokes_from_the_records_too(bare_lab: BridgeLab) -> None:
+    lab = bare_lab
+    mac = "52:54:00:77:00:0b"
+    guest_uuid = str(uuid_mod.uuid5(uuid_mod.NAMESPACE_DNS, "b"))  # what lab.start_guest gives guest b
+    (lab.tmp / "whitelist.csv").write_text(HEADER + f"{guest_uuid},,2026-01-01T00:00:00+00:00,alice,verified\n")
+    guest = lab.add_guest("b", "vnet2", 11, mac=mac)
+    sg(lab, "apply")
+    lab.start_guest(guest)
+    assert can_mail(lab, "b")
+    assert sg(lab, "disable").returncode == 0
+    r = sg(lab, "del-vm", "b")
+    assert r.returncode == 0, r.stderr
+    assert f"ok: removed guest 'b' (UUID {guest_uuid}, every NIC) from line 2" in r.stdout
+    assert f"ok: revoked guest 'b' NIC {mac} on vnet2" in r.stdout
+    assert "the change takes effect at `smtp-gate enable`" in r.stdout
+    assert sg(lab, "enable", "--no-libvirt").returncode == 0
+    assert not can_mail(lab, "b")
