@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
 refused the change is put back); 2 usage; 3 done, with a warning the operator must read
 (a protected bridge is missing or has no uplink; a running guest NIC is UNPROTECTED:
-`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used); 4 `status`:
+`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used; `del-vm`, `del-mac`,
+the picker: a NIC of the guest is still allowed by another row); 4 `status`:
 enforcement is not active; 5 the operator switched enforcement off
 (`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
 change whose file was written, and the file could not be put back (the message says what
@@ -201,11 +202,14 @@ def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
 
 
 def _report(change) -> int:  # type: ignore[no-untyped-def]
+    """Print a whitelist command's Change; exit 3 when a removal left a NIC allowed."""
     for line in change.lines:
         print(f"ok: {line}")
     for message in change.warnings:
         warn(message)
-    return EXIT_OK
+    for note in (*change.notes, *change.still_allowed):
+        print(f"smtp-gate: note: {note}", file=sys.stderr)
+    return EXIT_WARNING if change.still_allowed else EXIT_OK
 
 
 def cmd_add_vm(args: argparse.Namespace, config: Config) -> int:

@@ -81,7 +81,7 @@ def test_add_vm_allows_every_nic_now_and_del_vm_revokes_now(fleet: BridgeLab) ->
     assert not can_mail(lab, "vm0n0") and not can_mail(lab, "vm0n1")
     assert rows(lab) == []
     gone = sg(lab, "del-vm", "vm00000")
-    assert gone.returncode == 0 and "not in the whitelist" in gone.stdout
+    assert gone.returncode == 0 and gone.stdout == "ok: nothing to remove: guest 'vm00000' is not in the whitelist\n"
 
 
 def test_add_mac_in_any_spelling_allows_that_nic_only_and_del_mac_revokes(fleet: BridgeLab) -> None:
@@ -343,3 +343,69 @@ def test_del_vm_while_disabled_revokes_from_the_records_too(bare_lab: BridgeLab)
     assert "the change takes effect at `smtp-gate enable`" in r.stdout
     assert sg(lab, "enable", "--no-libvirt").returncode == 0
     assert not can_mail(lab, "b")
+
+
+def test_del_vm_names_the_nic_another_row_still_allows_and_exits_3(bare_lab: BridgeLab) -> None:
+    """The reviewer's del-vm: a UUID row and a MAC row with another label.  The NIC can still
+    send mail, so `removed` alone would be a lie by omission: a note names the row, exit 3."""
+    lab = bare_lab
+    mac = "52:54:00:77:00:0a"
+    guest_uuid = str(uuid_mod.uuid5(uuid_mod.NAMESPACE_DNS, "a"))
+    (lab.tmp / "whitelist.csv").write_text(
+        HEADER + f"{guest_uuid},,2026-01-01T00:00:00+00:00,alice,verified\n"
+        f"old-label,{mac},2025-01-01T00:00:00+00:00,bob,relay\n"
+    )
+    guest = lab.add_guest("a", "vnet1", 10, mac=mac)
+    sg(lab, "apply")
+    lab.start_guest(guest)
+    assert can_mail(lab, "a")
+    r = sg(lab, "del-vm", "a")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout == f"ok: removed guest 'a' (UUID {guest_uuid}, every NIC) from line 2\n"
+    assert (
+        f"smtp-gate: note: NIC {mac} of guest 'a' ({guest_uuid}) is still allowed by line 2 (MAC {mac} (old-label))\n"
+        in r.stderr
+    ), r.stderr
+    assert can_mail(lab, "a"), "the note tells the truth: the MAC row still allows it"
+
+
+def test_del_vm_and_del_mac_with_libvirt_name_what_still_allows_a_nic(fleet: BridgeLab) -> None:
+    lab = fleet
+    wl = lab.tmp / "whitelist.csv"
+    wl.write_text(
+        HEADER + f"{testdriver.uuid(0)},,2026-01-01T00:00:00+00:00,alice,\n"
+        f"relay,{testdriver.mac(0, 1)},2026-01-01T00:00:00+00:00,bob,\n"
+        f"{testdriver.uuid(1)},,2026-01-01T00:00:00+00:00,alice,\n"
+        f"vm1-eth0,{testdriver.mac(1, 0)},2026-01-01T00:00:00+00:00,bob,\n"
+    )
+    assert sg(lab, "rebuild").returncode == 0
+    assert can_mail(lab, "vm0n0") and can_mail(lab, "vm0n1") and can_mail(lab, "vm1n0")
+
+    r = sg(lab, "del-vm", "vm00000")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"ok: removed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) from line 2",
+        f"ok: revoked guest 'vm00000' NIC {testdriver.mac(0, 0)} on tap0n0",
+    ]
+    assert r.stderr == (
+        f"smtp-gate: note: NIC {testdriver.mac(0, 1)} of guest 'vm00000' ({testdriver.uuid(0)}) is still allowed "
+        f"by line 2 (MAC {testdriver.mac(0, 1)} (relay))\n"
+    )
+    assert not can_mail(lab, "vm0n0") and can_mail(lab, "vm0n1")
+
+    # the MAC row of vm00001's NIC goes; its UUID row (now line 3) still allows it
+    r = sg(lab, "del-mac", testdriver.mac(1, 0))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout == f"ok: removed MAC {testdriver.mac(1, 0)} (vm1-eth0) from line 4\n"
+    assert r.stderr == (
+        f"smtp-gate: note: NIC {testdriver.mac(1, 0)} of guest 'vm00001' ({testdriver.uuid(1)}) is still allowed "
+        f"by line 3 (guest 'vm00001' (UUID {testdriver.uuid(1)}, every NIC))\n"
+    )
+    assert can_mail(lab, "vm1n0")
+
+    # nothing left to name: exit 0
+    r = sg(lab, "del-mac", testdriver.mac(0, 1))
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert not can_mail(lab, "vm0n1")
+    r = sg(lab, "del-mac", testdriver.mac(0, 1))
+    assert r.returncode == 0 and r.stdout == f"ok: nothing to remove: MAC {testdriver.mac(0, 1)} is not in the whitelist\n"

@@ -208,3 +208,16 @@ def test_guest_bridges_lists_the_bridges_of_running_guests(hosts: BridgeLab) -> 
     assert "mvtap" in r.stderr and "passthru" in r.stderr
     bad = hosts.smtp_gate("guest-bridges", "--libvirt-uri", f"qemu:///system?socket={hosts.tmp}/nobody", check=False)
     assert bad.returncode == 1 and bad.stdout == "" and "no libvirt URI answered" in bad.stderr
+
+
+def test_add_mac_of_an_unprotected_nic_warns_as_add_vm_does(hosts: BridgeLab) -> None:
+    hosts.smtp_gate("apply", check=False)
+    r = hosts.smtp_gate("add-mac", mac(4), "mv", check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"ok: added MAC {mac(4)} (mv) at line 4\n"), r.stdout
+    assert r.stderr == (
+        f"smtp-gate: warning: UNPROTECTED: guest mvtap ({uuid(4)}) NIC {mac(4)} on direct: "
+        + next(u for u in json.loads(hosts.smtp_gate("status", "--json", check=False).stdout)["unprotected"]
+               if u["guest"] == "mvtap")["reason"]
+        + " (no rule sees this NIC: allowing it changes nothing for it)\n"
+    )
