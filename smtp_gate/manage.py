@@ -51,7 +51,7 @@ def now() -> datetime:
 
 
 def _protected_candidates(config: Config, dom: Domain, running: bool) -> List[str]:
-    """The MACs of DOM's NICs an allowance can apply to; empty means refuse.  A running
+    """The MACs of DOM's NICs an allowance can apply to; empty: a row allows nothing now.  A running
     guest's NICs are placed as status places them (exposure.py); a shut-off guest's XML may
     not name the bridge of a type='network' NIC yet, so that one is given the benefit of
     the doubt."""
@@ -79,6 +79,24 @@ def _unprotected_warnings(nics: Sequence[exposure.Unprotected], allowing: str = 
     """What add-vm, add-mac and the picker say after allowing a guest or a NIC with
     UNPROTECTED NICs."""
     return [f"{nic.line()} (no rule sees this NIC: allowing {allowing} changes nothing for it)" for nic in nics]
+
+
+def allow_warnings(
+    config: Config, dom: Domain, running: bool, unprotected: Sequence[exposure.Unprotected]
+) -> List[str]:
+    """What add-vm and the picker say after whitelisting DOM, so that they agree: the same
+    derivation (exposure.py) for both.  A guest with no NIC on a protected bridge is
+    whitelisted all the same, since it may get such a NIC, or its bridge may be added to
+    BRIDGE; the operator is told that the row changes nothing until then, and which NICs
+    (UNPROTECTED) it changes nothing for."""
+    warnings = []
+    if not _protected_candidates(config, dom, running):
+        nics = "" if running else f"; its NICs: {_describe_nics(dom)}"
+        warnings.append(
+            f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}): the row allows "
+            f"nothing until one of its NICs is on one (add its bridge to BRIDGE, or move the NIC){nics}"
+        )
+    return warnings + _unprotected_warnings(unprotected)
 
 
 def _allowed_by(model: whitelist.Whitelist, guest: whitelist.Guest, verb: str) -> List[str]:
@@ -200,11 +218,6 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
             "expected a name or UUID as `virsh list --all` shows it"
         )
     dom, running = found
-    if not _protected_candidates(config, dom, running):
-        raise SmtpGateError(
-            f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}), "
-            f"so there is nothing to allow: its NICs: {_describe_nics(dom)}"
-        )
     row = whitelist.uuid_row(dom.uuid)
     change, _model = _write_and_apply(
         config,
@@ -216,7 +229,9 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
     )
     if not running:
         change.lines.append(f"guest {dom.name!r} is not running: its NICs are allowed when it starts")
-    return change._replace(warnings=change.warnings + _unprotected_warnings(guest_unprotected(config, dom, running)))
+    return change._replace(
+        warnings=change.warnings + allow_warnings(config, dom, running, guest_unprotected(config, dom, running))
+    )
 
 
 def del_vm(config: Config, name: str) -> Change:
@@ -402,7 +417,7 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
         running,
         [],
     )
-    return change._replace(warnings=change.warnings + _unprotected_warnings(row.unprotected))
+    return change._replace(warnings=change.warnings + allow_warnings(config, dom, row.running, row.unprotected))
 
 
 def parse_selection(text: str, count: int) -> List[int]:

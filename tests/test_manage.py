@@ -120,11 +120,27 @@ def test_add_mac_refuses_what_no_nic_owns_and_changes_nothing(fleet: BridgeLab, 
 def test_add_vm_errors_name_the_guest_and_what_is_wrong(fleet: BridgeLab) -> None:
     r = sg(fleet, "add-vm", "nosuchguest")
     assert r.returncode == 1 and "guest 'nosuchguest' not found in libvirt" in r.stderr
-    # a guest whose only NIC is on a bridge smtp-gate does not protect
+    assert rows(fleet) == []
+
+
+def test_add_vm_of_a_guest_on_no_protected_bridge_adds_the_row_and_says_it_allows_nothing_yet(
+    fleet: BridgeLab,
+) -> None:
+    """The guest may get a NIC on a protected bridge, or its bridge may be added to BRIDGE:
+    the row is written (as the picker writes it), and the operator told it changes nothing now."""
     fleet.write_config(f'UPLINKS="uplink0"\nBRIDGE="br9"\nLIBVIRT_URI="test://{fleet.tmp}/node.xml"\n')
     r = sg(fleet, "add-vm", "vm00001")
-    assert r.returncode == 1 and "has no NIC on a protected bridge (br9)" in r.stderr and "bridge br0" in r.stderr
-    assert rows(fleet) == []
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"ok: added guest 'vm00001' (UUID {testdriver.uuid(1)}, every NIC) at line 3\n"
+    assert (
+        "smtp-gate: warning: guest 'vm00001' has no NIC on a protected bridge (br9): the row allows nothing until "
+        "one of its NICs is on one (add its bridge to BRIDGE, or move the NIC)\n" in r.stderr
+    ), r.stderr
+    assert f"UNPROTECTED: guest vm00001 ({testdriver.uuid(1)}) NIC {testdriver.mac(1, 0)} on br0: " in r.stderr
+    assert [row["vmname"] for row in rows(fleet)] == [testdriver.uuid(1)]
+    # once its bridge is protected, the row allows it
+    fleet.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="test://{fleet.tmp}/node.xml"\n')
+    assert sg(fleet, "apply").returncode == 0 and can_mail(fleet, "vm1n0")
 
 
 def test_a_stopped_guest_is_recorded_and_allowed_when_it_starts(fleet: BridgeLab) -> None:
