@@ -280,11 +280,9 @@ def cmd_whitelist(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
     if not sys.stdin.isatty():
-        print(
-            "smtp-gate: the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and `smtp-gate del-vm NAME`",
-            file=sys.stderr,
+        raise SmtpGateError(
+            "the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and `smtp-gate del-vm NAME`"
         )
-        return EXIT_ERROR
     while True:
         rows = manage.picker_rows(config)
         if not rows:
@@ -300,7 +298,7 @@ def cmd_whitelist(args: argparse.Namespace, config: Config) -> int:
         try:
             chosen = manage.parse_selection(answer, len(rows))
         except SmtpGateError as exc:
-            print(f"smtp-gate: {exc}", file=sys.stderr)
+            print(f"smtp-gate: error: {exc}", file=sys.stderr)
             continue
         for index in chosen:
             _report(manage.toggle(config, rows[index], manage.invoking_user(), manage.now()))

@@ -368,7 +368,7 @@ def ports_set(config: Config, value: str) -> Change:
                 )
                 lines.append(f"enforced at once: TCP {text} blocked for every guest that is not allowed")
             else:
-                lines.append("enforcement is not active: run `smtp-gate apply`")
+                lines.append(allowances.not_in_force(config))
     return Change(lines, [])
 
 

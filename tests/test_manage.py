@@ -272,7 +272,11 @@ def test_the_picker_refuses_without_a_terminal_and_toggles_with_one(fleet: Bridg
     lab = fleet
     r = lab.hv.exec([sys.executable, "-m", "smtp_gate", "--config", str(lab.config_path), "whitelist"],
                     check=False, input="1\nq\n", env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert r.returncode == 1 and "needs a terminal" in r.stderr
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (
+        "smtp-gate: error: the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and "
+        "`smtp-gate del-vm NAME`\n"
+    )
     pid, fd = pty.fork()
     if pid == 0:  # child: the picker on a terminal, in the hypervisor namespace
         os.execvpe("ip", ["ip", "netns", "exec", lab.hv.name, sys.executable, "-m", "smtp_gate",
@@ -425,3 +429,18 @@ def test_del_vm_and_del_mac_with_libvirt_name_what_still_allows_a_nic(fleet: Bri
     assert not can_mail(lab, "vm0n1")
     r = sg(lab, "del-mac", testdriver.mac(0, 1))
     assert r.returncode == 0 and r.stdout == f"ok: nothing to remove: MAC {testdriver.mac(0, 1)} is not in the whitelist\n"
+
+
+def test_whitelist_commands_while_disabled_point_at_enable_not_apply(fleet: BridgeLab) -> None:
+    """`smtp-gate apply` would switch enforcement back on: while it is off, a change that
+    cannot reach the kernel takes effect at `enable`, and the commands say so."""
+    lab = fleet
+    assert sg(lab, "disable", "--reason", "ticket 9", env={"SUDO_USER": "bob"}).returncode == 0
+    want = re.compile(r"ok: enforcement is disabled \(by bob at \S+ \(ticket 9\)\): the change takes effect at `smtp-gate enable`")
+    for args in (["add-vm", "vm00001"], ["add-mac", testdriver.mac(2, 0)], ["ports-set", "25,465,587"]):
+        r = sg(lab, *args)
+        assert r.returncode == 0, r.stderr
+        assert any(want.fullmatch(line) for line in r.stdout.splitlines()), (args, r.stdout)
+        assert "apply" not in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+    assert sg(lab, "enable").returncode == 0
+    assert can_mail(lab, "vm1n0") and can_mail(lab, "vm2n0") and not can_mail(lab, "vm0n0")

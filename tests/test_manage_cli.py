@@ -83,6 +83,14 @@ def test_add_mac_of_a_nic_another_row_allows_says_so_and_exits_0(conf: Path, cap
     )
 
 
+def test_the_picker_without_a_terminal_is_an_error_like_every_error(conf: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "smtp_gate", "--config", str(conf), "whitelist"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == ("smtp-gate: error: the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and "
+                        "`smtp-gate del-vm NAME`\n")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
