@@ -3,12 +3,14 @@
 Called under the lock, after the new whitelist was written.  Additions come from the
 guests the caller resolved through libvirt before it took the lock; revocations are
 checked against what the kernel actually holds, so an allowance nobody recorded (a guest
-started before smtp-gate ran) is revoked too.
+started before smtp-gate ran) is revoked too, and against the guests' records, which
+are revoked from even while our table is absent (`smtp-gate disable`): an install that
+does not ask libvirt would otherwise put the allowance back from them.
 """
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from smtp_gate import discovery, engine, guests, nft, ruleset, whitelist
+from smtp_gate import discovery, engine, guests, nft, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.errors import NftError, PartialChange, RunStateError
@@ -27,10 +29,8 @@ def reconcile(
     links = discovery.read_links()
     names = {link.ifindex: link.name for link in links.values()}
     records = state.all_records()
-    owner: Dict[Pair, Record] = {pair: r for r in records.values() for pair in r.allowed}
 
     add: List[Tuple[str, ruleset.Element]] = []
-    delete: List[Tuple[str, ruleset.Element]] = []
     messages: List[str] = []
     new_records: Dict[str, Record] = {}
     for dom in running:
@@ -47,33 +47,25 @@ def reconcile(
             add.append(("guest_ifaces", index))
         new_records[dom.uuid] = record
 
-    macs = {m for m in affected_macs}
-    for pair in sorted(engine.kernel_pairs(nft.read_table(), links, keep_gone=True)):
-        index, mac = pair
-        if mac not in macs:
-            continue
-        record = owner.get(pair)
-        if record is not None and record.uuid in new_records:
-            still = pair in new_records[record.uuid].allowed
-        else:
-            name, uuid = (record.name, record.uuid) if record else ("", "")
-            still = mac in guests.whitelisted(model.allowed_macs, name, uuid, (mac,))
-        if not still:
-            delete.append(("allowed", pair))
-            who = f"guest {record.name!r} " if record else ""
-            messages.append(f"revoked {who}NIC {mac} on {names.get(index, f'#{index} (gone)')}")
-            if record is not None and record.uuid not in new_records:
-                new_records[record.uuid] = record._replace(allowed=tuple(p for p in record.allowed if p != pair))
+    held = engine.kernel_pairs(nft.read_table(), links, keep_gone=True)
+    revocation = _revocations(model, records, new_records, set(affected_macs), held, names)
+    delete: List[Tuple[str, ruleset.Element]] = [("allowed", pair) for pair in revocation.kernel]
+    messages += revocation.messages
     applied: Optional[ruleset.ElementChanges] = None  # the inverse of what the kernel took
-    if add or delete:
+    if add or delete or revocation.records:
         if not nft.table_exists():
-            messages.append("enforcement is not active: the change takes effect at the next `smtp-gate apply`")
+            # a revocation must not wait for the table: every install that does not ask
+            # libvirt puts back what the records hold
+            for record in revocation.records.values():
+                state.write_record(record)
+            messages.append(not_in_force(config))
             return messages
-        changes = ruleset.element_changes(add=add, delete=delete)
-        absent = set(nft.missing_elements(changes.add))  # what the batch really adds, to undo it exactly
-        nft.run_elements(changes)
-        applied = ruleset.ElementChanges(add=changes.delete, delete=tuple(e for e in changes.add if e in absent))
-    _commit(state, records, new_records, applied, messages)
+        if add or delete:
+            changes = ruleset.element_changes(add=add, delete=delete)
+            absent = set(nft.missing_elements(changes.add))  # what the batch really adds, to undo it exactly
+            nft.run_elements(changes)
+            applied = ruleset.ElementChanges(add=changes.delete, delete=tuple(e for e in changes.add if e in absent))
+    _commit(state, records, {**revocation.records, **new_records}, applied, messages)
     return messages
 
 
@@ -123,4 +115,59 @@ def _commit(
                 "directory can be written"
             ) from None
         raise RunStateError(f"{problem}: the kernel change was undone, nothing was changed") from None
+
+
+class Revocation(NamedTuple):
+    kernel: List[Pair]  # to delete from the kernel's allowed set
+    records: Dict[str, Record]  # by UUID: each record that held a revoked pair, without it
+    messages: List[str]
+
+
+def _revocations(
+    model: whitelist.Whitelist,
+    records: Dict[str, Record],
+    judged: Dict[str, Record],
+    macs: Set[str],
+    held: Set[Pair],
+    names: Dict[int, str],
+) -> Revocation:
+    """Every allowance of MACS the whitelist no longer grants, wherever it is held: in the
+    kernel (HELD; also one nobody recorded) and in the guests' records.  The records count
+    as much as the kernel: every install that does not ask libvirt (`enable --no-libvirt`,
+    a rebuild with libvirt silent, the watcher, a hook's table install) puts back what they
+    hold, also after a revocation made while the table was absent.  A guest JUDGED just now
+    is allowed what its new record says; any other, what the whitelist grants its name and
+    UUID."""
+    owner: Dict[Pair, Record] = {pair: r for r in records.values() for pair in r.allowed}
+    kernel: List[Pair] = []
+    updated: Dict[str, Record] = {}
+    messages: List[str] = []
+    for pair in sorted({p for p in held | set(owner) if p[1] in macs}):
+        index, mac = pair
+        record = owner.get(pair)
+        if record is not None and record.uuid in judged:
+            still = pair in judged[record.uuid].allowed
+        else:
+            name, uuid = (record.name, record.uuid) if record else ("", "")
+            still = mac in guests.whitelisted(model.allowed_macs, name, uuid, (mac,))
+        if still:
+            continue
+        if pair in held:
+            kernel.append(pair)
+        who = f"guest {record.name!r} " if record else ""
+        messages.append(f"revoked {who}NIC {mac} on {names.get(index, f'#{index} (gone)')}")
+        if record is not None:
+            base = updated.get(record.uuid, record)
+            updated[record.uuid] = base._replace(allowed=tuple(p for p in base.allowed if p != pair))
+    return Revocation(kernel, updated, messages)
+
+
+def not_in_force(config: Config) -> str:
+    """Where a change made while our table is absent takes effect.  While the operator has
+    switched enforcement off, `smtp-gate apply` would also switch it back on: that is
+    `smtp-gate enable`'s decision, so name that."""
+    off = offswitch.read(config.disabled_path)
+    if off is not None:
+        return f"enforcement is disabled ({off.by_line()}): the change takes effect at `smtp-gate enable`"
+    return "enforcement is not active: the change takes effect at the next `smtp-gate apply`"
 

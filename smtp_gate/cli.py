@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
 refused the change is put back); 2 usage; 3 done, with a warning the operator must read
 (a protected bridge is missing or has no uplink; a running guest NIC is UNPROTECTED:
-`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used); 4 `status`:
+`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used; `del-vm`, `del-mac`,
+the picker: a NIC of the guest is still allowed by another row); 4 `status`:
 enforcement is not active; 5 the operator switched enforcement off
 (`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
 change whose file was written, and the file could not be put back (the message says what
@@ -212,11 +213,14 @@ def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
 
 
 def _report(change) -> int:  # type: ignore[no-untyped-def]
+    """Print a whitelist command's Change; exit 3 when a removal left a NIC allowed."""
     for line in change.lines:
         print(f"ok: {line}")
     for message in change.warnings:
         warn(message)
-    return EXIT_OK
+    for note in (*change.notes, *change.still_allowed):
+        print(f"smtp-gate: note: {note}", file=sys.stderr)
+    return EXIT_WARNING if change.still_allowed else EXIT_OK
 
 
 def cmd_add_vm(args: argparse.Namespace, config: Config) -> int:
@@ -294,11 +298,9 @@ def cmd_whitelist(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
     if not sys.stdin.isatty():
-        print(
-            "smtp-gate: the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and `smtp-gate del-vm NAME`",
-            file=sys.stderr,
+        raise SmtpGateError(
+            "the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and `smtp-gate del-vm NAME`"
         )
-        return EXIT_ERROR
     while True:
         rows = manage.picker_rows(config)
         if not rows:
@@ -314,7 +316,7 @@ def cmd_whitelist(args: argparse.Namespace, config: Config) -> int:
         try:
             chosen = manage.parse_selection(answer, len(rows))
         except SmtpGateError as exc:
-            print(f"smtp-gate: {exc}", file=sys.stderr)
+            print(f"smtp-gate: error: {exc}", file=sys.stderr)
             continue
         for index in chosen:
             _report(manage.toggle(config, rows[index], manage.invoking_user(), manage.now()))

@@ -28,12 +28,16 @@ from smtp_gate import (
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain, normalise_uuid
 from smtp_gate.errors import ConfigError, NftError, PartialChange, RunStateError, SmtpGateError, WhitelistError
-from smtp_gate.runstate import RunState
+from smtp_gate.runstate import Record, RunState
 
 
 class Change(NamedTuple):
     lines: List[str]  # one `ok: ...` line each
     warnings: List[str]
+    notes: Tuple[str, ...] = ()  # facts to know, on stderr; the exit code stays 0
+    # a removal done, and a NIC it concerned still allowed by another row: exit 3, since
+    # "removed" alone would let the operator believe the guest can no longer send mail
+    still_allowed: Tuple[str, ...] = ()
 
 
 def invoking_user(environ: Optional[Dict[str, str]] = None) -> str:
@@ -47,7 +51,7 @@ def now() -> datetime:
 
 
 def _protected_candidates(config: Config, dom: Domain, running: bool) -> List[str]:
-    """The MACs of DOM's NICs an allowance can apply to; empty means refuse.  A running
+    """The MACs of DOM's NICs an allowance can apply to; empty: a row allows nothing now.  A running
     guest's NICs are placed as status places them (exposure.py); a shut-off guest's XML may
     not name the bridge of a type='network' NIC yet, so that one is given the benefit of
     the doubt."""
@@ -71,9 +75,52 @@ def guest_unprotected(config: Config, dom: Domain, running: bool) -> List[exposu
     return exposure.unprotected_nics(dom, config.bridges, discovery.master_of(discovery.read_links()))
 
 
-def _unprotected_warnings(nics: Sequence[exposure.Unprotected]) -> List[str]:
-    """What add-vm and the picker say after allowing a guest with UNPROTECTED NICs."""
-    return [f"{nic.line()} (no rule sees this NIC: allowing the guest changes nothing for it)" for nic in nics]
+def _unprotected_warnings(nics: Sequence[exposure.Unprotected], allowing: str = "the guest") -> List[str]:
+    """What add-vm, add-mac and the picker say after allowing a guest or a NIC with
+    UNPROTECTED NICs."""
+    return [f"{nic.line()} (no rule sees this NIC: allowing {allowing} changes nothing for it)" for nic in nics]
+
+
+def allow_warnings(
+    config: Config, dom: Domain, running: bool, unprotected: Sequence[exposure.Unprotected]
+) -> List[str]:
+    """What add-vm and the picker say after whitelisting DOM, so that they agree: the same
+    derivation (exposure.py) for both.  A guest with no NIC on a protected bridge is
+    whitelisted all the same, since it may get such a NIC, or its bridge may be added to
+    BRIDGE; the operator is told that the row changes nothing until then, and which NICs
+    (UNPROTECTED) it changes nothing for."""
+    warnings = []
+    if not _protected_candidates(config, dom, running):
+        nics = "" if running else f"; its NICs: {_describe_nics(dom)}"
+        warnings.append(
+            f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}): the row allows "
+            f"nothing until one of its NICs is on one (add its bridge to BRIDGE, or move the NIC){nics}"
+        )
+    return warnings + _unprotected_warnings(unprotected)
+
+
+def _allowed_by(model: whitelist.Whitelist, guest: whitelist.Guest, verb: str) -> List[str]:
+    """One line per NIC of GUEST that a row of MODEL allows, naming the rows: `NIC M of
+    guest 'N' (UUID) VERB line L (row)`."""
+    notes = []
+    for mac in guest.macs:
+        rows = model.matching(whitelist.Guest(guest.name, guest.uuid, (mac,)))
+        if rows:
+            by = ", ".join(f"line {number} ({entry.describe(guest.name)})" for number, entry in rows)
+            who = f"{guest.name!r} ({guest.uuid})" if guest.uuid and guest.name else repr(guest.name or guest.uuid)
+            notes.append(f"NIC {mac} of guest {who} {verb} {by}")
+    return notes
+
+
+def _recorded_guests(records: Sequence[Record], macs: Sequence[str] = ()) -> List[whitelist.Guest]:
+    """The guests the records show (with the MACs they were allowed), those holding one of
+    MACS if given: who a removal concerns when libvirt does not say."""
+    out = []
+    for record in records:
+        allowed = tuple(dict.fromkeys(mac for _index, mac in record.allowed))
+        if not macs or set(macs) & set(allowed):
+            out.append(whitelist.Guest(record.name, record.uuid, tuple(m for m in allowed if not macs or m in macs)))
+    return out
 
 
 def _describe_nics(dom: Domain) -> str:
@@ -137,11 +184,19 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _effect_line(effect: whitelist.Effect) -> str:
+    """EFFECT for an `ok:` line; a removal that found nothing says so unmistakably."""
+    if effect.action == whitelist.ABSENT:
+        return f"nothing to remove: {effect.subject} is not in the whitelist"
+    return str(effect)
+
+
 def _write_and_apply(
     config: Config, edit, running: Sequence[Domain], affected: Sequence[str]  # type: ignore[no-untyped-def]
-) -> Change:
+) -> Tuple[Change, whitelist.Whitelist]:
     """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel;
-    if the kernel change fails, the whitelist is put back as it was."""
+    if the kernel change fails, the whitelist is put back as it was.  Returns the change
+    and the whitelist as written, for what the caller must say about the rows left."""
     with lock.command_lock(config.lock_path):
         model = whitelist.load(config.whitelist)  # first: its errors name WHITELIST and what was expected
         before = _snapshot(config.whitelist, "whitelist", WhitelistError)
@@ -149,11 +204,11 @@ def _write_and_apply(
         written = any(e.changed for e in effects)
         if written:
             whitelist.write(config.whitelist, model)
-        lines = [str(e) for e in effects]
+        lines = [_effect_line(e) for e in effects]
         warnings = [f"whitelist {config.whitelist}: {p} (row kept, allows nothing)" for p in model.problems()]
         with _undo_on_failure(config.whitelist, before, "whitelist", WhitelistError) if written else nullcontext():
             lines += allowances.reconcile(config, model, running, affected)
-    return Change(lines, warnings)
+    return Change(lines, warnings), model
 
 
 def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) -> Change:
@@ -167,13 +222,8 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
             "expected a name or UUID as `virsh list --all` shows it"
         )
     dom, running = found
-    if not _protected_candidates(config, dom, running):
-        raise SmtpGateError(
-            f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}), "
-            f"so there is nothing to allow: its NICs: {_describe_nics(dom)}"
-        )
     row = whitelist.uuid_row(dom.uuid)
-    change = _write_and_apply(
+    change, _model = _write_and_apply(
         config,
         lambda model: [
             model.add_guest(row, added_at=when, added_by=user, reason=reason, uuid=dom.uuid, shown=dom.name)
@@ -183,7 +233,9 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
     )
     if not running:
         change.lines.append(f"guest {dom.name!r} is not running: its NICs are allowed when it starts")
-    return Change(change.lines, change.warnings + _unprotected_warnings(guest_unprotected(config, dom, running)))
+    return change._replace(
+        warnings=change.warnings + allow_warnings(config, dom, running, guest_unprotected(config, dom, running))
+    )
 
 
 def del_vm(config: Config, name: str) -> Change:
@@ -220,13 +272,18 @@ def del_vm(config: Config, name: str) -> Change:
             effects += model.remove_guest(key, uuid, shown=key)
         return [e for e in effects if e.changed] or effects[:1]
 
-    change = _write_and_apply(
+    change, model = _write_and_apply(
         config,
         edit,
         [dom] if found and found[1] else [],
         (guests.nic_macs(dom) if dom else []) + recorded,
     )
-    return Change(change.lines, warnings + change.warnings)
+    if dom is not None:
+        concerned = [whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom)))]
+    else:
+        concerned = _recorded_guests([r for r in records if r.uuid in uuids or r.name == key])
+    still = [note for guest in concerned for note in _allowed_by(model, guest, "is still allowed by")]
+    return change._replace(warnings=warnings + change.warnings, still_allowed=tuple(still))
 
 
 def add_mac(config: Config, mac: str, label: str, reason: str, user: str, when: datetime) -> Change:
@@ -238,20 +295,50 @@ def add_mac(config: Config, mac: str, label: str, reason: str, user: str, when: 
     warnings = []
     if not listing.reached:
         warnings.append("no hypervisor answered: the MAC is allowed when its guest next starts or at the next rebuild")
-    change = _write_and_apply(
-        config,
-        lambda model: [model.add_mac(normal, added_at=when, added_by=user, reason=reason, label=label)],
-        running,
-        [],
-    )
+    already: List[str] = []
+
+    def edit(model: whitelist.Whitelist) -> List[whitelist.Effect]:
+        # asked before the row is added: a row that allowed the NIC already
+        before = [
+            note
+            for d in running
+            for note in _allowed_by(model, whitelist.Guest(d.name, d.uuid, (normal,)), "is already allowed by")
+        ]
+        effect = model.add_mac(normal, added_at=when, added_by=user, reason=reason, label=label)
+        if effect.action == whitelist.ADDED:
+            already.extend(before)
+        return [effect]
+
+    change, _model = _write_and_apply(config, edit, running, [])
     if listing.reached and not running:
         change.lines.append(f"no running guest has a NIC with MAC {normal}: it is allowed when that guest starts")
-    return Change(change.lines, warnings + change.warnings)
+    master_of = discovery.master_of(discovery.read_links())
+    unprotected = [
+        nic for d in running for nic in exposure.unprotected_nics(d, config.bridges, master_of) if nic.mac == normal
+    ]
+    return change._replace(
+        warnings=warnings + change.warnings + _unprotected_warnings(unprotected, "it"),
+        notes=tuple(f"{note} (the new row changes nothing while that row stays)" for note in already),
+    )
 
 
 def del_mac(config: Config, mac: str) -> Change:
+    """Remove the MAC's rows and revoke its allowances.  libvirt (asked first, without the
+    lock) and the records tell which guests have that NIC, so that a NIC a whole-guest row
+    still allows is named (exit 3) rather than reported as revoked by silence."""
     normal = validate.mac(mac)
-    return _write_and_apply(config, lambda model: model.remove_mac(normal), [], [normal])
+    try:
+        listed = hypervisor.list_all(config.uris(), config.libvirt_timeout)
+    except SmtpGateError:
+        listed = []  # no libvirt answered: the records still name the running guests
+    concerned = {
+        d.uuid: whitelist.Guest(d.name, d.uuid, (normal,)) for d, _running in listed if normal in guests.nic_macs(d)
+    }
+    for guest in _recorded_guests(list(RunState(config.run_dir).all_records().values()), [normal]):
+        concerned.setdefault(guest.uuid, guest)
+    change, model = _write_and_apply(config, lambda model: model.remove_mac(normal), [], [normal])
+    still = [note for guest in concerned.values() for note in _allowed_by(model, guest, "is still allowed by")]
+    return change._replace(still_allowed=tuple(still))
 
 
 def ports_set(config: Config, value: str) -> Change:
@@ -285,7 +372,7 @@ def ports_set(config: Config, value: str) -> Change:
                 )
                 lines.append(f"enforced at once: TCP {text} blocked for every guest that is not allowed")
             else:
-                lines.append("enforcement is not active: run `smtp-gate apply`")
+                lines.append(allowances.not_in_force(config))
     return Change(lines, [])
 
 
@@ -322,9 +409,11 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
                 effects += [e for e in model.remove_mac(mac) if e.changed]
             return [e for e in effects if e.changed] or effects
 
-        return _write_and_apply(config, edit, running, macs)
+        change, model = _write_and_apply(config, edit, running, macs)
+        still = _allowed_by(model, whitelist.Guest(dom.name, dom.uuid, tuple(macs)), "is still allowed by")
+        return change._replace(still_allowed=tuple(still))
     key = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
-    change = _write_and_apply(
+    change, _model = _write_and_apply(
         config,
         lambda model: [
             model.add_guest(key, added_at=when, added_by=user, reason="picker", uuid=dom.uuid, shown=dom.name)
@@ -332,7 +421,7 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
         running,
         [],
     )
-    return Change(change.lines, change.warnings + _unprotected_warnings(row.unprotected))
+    return change._replace(warnings=change.warnings + allow_warnings(config, dom, row.running, row.unprotected))
 
 
 def parse_selection(text: str, count: int) -> List[int]:

@@ -56,8 +56,39 @@ def test_add_and_del_in_process(conf: Path, capsys: pytest.CaptureFixture, monke
     assert code == 0 and "ok: removed" in out
     code, out, _ = run(conf, capsys, "del-vm", testdriver.uuid(2))
     assert code == 0 and f"ok: removed guest '{testdriver.name(2)}'" in out
-    code, out, _ = run(conf, capsys, "del-mac", "52:54:00:ab:cd:ef")
-    assert code == 0 and "not in the whitelist" in out
+    code, out, err = run(conf, capsys, "del-mac", "52:54:00:ab:cd:ef")
+    assert (code, out, err) == (0, "ok: nothing to remove: MAC 52:54:00:ab:cd:ef is not in the whitelist\n", "")
+    code, out, err = run(conf, capsys, "del-vm", testdriver.name(1))
+    assert (code, out, err) == (0, f"ok: nothing to remove: guest '{testdriver.name(1)}' is not in the whitelist\n", "")
+
+
+def test_add_mac_of_a_nic_another_row_allows_says_so_and_exits_0(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(conf, capsys, "add-vm", testdriver.name(0))
+    assert code == 0, err
+    mac = testdriver.mac(0, 0)
+    code, out, err = run(conf, capsys, "add-mac", mac, "eth0")
+    assert code == 0, err
+    assert out.startswith(f"ok: added MAC {mac} (eth0) at line 3\n"), out
+    assert err == (
+        f"smtp-gate: note: NIC {mac} of guest '{testdriver.name(0)}' ({testdriver.uuid(0)}) is already allowed by "
+        f"line 2 (guest '{testdriver.name(0)}' (UUID {testdriver.uuid(0)}, every NIC)) "
+        "(the new row changes nothing while that row stays)\n"
+    )
+    # removing the MAC row again: the UUID row still allows the NIC, and del-mac says so
+    code, out, err = run(conf, capsys, "del-mac", mac)
+    assert code == 3 and out == f"ok: removed MAC {mac} (eth0) from line 3\n", (out, err)
+    assert err == (
+        f"smtp-gate: note: NIC {mac} of guest '{testdriver.name(0)}' ({testdriver.uuid(0)}) is still allowed by "
+        f"line 2 (guest '{testdriver.name(0)}' (UUID {testdriver.uuid(0)}, every NIC))\n"
+    )
+
+
+def test_the_picker_without_a_terminal_is_an_error_like_every_error(conf: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "smtp_gate", "--config", str(conf), "whitelist"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == ("smtp-gate: error: the picker needs a terminal; in scripts use `smtp-gate add-vm NAME` and "
+                        "`smtp-gate del-vm NAME`\n")
 
 
 @pytest.mark.parametrize(
