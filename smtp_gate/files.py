@@ -121,3 +121,26 @@ def atomic_write(
             "the change may not survive a power loss"
         ) from None
     _remove_leftovers(directory, base)
+
+
+def remove(path: "os.PathLike[str] | str", what: str, error: Type[SmtpGateError] = SmtpGateError) -> bool:
+    """Remove the file at PATH durably (its directory synced: a removal lost in a power cut
+    would bring the file back); False if it did not exist.  A failed removal raises ERROR
+    naming WHAT; a failed directory sync is not an error: the file is gone, only its
+    durability across a power cut is in doubt."""
+    target = os.fspath(path)
+    try:
+        os.unlink(target)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise error(f"cannot remove {what} {target!r}: {e.strerror or e}") from None
+    try:
+        dir_fd = os.open(os.path.dirname(target) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return True

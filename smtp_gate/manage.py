@@ -160,12 +160,7 @@ def _undo_on_failure(
     except BaseException as exc:  # KeyboardInterrupt too: the file must not outlive a change never made
         try:
             if before is None:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as unlink_exc:
-                    raise error(f"cannot remove {str(path)!r}: {unlink_exc.strerror or unlink_exc}") from None
+                files.remove(path, what, error)
             else:
                 files.atomic_write(path, before, what, error=error)
         except SmtpGateError as restore_exc:

@@ -14,7 +14,6 @@ checks it on every guest start.
 """
 
 import json
-import os
 from typing import Dict, NamedTuple, Optional
 
 MAX_REASON = 500  # characters: a ticket reference and a sentence, not a log
@@ -87,19 +86,6 @@ def write(path: str, by: str, at: str, reason: str) -> Disabled:
 
 def clear(path: str) -> None:
     """Remove the off-switch, durably: a removal lost in a power cut would leave enforcement off."""
-    from smtp_gate.errors import SmtpGateError
+    from smtp_gate import files
 
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise SmtpGateError(f"cannot remove the off-switch file {path!r}: {exc.strerror or exc}") from None
-    try:
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # removed; only its durability across a power cut is in doubt
+    files.remove(path, "the off-switch file")
