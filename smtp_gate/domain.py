@@ -13,7 +13,7 @@ dataclass: `dataclasses` pulls in `inspect` and builds its classes with exec(), 
 value itself, for the caller to report with whatever it already uses.
 """
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 from smtp_gate import validate
 from smtp_gate.errors import DomainXMLError, ValidationError
@@ -46,6 +46,16 @@ NIC_BRIDGE = _path("source/@bridge")  # type='bridge'; type='network' in live XM
 NIC_NETWORK = _path("source/@network")
 NIC_TARGET = _path("target/@dev")  # auto-named vnetN only while the guest runs
 NIC_VIRTUALPORT = _path("virtualport/@type")
+# The fleet allowance (DESIGN §2 "Fleets"): <metadata><x:allow xmlns:x="urn:smtp-gate:1" by= at=
+# reason=><nic mac=/>...</x:allow></metadata>.  Matched on the namespace URI, never the
+# prefix.  libvirt namespaces only the element it was given (virDomainDefSetMetadata), so
+# <nic> children may carry our namespace or none; both are read.
+METADATA_NS = "urn:smtp-gate:1"
+METADATA = "metadata"
+ALLOW_TAG = "{%s}allow" % METADATA_NS
+ALLOW_NIC_TAGS = ("nic", "{%s}nic" % METADATA_NS)
+ALLOW_FIELDS = ("by", "at", "reason")  # attributes of <allow>, all optional
+ALLOW_NIC_MAC = _path("@mac")
 
 _HEX = frozenset("0123456789abcdef")
 _SOCKET_TYPES = ("mcast", "udp", "server", "client")
@@ -141,6 +151,26 @@ class Nic(NamedTuple):
         return self.unprotected_reason is None
 
 
+class Allow(NamedTuple):
+    """The allowance a guest's own definition carries (libvirt metadata, urn:smtp-gate:1).
+
+    MACS None: every NIC of the guest; a tuple: only those NICs (a <nic> child whose MAC
+    is unusable is dropped with a line in PROBLEMS, so a bad entry never widens it: an
+    allowance whose every <nic> is bad allows nothing)."""
+
+    by: str = ""
+    at: str = ""
+    reason: str = ""
+    macs: Optional[Tuple[str, ...]] = None
+    problems: Tuple[str, ...] = ()
+
+    def allows(self, macs: Sequence[str]) -> Tuple[str, ...]:
+        """Which of MACS (a guest's NIC MACs) this allowance covers."""
+        if self.macs is None:
+            return tuple(macs)
+        return tuple(mac for mac in macs if mac in self.macs)
+
+
 class Domain(NamedTuple):
     """A guest as one domain XML describes it.  Equal XML gives equal Domains, whichever
     parser read it."""
@@ -151,6 +181,7 @@ class Domain(NamedTuple):
     nics: Tuple[Nic, ...]
     id: Optional[int] = None  # libvirt's runtime id: present only while the guest runs
     uri: Optional[str] = None  # the libvirt URI it was listed from; None for a hook's XML
+    allow: Optional[Allow] = None  # the allowance in its <metadata>, if any
 
 
 def _checked(value: Optional[str], check: Any, what: str, problems: list) -> Optional[str]:
@@ -186,6 +217,38 @@ def _nic(element: Element) -> Nic:
     )
 
 
+def _allow(metadata: Optional[Element]) -> Optional[Allow]:
+    """The first <allow> of our namespace in <metadata>, or None."""
+    if metadata is None:
+        return None
+    for element in metadata:
+        if element.tag == ALLOW_TAG:
+            break
+    else:
+        return None
+    problems: list = []
+    fields = {}
+    for field in ALLOW_FIELDS:
+        value = element.get(field) or ""
+        try:
+            fields[field] = validate.one_line(f"<allow {field}>", value) if value else ""
+        except ValidationError as exc:
+            problems.append(str(exc))
+            fields[field] = validate.escape_controls(value)
+    macs = None
+    nics = [child for child in element if child.tag in ALLOW_NIC_TAGS]
+    if nics:
+        wanted = []
+        for nic in nics:
+            mac = _checked(_read(nic, {}, ALLOW_NIC_MAC), validate.unicast_mac, "<allow><nic mac>", problems)
+            if mac is None and nic.get("mac") is None:
+                problems.append("<allow><nic> has no mac attribute")
+            if mac is not None and mac not in wanted:
+                wanted.append(mac)
+        macs = tuple(wanted)
+    return Allow(macs=macs, problems=tuple(problems), **fields)
+
+
 def from_element(root: Element) -> Domain:
     """Read a <domain> element from lxml or xml.etree (the hook's cheap stdlib parse).
 
@@ -216,6 +279,7 @@ def from_element(root: Element) -> Domain:
         type=_read(root, children, DOMAIN_TYPE) or "",
         nics=tuple(_nic(nic) for parent in root if parent.tag == devices for nic in parent if nic.tag == interface),
         id=int(raw_id) if raw_id is not None and raw_id.isascii() and raw_id.isdigit() else None,
+        allow=_allow(children.get(METADATA)),
     )
 
 

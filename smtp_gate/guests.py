@@ -3,7 +3,8 @@
 judge() is the one derivation of "what this guest is allowed", for hooks, rebuilds,
 status, the picker and the whitelist commands, so an allowance means the same thing
 whoever installs or shows it: a NIC a bridge rule sees, on a protected bridge, with a MAC
-the whitelist allows for this guest, allowed on its own port's interface index.  Pure:
+the whitelist file or the guest's own metadata (domain.Allow, issue 11) allows, allowed
+on its own port's interface index.  The two sources add up: either one allows.  Pure:
 the caller passes the lookups, and the whitelist as a matcher (the hook its stdlib fast
 path, whitelist.fast_allowed_macs; everyone else the parsed file's index), so the hook
 stays cheap and still answers exactly as the others do.
@@ -22,6 +23,10 @@ Matcher = Callable[[Guest], Sequence[str]]  # a guest -> the MACs the whitelist 
 # What a NIC is, for enforcement
 ALLOWED = "allowed"  # on a protected bridge, MAC whitelisted: (ifindex, MAC) allowed
 BLOCKED = "blocked"  # on a protected bridge, not whitelisted: a guest port, mail blocked
+# Where an allowance comes from
+FROM_FILE = "file"  # a row of the whitelist file
+FROM_METADATA = "metadata"  # the guest's libvirt metadata, urn:smtp-gate:1
+
 FOREIGN = "foreign"  # on a bridge we do not protect: left alone
 UNSEEN = "unseen"  # a bridge rule cannot see its frames (macvtap, hostdev, OVS, ...)
 NO_DEVICE = "no-device"  # no target, no such device, on no bridge, or the guest is not running
@@ -32,14 +37,21 @@ class NicVerdict(NamedTuple):
     state: str  # one of the constants above
     bridge: Optional[str] = None
     index: Optional[int] = None
+    sources: Tuple[str, ...] = ()  # FROM_FILE and/or FROM_METADATA: what allows its MAC
 
 
 class Verdict(NamedTuple):
     """judge()'s answer for one guest."""
 
     domain: Domain
-    whitelisted: Tuple[str, ...]  # the guest's MACs the whitelist allows, whatever their NIC
+    whitelisted: Tuple[str, ...]  # the guest's MACs the whitelist file allows, whatever their NIC
     nics: Tuple[NicVerdict, ...]
+    by_metadata: Tuple[str, ...] = ()  # the guest's MACs its metadata allows
+
+    @property
+    def allowed_macs(self) -> Tuple[str, ...]:
+        """The guest's MACs that either source allows, whatever their NIC."""
+        return tuple(dict.fromkeys(self.whitelisted + self.by_metadata))
 
     @property
     def allowed(self) -> Tuple[Tuple[int, str], ...]:
@@ -95,7 +107,9 @@ def judge(
     """What DOMAIN is allowed.  Every port is keyed by the index its device has now, so a
     later device that reuses the name inherits nothing; a NIC whose device does not exist
     (or a guest that is not RUNNING) gets NO_DEVICE: an unknown port is blocked anyway."""
-    allowed_macs = whitelisted(matcher, domain.name, domain.uuid, nic_macs(domain))
+    macs = nic_macs(domain)
+    from_file = whitelisted(matcher, domain.name, domain.uuid, macs)
+    from_metadata = domain.allow.allows(macs) if domain.allow is not None else ()
     lookup = index_of if running else _no_device
     verdicts = []
     for nic in domain.nics:
@@ -108,11 +122,14 @@ def judge(
             verdicts.append(NicVerdict(nic, NO_DEVICE, bridge, index))
         elif bridge not in protected:
             verdicts.append(NicVerdict(nic, FOREIGN, bridge, index))
-        elif nic.mac and nic.mac in allowed_macs:
-            verdicts.append(NicVerdict(nic, ALLOWED, bridge, index))
+        elif nic.mac and (nic.mac in from_file or nic.mac in from_metadata):
+            sources = ((FROM_FILE,) if nic.mac in from_file else ()) + (
+                (FROM_METADATA,) if nic.mac in from_metadata else ()
+            )
+            verdicts.append(NicVerdict(nic, ALLOWED, bridge, index, sources))
         else:
             verdicts.append(NicVerdict(nic, BLOCKED, bridge, index))
-    return Verdict(domain, allowed_macs, tuple(verdicts))
+    return Verdict(domain, from_file, tuple(verdicts), from_metadata)
 
 
 def record_for(

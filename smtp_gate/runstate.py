@@ -29,7 +29,7 @@ import os
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
-from smtp_gate.domain import Domain, Nic
+from smtp_gate.domain import Allow, Domain, Nic
 
 Pair = Tuple[int, str]
 Port = Tuple[str, int]  # (name, interface index): the kernel is given the index, people the name
@@ -302,6 +302,7 @@ def domain_event(op: str, domain: Domain) -> Dict[str, object]:
         "type": domain.type,
         "uri": domain.uri or "",
         "nics": [[n.type, n.mac, n.bridge, n.target, n.virtualport] for n in domain.nics],
+        "allow": None if domain.allow is None else list(domain.allow[:3]) + [domain.allow.macs],
     }
 
 
@@ -310,12 +311,14 @@ def domain_from_event(event: Dict[str, object]) -> Domain:
         Nic(type=t or "", mac=m, bridge=b, network=None, target=d, virtualport=v)
         for t, m, b, d, v in event.get("nics", [])  # type: ignore[union-attr]
     )
+    allow = event.get("allow")
     return Domain(
         name=str(event["name"]),
         uuid=str(event["uuid"]),
         type=str(event.get("type", "")),
         nics=nics,
         uri=str(event.get("uri") or "") or None,
+        allow=None if not allow else Allow(*allow[:3], macs=None if allow[3] is None else tuple(allow[3])),  # type: ignore[index,misc]
     )
 
 

@@ -187,7 +187,7 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     for dom, running in pairs:
         macs = tuple(guests_mod.nic_macs(dom))
         verdict = guests_mod.judge(dom, config.bridges, model.allowed_macs, index_of, master_of, running)
-        allowed = verdict.whitelisted
+        allowed = verdict.allowed_macs
         if running:
             report.unprotected += [u.to_json() for u in exposure.unprotected_nics(dom, config.bridges, master_of)]
         if not allowed:

@@ -1,0 +1,70 @@
+"""The fleet allowance in a guest's libvirt metadata (issue 11): how guests.judge() adds it
+to the whitelist file's, for every caller alike (hooks, rebuild, status, picker)."""
+
+import xml.etree.ElementTree as ET
+
+from smtp_gate import domain, guests, runstate
+
+UUID = "0f5e0c3e-6c55-4d7c-9b7e-6a1b2c3d4e5f"
+NICS = """<devices>
+  <interface type='bridge'><mac address='52:54:00:aa:00:01'/><source bridge='br0'/><target dev='vnet0'/></interface>
+  <interface type='bridge'><mac address='52:54:00:aa:00:02'/><source bridge='br0'/><target dev='vnet1'/></interface>
+  <interface type='bridge'><mac address='52:54:00:aa:00:03'/><source bridge='other'/><target dev='vnet2'/></interface>
+</devices>"""
+INDEXES = {"vnet0": 10, "vnet1": 11, "vnet2": 12}
+
+
+def xml(metadata: str = "") -> str:
+    return f"<domain type='kvm'><name>g</name><uuid>{UUID}</uuid><metadata>{metadata}</metadata>{NICS}</domain>"
+
+
+def judge(text: str, file_macs: tuple = ()) -> guests.Verdict:
+    dom = domain.parse(text)
+    assert dom == domain.from_element(ET.fromstring(text)), "the hook's parser and lxml disagree"
+    return guests.judge(dom, ["br0"], lambda _g: file_macs, INDEXES.get, lambda _n: None)
+
+
+def test_no_metadata_allows_nothing() -> None:
+    assert judge(xml()).allowed == ()
+    assert judge(xml('<allow xmlns="urn:other:1"/>')).allowed == ()
+
+
+def test_allow_without_nics_allows_every_nic_on_a_protected_bridge() -> None:
+    verdict = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1" by="panel"/>'))
+    assert verdict.allowed == ((10, "52:54:00:aa:00:01"), (11, "52:54:00:aa:00:02"))
+    assert [v.sources for v in verdict.nics if v.state == guests.ALLOWED] == [("metadata",), ("metadata",)]
+    assert verdict.whitelisted == ()
+
+
+def test_prefix_does_not_matter_only_the_uri() -> None:
+    for prefix in ("sg", "smtpgate", "x"):
+        assert judge(xml(f'<{prefix}:allow xmlns:{prefix}="urn:smtp-gate:1"/>')).allowed, prefix
+    assert judge(xml('<allow xmlns="urn:smtp-gate:1"/>')).allowed
+    assert judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:2"/>')).allowed == ()
+
+
+def test_nic_children_limit_it_and_a_bad_one_never_widens_it() -> None:
+    one = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"><sg:nic mac="52:54:00:AA:00:02"/></sg:allow>'))
+    assert one.allowed == ((11, "52:54:00:aa:00:02"),)
+    bad = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"><nic mac="not-a-mac"/></sg:allow>'))
+    assert bad.allowed == ()
+    assert bad.domain.allow is not None and "not-a-mac" in bad.domain.allow.problems[0]
+
+
+def test_file_and_metadata_add_up_with_their_sources() -> None:
+    verdict = judge(
+        xml('<sg:allow xmlns:sg="urn:smtp-gate:1"><sg:nic mac="52:54:00:aa:00:01"/></sg:allow>'),
+        file_macs=("52:54:00:aa:00:01", "52:54:00:aa:00:02"),
+    )
+    assert verdict.allowed == ((10, "52:54:00:aa:00:01"), (11, "52:54:00:aa:00:02"))
+    sources = {v.nic.mac: v.sources for v in verdict.nics}
+    assert sources["52:54:00:aa:00:01"] == ("file", "metadata")
+    assert sources["52:54:00:aa:00:02"] == ("file",)
+    assert sources["52:54:00:aa:00:03"] == ()  # on a bridge we do not protect
+
+
+def test_the_rebuild_journal_keeps_the_allowance() -> None:
+    dom = domain.parse(xml('<sg:allow xmlns:sg="urn:smtp-gate:1" by="a" reason="b"><sg:nic mac="52:54:00:aa:00:01"/></sg:allow>'))
+    again = runstate.domain_from_event(runstate.domain_event("start", dom))
+    assert again.allow is not None and again.allow.macs == ("52:54:00:aa:00:01",) and again.allow.by == "a"
+    assert runstate.domain_from_event(runstate.domain_event("start", domain.parse(xml()))).allow is None
