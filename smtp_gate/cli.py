@@ -3,13 +3,17 @@
 Exit codes: 0 success; 1 error (nothing was changed: a file written before the kernel
 refused the change is put back); 2 usage; 3 done, with a warning the operator must read
 (a protected bridge is missing or has no uplink; a running guest NIC is UNPROTECTED:
-`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used; `del-vm`, `del-mac`,
-the picker: a NIC of the guest is still allowed by another row); 4 `status`:
-enforcement is not active; 5 the operator switched enforcement off
-(`status`, and `apply --if-enabled`, which then installs nothing); 6 the kernel refused a
-change whose file was written, and the file could not be put back (the message says what
-is left); 141 the reader of stdout went away (`status | head`).  No hypervisor answering
-is a note on stderr, not a warning: apply then keeps what the kernel holds.
+`apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used; `list`, `status`: a
+part of a guest's metadata allowance cannot be used; `del-vm`, `del-mac`, the picker: a
+NIC of the guest is still allowed by another row or by the other source, file or
+metadata; `export-metadata`: a row was not exported, a MAC row or one whose guest libvirt
+does not know); 4 `status`: enforcement is not active; 5 the operator switched
+enforcement off (`status`, and `apply --if-enabled`, which then installs nothing); 6 the
+kernel refused a change whose file was written, and the file could not be put back, or
+(ALLOW_STORE=metadata) a guest's metadata was written and the kernel refused its change
+(the message says what is left); 141 the reader of stdout went away (`status | head`).
+No hypervisor answering is a note on stderr, not a warning: apply then keeps what the
+kernel holds.
 """
 
 import argparse
@@ -21,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 from smtp_gate import __version__, config as config_mod, validate
 from smtp_gate.config import Config
+from smtp_gate.domain import METADATA_NS
 from smtp_gate.errors import PartialChange, SmtpGateError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_INACTIVE, EXIT_DISABLED, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5, 6
@@ -248,18 +253,21 @@ def cmd_del_mac(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
+    """The whitelist file's rows, then every guest whose own libvirt metadata allows it."""
     from smtp_gate import manage
 
-    rows, problems, notes = manage.list_rows(config)
+    listed = manage.list_rows(config)
+    rows, notes = listed.rows, listed.notes
     # read after the rows: a file that went away in between is shown as absent, never the reverse
     exists = os.path.lexists(config.whitelist)
     if args.json:
         print(json.dumps(
-            {"whitelist": str(config.whitelist), "exists": exists, "rows": rows, "problems": problems}, indent=2
+            {"whitelist": str(config.whitelist), "exists": exists, "rows": rows, "problems": listed.problems,
+             "metadata": listed.metadata, "metadata_problems": listed.metadata_problems}, indent=2
         ))
     elif not exists:
         # the empty whitelist, as every command reads it; add-vm and add-mac create the file
-        print(f"# {config.whitelist}: the whitelist file does not exist (no guest is allowed)")
+        print(f"# {config.whitelist}: the whitelist file does not exist (it allows no guest)")
     else:
         print(f"# {config.whitelist}: {len(rows)} row(s)")
         for row in rows:
@@ -280,11 +288,38 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
                 "# (name-bound): allows whichever guest has that name, also a later one that reuses it; "
                 "`smtp-gate add-vm NAME` adds a row bound to the guest's UUID, then delete the name-bound line"
             )
+    if listed.metadata and not args.json:
+        print(f"# libvirt metadata ({METADATA_NS}): {len(listed.metadata)} guest(s)")
+        for meta in listed.metadata:
+            macs = meta["macs"]
+            nics = "(all NICs)" if macs is None else ",".join(macs) or "(no usable NIC)"  # type: ignore[arg-type]
+            print(validate.escape_controls(
+                f"  {meta['guest']} ({meta['uuid']}, {meta['state']}) {nics}  {meta['at'] or '-'}  "
+                f"{meta['by'] or '-'}  {meta['reason']}"
+            ))
     for note in notes:
         print(f"smtp-gate: note: {note}", file=sys.stderr)
-    for problem in problems:
+    for problem in listed.problems:
         warn(f"whitelist {config.whitelist}: {problem} (row kept, allows nothing)")
-    return EXIT_WARNING if problems else EXIT_OK
+    for problem in listed.metadata_problems:
+        warn(f"{problem} (that part allows nothing)")
+    return EXIT_WARNING if listed.problems or listed.metadata_problems else EXIT_OK
+
+
+def cmd_export_metadata(args: argparse.Namespace, config: Config) -> int:
+    """Copy the whitelist file's guest rows into the guests' own metadata (the way to fleets)."""
+    from smtp_gate import manage
+
+    result = manage.export_metadata(config, args.dry_run, manage.invoking_user(), manage.now())
+    for line in result.lines:
+        print(f"{'dry run: ' if args.dry_run else 'ok: '}{line}")
+    if not result.lines:
+        print("ok: no row of the whitelist file names a guest libvirt knows: nothing to export")
+    for line in result.skipped:
+        warn(line)
+    for note in result.notes:
+        print(f"smtp-gate: note: {note}", file=sys.stderr)
+    return EXIT_WARNING if result.skipped else EXIT_OK
 
 
 def cmd_ports_set(args: argparse.Namespace, config: Config) -> int:
@@ -350,6 +385,7 @@ COMMANDS: Dict[str, Handler] = {
     "add-mac": cmd_add_mac,
     "del-mac": cmd_del_mac,
     "list": cmd_list,
+    "export-metadata": cmd_export_metadata,
     "ports-set": cmd_ports_set,
     "whitelist": cmd_whitelist,
     "watch": cmd_watch,
@@ -363,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Block outbound SMTP from guests at the hypervisor's bridge; allow verified guests.",
         epilog="exit codes: 0 ok, 1 error (nothing changed), 2 usage, 3 done with a warning (e.g. an UNPROTECTED guest NIC), "
         "4 (status) not active, "
-        "5 disabled by the operator (status, apply --if-enabled), 6 a file changed but the kernel did not, "
+        "5 disabled by the operator (status, apply --if-enabled), 6 a file (or a guest's metadata) changed but the "
+        "kernel did not, "
         "141 the reader of the output went away (`status | head`)",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (default: $SMTP_GATE_CONFIG, else the installed one)")
@@ -439,19 +476,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="ask this libvirt URI (repeatable) instead of the config's LIBVIRT_URI/HYPERVISOR",
     )
-    p = add("add-vm", "whitelist a guest (name or UUID) and allow its NICs now", 'smtp-gate add-vm web1 "ID verified, ticket 4711"')
+    p = add(
+        "add-vm",
+        "allow a guest (name or UUID) and its NICs now: a whitelist file row, or with ALLOW_STORE=metadata the "
+        "guest's own libvirt metadata (live and saved definition, as its state allows)",
+        'smtp-gate add-vm web1 "ID verified, ticket 4711"',
+    )
     p.add_argument("name", metavar="NAME", help="guest name or UUID, as `virsh list --all` shows it")
-    p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored in the whitelist)")
-    p = add("del-vm", "remove a guest's whitelist rows and revoke its allowances now", "smtp-gate del-vm web1")
+    p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored with the allowance)")
+    p = add(
+        "del-vm",
+        "remove a guest's whitelist rows (ALLOW_STORE=metadata: its metadata allowance) and revoke its allowances "
+        "now; says (exit 3) when the other source still allows it",
+        "smtp-gate del-vm web1",
+    )
     p.add_argument("name", metavar="NAME", help="guest name or UUID")
-    p = add("add-mac", "whitelist one NIC by MAC and allow it now", "smtp-gate add-mac 52:54:00:ab:cd:ef web1-eth0")
+    p = add(
+        "add-mac",
+        "whitelist one NIC by MAC and allow it now (always the whitelist file, whatever ALLOW_STORE)",
+        "smtp-gate add-mac 52:54:00:ab:cd:ef web1-eth0",
+    )
     p.add_argument("mac", metavar="MAC", help="52:54:00:ab:cd:ef, 52-54-00-AB-CD-EF or 5254.00ab.cdef")
     p.add_argument("label", metavar="LABEL", nargs="?", default="", help="a label (stored in the vmname column)")
     p.add_argument("--reason", default="", help="why (stored in the whitelist)")
-    p = add("del-mac", "remove a MAC's whitelist rows and revoke it now", "smtp-gate del-mac 52:54:00:ab:cd:ef")
+    p = add(
+        "del-mac",
+        "remove a MAC's whitelist rows and revoke it now (always the whitelist file, whatever ALLOW_STORE)",
+        "smtp-gate del-mac 52:54:00:ab:cd:ef",
+    )
     p.add_argument("mac", metavar="MAC")
-    p = add("list", "show the whitelist as stored", "smtp-gate list --json")
+    p = add(
+        "list",
+        "show the whitelist file as stored, and every guest (running or not) whose libvirt metadata allows it, "
+        "with who, when and why",
+        "smtp-gate list --json",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add(
+        "export-metadata",
+        "write each whitelist row that names a guest (UUID or name) into that guest's libvirt metadata, with the "
+        "row's who/when/why, so that its allowance follows it when it migrates; MAC rows cannot be; the file is "
+        "never changed",
+        "smtp-gate export-metadata --dry-run   |   sudo smtp-gate export-metadata",
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would be written; write nothing")
     p = add("ports-set", "set the blocked TCP ports, store them in the config and enforce them now", 'smtp-gate ports-set "25,465,587"')
     p.add_argument("ports", metavar="PORTS", help="comma-separated ports 1-65535, ranges like 2525-2530")
     add("whitelist", "pick guests to whitelist interactively (needs a terminal)", "sudo smtp-gate whitelist")

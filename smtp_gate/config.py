@@ -21,6 +21,8 @@ DEFAULT_CONFIG_PATH = os.path.join(APP_DIR, "config", "smtp-gate.conf")
 
 MODES = ("enforce", "audit")
 NON_IP_POLICIES = ("drop", "accept")
+STORE_FILE, STORE_METADATA = "file", "metadata"
+ALLOW_STORES = (STORE_FILE, STORE_METADATA)  # where add-vm, del-vm and the picker write an allowance
 DRIVERS = {"qemu": "qemu:///system", "lxc": "lxc:///system", "libxl": "xen:///system"}
 DRIVER_ALIASES = {"kvm": "qemu", "qemu": "qemu", "lxc": "lxc", "xen": "libxl", "libxl": "libxl"}
 _RATE = re.compile(r"([1-9]\d{0,8})/(second|minute|hour|day)")
@@ -47,6 +49,7 @@ class Config(NamedTuple):
     run_dir: str = "/run/smtp-gate"
     allowed_destinations: Tuple[validate.Relay, ...] = ()  # relays every guest may reach on blocked ports
     libvirt_timeout: float = 20.0  # seconds one libvirt URI may take to answer (open, list, every XMLDesc)
+    allow_store: str = STORE_FILE  # ALLOW_STORE: the whitelist file, or the guest's libvirt metadata
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
@@ -211,6 +214,7 @@ KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "RUN_DIR": ("run_dir", _path),
     "ALLOWED_DESTINATIONS": ("allowed_destinations", _destinations),
     "LIBVIRT_TIMEOUT": ("libvirt_timeout", _seconds),
+    "ALLOW_STORE": ("allow_store", _choice(ALLOW_STORES)),
 }
 
 _LINE = re.compile(

@@ -36,7 +36,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from smtp_gate.config import uri_driver
-from smtp_gate.domain import Domain, normalise_uuid, parse, text_parser
+from smtp_gate.domain import METADATA_NS, Allow, Domain, normalise_uuid, parse, text_parser
 from smtp_gate.errors import DomainXMLError, SmtpGateError
 
 XmlOrError = Union[str, Exception]  # a domain's live XML, or the libvirt.libvirtError XMLDesc raised
@@ -160,12 +160,13 @@ class _Absent(Exception):
 _Work = Callable[[Any, str], Any]  # (read-only connection, uri) -> that URI's answer
 
 
-def _ask(libvirt: Any, uri: str, work: _Work, root: str) -> Tuple[str, Any]:
-    """Open URI, run WORK on it and close it: ("ok", answer), ("absent", why),
-    ("unreachable", why) or ("raise", an exception that is not libvirt's, for the caller)."""
+def _ask(libvirt: Any, uri: str, work: _Work, root: str, read_only: bool = True) -> Tuple[str, Any]:
+    """Open URI (read-write only for a write: write_allow), run WORK on it and close it:
+    ("ok", answer), ("absent", why), ("unreachable", why) or ("raise", an exception that is
+    not libvirt's, for the caller)."""
     try:
         try:
-            conn = libvirt.openReadOnly(uri)
+            conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
         except libvirt.libvirtError as exc:
             why = _absent_reason(libvirt, uri, exc, root)
             return ("absent", why) if why else ("unreachable", _one_line(exc))
@@ -185,7 +186,7 @@ def _ask(libvirt: Any, uri: str, work: _Work, root: str) -> Tuple[str, Any]:
 
 
 def _each_uri(
-    libvirt: Any, uris: Sequence[str], work: _Work, timeout: float, root: str = "/"
+    libvirt: Any, uris: Sequence[str], work: _Work, timeout: float, root: str = "/", read_only: bool = True
 ) -> Tuple[Dict[str, Any], Dict[str, str], Dict[str, str]]:
     """(answers, unreachable, absent) for each URI, asked in parallel, each in a daemon
     thread, all within TIMEOUT seconds.  A URI that has not answered by then is
@@ -193,7 +194,7 @@ def _each_uri(
     results: Dict[str, Tuple[str, Any]] = {}
 
     def run(uri: str) -> None:
-        results[uri] = _ask(libvirt, uri, work, root)
+        results[uri] = _ask(libvirt, uri, work, root, read_only)
 
     threads = [threading.Thread(target=run, args=(uri,), name="smtp-gate-libvirt", daemon=True) for uri in _unique(uris)]
     deadline = time.monotonic() + timeout
@@ -440,3 +441,74 @@ def _lookup(libvirt: Any, conn: Any, key: str, uuid: Optional[str]) -> Any:
 
 def _reasons(unreachable: Dict[str, str]) -> str:
     return "; ".join(f"{uri}: {reason}" for uri, reason in unreachable.items())
+
+
+# -- the fleet allowance in a guest's metadata (issue 11): the one write we make to libvirt --
+
+ALLOW_KEY = "smtpgate"  # the prefix libvirt gives our element; readers match the URI (METADATA_NS)
+LIVE, CONFIG = "live", "config"
+
+
+class AllowWrite(NamedTuple):
+    """What write_allow() did to one guest's metadata."""
+
+    domain: Domain  # as libvirt holds it after the write: the live XML while it runs
+    running: bool
+    scopes: Tuple[str, ...]  # the definitions written: (LIVE, CONFIG), (LIVE,) or (CONFIG,)
+    before: Dict[str, Optional[Allow]]  # scope -> the allowance it carried before (None: none)
+    written: bool = True  # False: a removal that found nothing to remove, so nothing was sent
+
+
+def _scopes(libvirt: Any, running: bool, persistent: bool) -> Tuple[int, Tuple[str, ...]]:
+    """The flags for the guest's state: a running persistent guest's live and saved
+    definitions (live metadata travels with a migration, the saved one is what a
+    `--persistent` destination and the next boot get), a transient guest's live one, a
+    shut-off guest's saved one."""
+    if running and persistent:
+        return libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG, (LIVE, CONFIG)
+    if running:
+        return libvirt.VIR_DOMAIN_AFFECT_LIVE, (LIVE,)
+    return libvirt.VIR_DOMAIN_AFFECT_CONFIG, (CONFIG,)
+
+
+def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DEFAULT_TIMEOUT) -> AllowWrite:
+    """Set ELEMENT (an <allow .../> without namespace: libvirt puts it in METADATA_NS with
+    prefix ALLOW_KEY) as the guest UUID's allowance on URI, or remove it (ELEMENT None), in
+    the definitions its state allows (_scopes), then read the guest back.
+
+    A read-write connection, in a thread within TIMEOUT like every other call here; the
+    caller holds no lock of ours (DESIGN §2).  A guest that starts or stops between the
+    state check and the write makes libvirt refuse the flags: asked once more.  A removal
+    from a guest that carries no allowance writes nothing."""
+    libvirt = _libvirt()
+
+    def work(conn: Any, _uri: str) -> AllowWrite:
+        for attempt in (1, 2):
+            dom = conn.lookupByUUIDString(uuid)
+            running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+            flags, scopes = _scopes(libvirt, running, persistent)
+            before: Dict[str, Optional[Allow]] = {}
+            if running:
+                before[LIVE] = parse(str(dom.XMLDesc(0))).allow
+            if persistent:
+                before[CONFIG] = parse(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))).allow
+            if element is None and all(before.get(scope) is None for scope in scopes):
+                return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, False)
+            try:
+                dom.setMetadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, ALLOW_KEY if element else None, METADATA_NS, flags
+                )
+            except libvirt.libvirtError as exc:
+                if attempt == 1 and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    continue  # it started or stopped meanwhile: choose the flags again
+                raise
+            return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
+    if uri in answers:
+        return answers[uri]  # type: ignore[no-any-return]
+    why = unreachable.get(uri) or absent.get(uri, "no answer")
+    if why.startswith("no answer within"):
+        why += "; the metadata may or may not have been written: check it with `virsh metadata`"
+    raise SmtpGateError(f"cannot write the smtp-gate metadata of guest {uuid} on {uri}: {why}")

@@ -26,7 +26,7 @@ from smtp_gate import (
     whitelist,
 )
 from smtp_gate.config import Config
-from smtp_gate.domain import Domain, normalise_uuid
+from smtp_gate.domain import Allow, Domain, normalise_uuid
 from smtp_gate.errors import ConfigError, NftError, PartialChange, RunStateError, SmtpGateError, WhitelistError
 from smtp_gate.runstate import Record, RunState
 
@@ -82,7 +82,7 @@ def _unprotected_warnings(nics: Sequence[exposure.Unprotected], allowing: str = 
 
 
 def allow_warnings(
-    config: Config, dom: Domain, running: bool, unprotected: Sequence[exposure.Unprotected]
+    config: Config, dom: Domain, running: bool, unprotected: Sequence[exposure.Unprotected], what: str = "the row"
 ) -> List[str]:
     """What add-vm and the picker say after whitelisting DOM, so that they agree: the same
     derivation (exposure.py) for both.  A guest with no NIC on a protected bridge is
@@ -93,7 +93,7 @@ def allow_warnings(
     if not _protected_candidates(config, dom, running):
         nics = "" if running else f"; its NICs: {_describe_nics(dom)}"
         warnings.append(
-            f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}): the row allows "
+            f"guest {dom.name!r} has no NIC on a protected bridge ({', '.join(config.bridges)}): {what} allows "
             f"nothing until one of its NICs is on one (add its bridge to BRIDGE, or move the NIC){nics}"
         )
     return warnings + _unprotected_warnings(unprotected)
@@ -210,13 +210,9 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
     """Whitelist the guest NAME (a name or a UUID) by a row bound to its UUID: control panels
     reuse names, and a later guest given this name must not inherit the allowance."""
     validate.one_line("reason", reason)  # before asking libvirt: a bad value is refused at once
-    found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
-    if found is None:
-        raise SmtpGateError(
-            f"guest {name!r} not found in libvirt ({', '.join(config.uris())}): "
-            "expected a name or UUID as `virsh list --all` shows it"
-        )
-    dom, running = found
+    dom, running = _find(config, name)
+    if config.allow_store == config_mod.STORE_METADATA:
+        return allow_by_metadata(config, dom, running, reason, user, when)
     row = whitelist.uuid_row(dom.uuid)
     change, _model = _write_and_apply(
         config,
@@ -239,6 +235,8 @@ def del_vm(config: Config, name: str) -> Change:
     libvirt tells a name's UUID and a UUID's name.  For a guest libvirt no longer knows,
     the records its start hooks left give the UUIDs that ran under NAME.
     """
+    if config.allow_store == config_mod.STORE_METADATA:
+        return revoke_by_metadata(config, *_find(config, name))
     warnings: List[str] = []
     try:
         found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
@@ -278,6 +276,7 @@ def del_vm(config: Config, name: str) -> Change:
     else:
         concerned = _recorded_guests([r for r in records if r.uuid in uuids or r.name == key])
     still = [note for guest in concerned for note in _allowed_by(model, guest, "is still allowed by")]
+    still += _metadata_still_allows(dom) if dom is not None else []
     return change._replace(warnings=warnings + change.warnings, still_allowed=tuple(still))
 
 
@@ -374,8 +373,15 @@ def ports_set(config: Config, value: str) -> Change:
 class Row(NamedTuple):
     domain: Domain
     running: bool
-    whitelisted: bool
+    whitelisted: bool  # by the whitelist file
     unprotected: Tuple[exposure.Unprotected, ...] = ()  # as `status` and add-vm name them
+
+    @property
+    def allowed_by(self) -> str:
+        """Which source allows the guest: what the picker's column shows, so that a toggle
+        that removes one source does not look like it revoked the other."""
+        sources = [s for s, on in (("file", self.whitelisted), ("metadata", self.domain.allow is not None)) if on]
+        return "+".join(sources) or "no"
 
 
 def picker_rows(config: Config) -> List[Row]:
@@ -394,6 +400,10 @@ def picker_rows(config: Config) -> List[Row]:
 def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
     """Whitelist a guest that is not, or remove every row that allows it (its MAC rows too)."""
     dom = row.domain
+    if config.allow_store == config_mod.STORE_METADATA:
+        if dom.allow is not None:
+            return revoke_by_metadata(config, dom, row.running)
+        return allow_by_metadata(config, dom, row.running, "picker", user, when)
     running = [dom] if row.running else []
     if row.whitelisted:
         macs = guests.nic_macs(dom)
@@ -406,7 +416,7 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
 
         change, model = _write_and_apply(config, edit, running, macs)
         still = _allowed_by(model, whitelist.Guest(dom.name, dom.uuid, tuple(macs)), "is still allowed by")
-        return change._replace(still_allowed=tuple(still))
+        return change._replace(still_allowed=tuple(still + _metadata_still_allows(dom)))
     key = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
     change, _model = _write_and_apply(
         config,
@@ -434,30 +444,41 @@ def parse_selection(text: str, count: int) -> List[int]:
 
 
 def render_rows(rows: Sequence[Row]) -> str:
-    out = [f"{'#':>3}  {'guest':<24} {'state':<9} {'whitelisted':<11} MACs"]
+    out = [f"{'#':>3}  {'guest':<24} {'state':<9} {'allowed by':<13} MACs"]
     for n, row in enumerate(rows, start=1):
         macs = ", ".join(guests.nic_macs(row.domain)) or "-"
         out.append(
             f"{n:>3}  {row.domain.name:<24} {'running' if row.running else 'shut off':<9} "
-            f"{'yes' if row.whitelisted else 'no':<11} {macs}"
+            f"{row.allowed_by:<13} {macs}"
             + ("  UNPROTECTED" if row.unprotected else "")
         )
         out += [f"       {nic.line()}" for nic in row.unprotected]
     return "\n".join(out) + "\n"
 
 
-def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str], List[str]]:
-    """(rows, problems, notes).  Each row as stored, plus `bound` ("uuid", "name" or "mac")
+class Listed(NamedTuple):
+    rows: List[Dict[str, object]]  # the whitelist file's rows
+    problems: List[str]  # file rows that allow nothing
+    notes: List[str]
+    metadata: List[Dict[str, object]]  # metadata_rows(): guests whose own definition allows them
+    metadata_problems: List[str]  # one line per bad part of a metadata allowance
+
+
+def list_rows(config: Config) -> Listed:
+    """Each file row as stored, plus `source` ("file"), `bound` ("uuid", "name" or "mac")
     and `guest`: the name of the guest a whole-guest row allows (for a UUID row, from
-    libvirt; None when libvirt does not know it or did not answer)."""
+    libvirt; None when libvirt does not know it or did not answer); and every guest's
+    metadata allowance, running or defined (libvirt is asked once, for both)."""
     model = whitelist.load(config.whitelist)
     names: Dict[str, str] = {}
     notes: List[str] = []
-    if any(entry.bound == "uuid" for entry in model.entries()):
-        try:
-            names = {dom.uuid: dom.name for dom, _running in hypervisor.list_all(config.uris(), config.libvirt_timeout)}
-        except SmtpGateError as exc:
-            notes.append(f"guest names of UUID rows not shown: {exc}")
+    pairs: List[Tuple[Domain, bool]] = []
+    try:
+        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)
+        names = {dom.uuid: dom.name for dom, _running in pairs}
+    except SmtpGateError as exc:
+        uuids = " and guest names of UUID rows" if any(e.bound == "uuid" for e in model.entries()) else ""
+        notes.append(f"allowances in libvirt metadata{uuids} not shown: {exc}")
     rows = []
     for number, line in model.numbered():
         entry = line.entry
@@ -468,5 +489,207 @@ def list_rows(config: Config) -> Tuple[List[Dict[str, object]], List[str], List[
             guest = names.get(whitelist.uuid_row(entry.vmname))
         elif entry.bound == "name":
             guest = entry.vmname
-        rows.append({"line": number, **entry._asdict(), "bound": entry.bound, "guest": guest})
-    return rows, [str(p) for p in model.problems()], notes
+        rows.append({"line": number, **entry._asdict(), "source": "file", "bound": entry.bound, "guest": guest})
+    metadata = metadata_rows(pairs)
+    bad = [f"libvirt metadata of guest {r['guest']!r} ({r['uuid']}): {p}" for r in metadata for p in r["problems"]]  # type: ignore[union-attr]
+    return Listed(rows, [str(p) for p in model.problems()], notes, metadata, bad)
+
+
+# -- ALLOW_STORE="metadata": the allowance in the guest's own libvirt definition (issue 11) --
+
+
+def _find(config: Config, name: str) -> Tuple[Domain, bool]:
+    found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
+    if found is None:
+        raise SmtpGateError(
+            f"guest {name!r} not found in libvirt ({', '.join(config.uris())}): "
+            "expected a name or UUID as `virsh list --all` shows it"
+        )
+    return found
+
+
+def allow_element(by: str, at: str, reason: str, macs: Sequence[str] = ()) -> str:
+    """The <allow> element of the contract (README "Fleets"), without namespace: libvirt
+    puts it in urn:smtp-gate:1.  Empty attributes are left out; MACS limit it to those NICs."""
+    import xml.etree.ElementTree as ET  # here: only the metadata store needs it
+
+    element = ET.Element("allow", {k: v for k, v in (("by", by), ("at", at), ("reason", reason)) if v})
+    for mac in macs:
+        ET.SubElement(element, "nic", {"mac": mac})
+    return ET.tostring(element, encoding="unicode")
+
+
+def describe_allow(allow: Allow) -> str:
+    """An allowance's audit fields in one line, as list, status and the notes show them."""
+    parts = [f"by {allow.by or '?'}", f"at {allow.at or '?'}"]
+    if allow.reason:
+        parts.append(f"reason {allow.reason!r}")
+    if allow.macs is not None:
+        parts.append(f"NICs {', '.join(allow.macs) or 'none usable'}")
+    return validate.escape_controls(", ".join(parts))
+
+
+def _scope_text(scopes: Sequence[str]) -> str:
+    return {("live", "config"): "live and saved definition", ("live",): "live definition only: a transient guest",
+            ("config",): "saved definition: the guest is shut off"}.get(tuple(scopes), "+".join(scopes))
+
+
+def _apply_guest(config: Config, dom: Domain, running: bool, affected: Sequence[str]) -> Tuple[whitelist.Whitelist, List[str]]:
+    """After the metadata was written and DOM read back (no lock held meanwhile, DESIGN §2):
+    under the lock, DOM's kernel change, judged from the file and DOM's metadata together.
+    The metadata cannot be put back atomically with the kernel: if the kernel change fails,
+    that is a PartialChange saying what is left."""
+    try:
+        with lock.command_lock(config.lock_path):
+            model = whitelist.load(config.whitelist)
+            return model, allowances.reconcile(config, model, [dom] if running else [], affected)
+    except PartialChange:
+        raise
+    except SmtpGateError as exc:
+        raise PartialChange(
+            f"{exc}; the metadata of guest {dom.name!r} holds the change and the kernel does not: "
+            "`smtp-gate rebuild` applies it"
+        ) from None
+
+
+def _metadata_still_allows(dom: Domain) -> List[str]:
+    """One note per NIC of DOM its metadata allows: after a file revocation, exit 3."""
+    if dom.allow is None:
+        return []
+    return [
+        f"NIC {mac} of guest {dom.name!r} ({dom.uuid}) is still allowed by its libvirt metadata "
+        f"({describe_allow(dom.allow)}); `ALLOW_STORE=metadata smtp-gate del-vm` or the panel that set it removes it"
+        for mac in dom.allow.allows(guests.nic_macs(dom))
+    ]
+
+
+def allow_by_metadata(config: Config, dom: Domain, running: bool, reason: str, user: str, when: datetime) -> Change:
+    """Allow every NIC of DOM by its metadata (by USER, at WHEN, REASON): written through
+    libvirt first, the guest read back, then its kernel change under the lock."""
+    element = allow_element(user, when.isoformat(timespec="seconds"), reason)
+    result = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, element, config.libvirt_timeout)
+    after = result.domain
+    lines = [f"allowed guest {after.name!r} (UUID {after.uuid}, every NIC) in its libvirt metadata ({_scope_text(result.scopes)})"]
+    notes = [
+        f"it replaces the allowance its {'live' if scope == 'live' else 'saved'} definition carried ({describe_allow(old)})"
+        for scope, old in result.before.items()
+        if old is not None and scope in result.scopes
+    ]
+    _model, applied = _apply_guest(config, after, result.running, [])
+    lines += applied
+    if not result.running:
+        lines.append(f"guest {after.name!r} is not running: its NICs are allowed when it starts")
+    unprotected = guest_unprotected(config, after, result.running)
+    warnings = allow_warnings(config, after, result.running, unprotected, "the allowance")
+    return Change(lines, warnings, tuple(notes))
+
+
+def revoke_by_metadata(config: Config, dom: Domain, running: bool) -> Change:
+    """Remove DOM's metadata allowance and revoke what it allowed; a NIC the whitelist file
+    still allows is named (exit 3), as del-vm does for the file's other rows."""
+    result = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, None, config.libvirt_timeout)
+    after = result.domain
+    if result.written:
+        lines = [f"removed the allowance from the libvirt metadata of guest {after.name!r} ({_scope_text(result.scopes)})"]
+    else:
+        lines = [f"nothing to remove: the libvirt metadata of guest {after.name!r} carries no allowance"]
+    macs = guests.nic_macs(after)
+    model, applied = _apply_guest(config, after, result.running, macs)
+    still = _allowed_by(model, whitelist.Guest(after.name, after.uuid, tuple(macs)), "is still allowed by the whitelist file's")
+    notes = []
+    saved = result.before.get("config")
+    if "config" not in result.scopes and saved is not None:  # cannot happen with libvirt's flags, said if it does
+        notes.append(f"its saved definition still carries an allowance ({describe_allow(saved)})")
+    return Change(lines + applied, [], tuple(notes), tuple(still))
+
+
+class Export(NamedTuple):
+    lines: List[str]  # one per guest: what was (or would be) written
+    skipped: List[str]  # one per row that cannot be exported: exit 3
+    notes: List[str]
+
+
+def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) -> Export:
+    """Write each whitelist-file row that names a guest (by UUID or name) into that guest's
+    metadata, one write per guest, with the row's own audit fields (so the record of who
+    allowed it and why travels with the guest).  The file is never changed, and the kernel
+    needs no change: the file still allows those guests here.  MAC rows name no guest and
+    rows whose guest libvirt does not know are reported, not exported."""
+    model = whitelist.load(config.whitelist)
+    pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)  # raises if no URI answered
+    by_uuid = {dom.uuid: dom for dom, _running in pairs}
+    by_name: Dict[str, List[Domain]] = {}
+    for dom, _running in pairs:
+        by_name.setdefault(dom.name, []).append(dom)
+    wanted: Dict[str, Tuple[Domain, int, whitelist.Entry]] = {}  # uuid -> (guest, first line, its row)
+    skipped: List[str] = []
+    for number, line in model.numbered():
+        entry = line.entry
+        if entry is None:
+            continue
+        if entry.bound == "mac":
+            skipped.append(
+                f"line {number}: {entry.describe()} is not exported: a MAC row names no guest (it stays in the file; "
+                "`smtp-gate add-vm` the guest, or set <nic mac> in its metadata, to make it follow the guest)"
+            )
+            continue
+        if entry.bound == "uuid":
+            found = [by_uuid[u] for u in [whitelist.uuid_row(entry.vmname)] if u in by_uuid]
+        else:
+            found = by_name.get(entry.vmname, [])
+        if len(found) != 1:
+            why = "libvirt does not know it" if not found else f"{len(found)} guests have that name"
+            skipped.append(f"line {number}: {entry.describe()} is not exported: {why} ({', '.join(config.uris())})")
+            continue
+        wanted.setdefault(found[0].uuid, (found[0], number, entry))
+    lines: List[str] = []
+    for dom, number, entry in wanted.values():
+        current = dom.allow
+        if current is not None and current.macs is None and not current.problems:
+            lines.append(f"guest {dom.name!r} (line {number}): its metadata already allows every NIC ({describe_allow(current)}): kept")
+            continue
+        at = entry.added_at if _iso(entry.added_at) else when.isoformat(timespec="seconds")
+        element = allow_element(entry.added_by or user, at, entry.reason)
+        replaced = f", replacing ({describe_allow(current)})" if current is not None else ""
+        if dry_run:
+            lines.append(f"guest {dom.name!r} (line {number}): would write <allow by={entry.added_by or user!r} at={at!r} reason={entry.reason!r}/>{replaced}")
+            continue
+        try:
+            result = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, element, config.libvirt_timeout)
+        except SmtpGateError as exc:
+            done = [l for l in lines if " wrote " in l]
+            raise SmtpGateError(
+                f"{exc}; {len(done)} guest(s) written before it (run export-metadata again: it keeps what is already there)"
+            ) from None
+        lines.append(f"guest {dom.name!r} (line {number}): wrote its allowance into its {_scope_text(result.scopes)}{replaced}")
+    notes = [
+        f"the whitelist file {config.whitelist} was not changed: "
+        + ("nothing was written (dry run)" if dry_run else "each guest is now allowed by both")
+        + "; once `smtp-gate list` shows each guest's metadata allowance, remove its file rows with "
+        "`smtp-gate del-vm NAME` (ALLOW_STORE=file) or by editing the file"
+    ]
+    return Export(lines, skipped, notes)
+
+
+def _iso(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def metadata_rows(pairs: Sequence[Tuple[Domain, bool]]) -> List[Dict[str, object]]:
+    """One row per guest whose metadata carries an allowance, running or not, for `list`."""
+    rows: List[Dict[str, object]] = []
+    for dom, running in pairs:
+        allow = dom.allow
+        if allow is None:
+            continue
+        rows.append({
+            "source": "metadata", "guest": dom.name, "uuid": dom.uuid, "uri": dom.uri,
+            "state": "running" if running else "shut off", "by": allow.by, "at": allow.at, "reason": allow.reason,
+            "macs": list(allow.macs) if allow.macs is not None else None,
+            "allows": list(allow.allows(guests.nic_macs(dom))), "problems": list(allow.problems),
+        })
+    return rows

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from smtp_gate import discovery, nft, offswitch, ruleset, validate, whitelist
+from smtp_gate import discovery, guests as guests_mod, nft, offswitch, ruleset, validate, whitelist
 from smtp_gate.config import Config
 from smtp_gate.discovery import Link
 from smtp_gate.errors import SmtpGateError
@@ -169,7 +169,7 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     allowance, their blocked attempts) and every running guest NIC no rule sees (UNPROTECTED,
     exposure.py).  Asks libvirt (no lock held); if no hypervisor answers, says so instead,
     and that UNPROTECTED NICs could not be checked."""
-    from smtp_gate import exposure, guests as guests_mod, hypervisor, whitelist
+    from smtp_gate import exposure, hypervisor, whitelist
     from smtp_gate.errors import SmtpGateError
 
     links = discovery.read_links() if links is None else links
@@ -190,7 +190,14 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
         allowed = verdict.allowed_macs
         if running:
             report.unprotected += [u.to_json() for u in exposure.unprotected_nics(dom, config.bridges, master_of)]
-        if not allowed:
+        meta = dom.allow
+        if meta is not None:
+            # a bad part allows nothing: whoever set it meant to allow the guest, or that NIC
+            report.warnings += [
+                f"the libvirt metadata allowance of guest {dom.name!r} ({dom.uuid}): {p} (that part allows nothing)"
+                for p in meta.problems
+            ]
+        if not allowed and meta is None:
             continue
         filtered = [n for n in dom.nics if exposure.on_protected_bridge(n, config.bridges, master_of)]
         expected = [(v.nic.target, v.nic.mac) for v in verdict.nics if v.state == guests_mod.ALLOWED]
@@ -213,12 +220,46 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
                 "allowed_macs": list(allowed),
                 "held": state,
                 "attempts": sum(attempts.get(m, 0) for m in macs),
+                "allowances": _allowances(verdict),
             }
         )
         if running and not held_all:
             report.warnings.append(
                 f"whitelisted guest {dom.name!r} runs but the kernel does not hold its allowance: run `smtp-gate rebuild`"
             )
+
+
+def _allowances(verdict: "guests_mod.Verdict") -> List[Dict[str, object]]:
+    """Each source that allows the guest, with what it allows: the file (its MACs), and the
+    metadata with its audit fields (by, at, reason) and any bad part (problems)."""
+    out: List[Dict[str, object]] = []
+    if verdict.whitelisted:
+        out.append({"source": "file", "macs": list(verdict.whitelisted)})
+    meta = verdict.domain.allow
+    if meta is not None:
+        out.append({
+            "source": "metadata", "macs": list(verdict.by_metadata), "by": meta.by, "at": meta.at,
+            "reason": meta.reason, "nics": list(meta.macs) if meta.macs is not None else None,
+            "problems": list(meta.problems),
+        })
+    return out
+
+
+def _allowances_text(allowances: List[Dict[str, object]]) -> str:
+    parts = []
+    for item in allowances:
+        if item["source"] == "file":
+            parts.append("whitelist file")
+            continue
+        fields = [f"by {item['by'] or '?'}", f"at {item['at'] or '?'}"]
+        if item["reason"]:
+            fields.append(f"reason {item['reason']!r}")
+        if item["nics"] is not None:
+            fields.append(f"NICs {', '.join(item['nics']) or 'none usable'}")  # type: ignore[arg-type]
+        if item["problems"]:
+            fields.append(f"{len(item['problems'])} bad part(s)")  # type: ignore[arg-type]
+        parts.append(f"metadata ({', '.join(fields)})")
+    return "; ".join(parts) or "-"
 
 
 def _audit(table: nft.KernelTable) -> bool:
@@ -261,11 +302,12 @@ def render(report: Report) -> str:
     for pair in report.allowed:
         lines.append(f"  {pair['port']:<16} {pair['mac']}")
     for guest in report.guests:
-        lines.append(
+        lines.append(validate.escape_controls(
             "whitelisted guest {name}: {state}; ports {ports}; allowance in kernel: {held}; blocked attempts: {attempts}".format(
                 **guest
             )
-        )
+            + f"; allowed by: {_allowances_text(guest.get('allowances', []))}"  # type: ignore[arg-type]
+        ))
     lines += [str(nic["line"]) for nic in report.unprotected]
     lines.append(
         "blocked attempts: IPv4 {blocked4}, IPv6 {blocked6}; non-IP frames {verb} {nonip}; malformed {malformed}".format(

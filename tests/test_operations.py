@@ -198,10 +198,11 @@ def test_with_libvirt_answering_a_broken_whitelist_is_as_the_readme_says(bare_la
 def test_list_says_when_the_whitelist_file_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     conf = tmp_path / "smtp-gate.conf"
     missing = tmp_path / "nowhere.csv"
-    conf.write_text(f'WHITELIST="{missing}"\nRUN_DIR="{tmp_path / "run"}"\n')
+    uri = testdriver.write_node(tmp_path, running=0)  # a libvirt with no guest: no metadata allowance either
+    conf.write_text(f'WHITELIST="{missing}"\nRUN_DIR="{tmp_path / "run"}"\nLIBVIRT_URI="{uri}"\n')
     assert main(["--config", str(conf), "list"]) == 0
     out, err = capsys.readouterr()
-    assert out == f"# {missing}: the whitelist file does not exist (no guest is allowed)\n" and err == ""
+    assert out == f"# {missing}: the whitelist file does not exist (it allows no guest)\n" and err == ""
     assert main(["--config", str(conf), "list", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["exists"], report["rows"], report["problems"]) == (False, [], [])
