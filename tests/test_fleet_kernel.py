@@ -1,0 +1,80 @@
+"""ALLOW_STORE="metadata" enforced at once (issue 11): the real CLI in the hypervisor namespace,
+libvirt's test driver for the guests, real frames through the lab's bridge.
+
+Each `test:///PATH` connection loads its own copy of the node file, so what one command
+writes to a guest's metadata the next command does not see: each test here makes one
+change per command and checks the kernel right after it (tests/test_fleet_cli.py checks
+the written XML, on the shared test:///default)."""
+
+from pathlib import Path
+
+import pytest
+
+from tests import testdriver
+from tests.netlab import BridgeLab
+
+pytestmark = pytest.mark.kernel
+
+HEADER = "# vmname,mac,added_at,added_by,reason\n"
+NS = "urn:smtp-gate:1"
+
+
+def fleet(lab: BridgeLab, store: str, metadata: str = "", file_rows: str = "") -> BridgeLab:
+    """Guests vm00000 (running, MAC and port of the lab's guest vm0) and vm00001 (running);
+    vm00000 carries METADATA in its definition."""
+    uri = testdriver.write_node(lab.tmp, running=2, nics=1)
+    node = Path(uri[len("test://"):])
+    if metadata:
+        text = node.read_text()
+        first = text.index("<devices>")
+        node.write_text(text[:first] + f"<metadata>{metadata}</metadata>" + text[first:])
+    lab.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="{uri}"\nALLOW_STORE="{store}"\n')
+    (lab.tmp / "whitelist.csv").write_text(HEADER + file_rows)
+    for i in (0, 1):
+        lab.add_guest(f"vm{i}", testdriver.target(i, 0), 20 + i, mac=testdriver.mac(i, 0))
+    assert lab.smtp_gate("apply").returncode == 0
+    return lab
+
+
+def can_mail(lab: BridgeLab, guest: str) -> bool:
+    return lab.tcp_connects(lab.guests[guest], lab.INET4, 25, timeout=0.4)
+
+
+def test_add_vm_into_metadata_allows_at_once(bare_lab: BridgeLab) -> None:
+    lab = fleet(bare_lab, "metadata")
+    assert not can_mail(lab, "vm0")
+    r = lab.smtp_gate("add-vm", "vm00000", "KYC 1", check=False, env={"SUDO_USER": "alice"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"ok: allowed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) in its libvirt metadata "
+        "(live and saved definition)",  # a node file's guests are persistent
+        f"ok: allowed guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}",
+    ]
+    assert can_mail(lab, "vm0") and not can_mail(lab, "vm1")
+    assert (lab.tmp / "whitelist.csv").read_text() == HEADER
+
+
+def test_a_defined_allowance_is_enforced_by_apply_and_del_vm_revokes_it_at_once(bare_lab: BridgeLab) -> None:
+    lab = fleet(bare_lab, "metadata", f'<sg:allow xmlns:sg="{NS}" by="panel" reason="KYC 2"/>')
+    assert can_mail(lab, "vm0"), "apply reads the metadata"
+    assert not can_mail(lab, "vm1")
+    status = lab.smtp_gate("status", check=False).stdout
+    assert "whitelisted guest vm00000: running;" in status and "allowance in kernel: yes" in status
+    assert "allowed by: metadata (by panel, at ?, reason 'KYC 2')" in status
+    r = lab.smtp_gate("del-vm", "vm00000", check=False)
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout.splitlines() == [
+        "ok: removed the allowance from the libvirt metadata of guest 'vm00000' (live and saved definition)",
+        f"ok: revoked guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}",
+    ]
+    assert not can_mail(lab, "vm0")
+
+
+def test_removing_the_file_row_keeps_the_metadata_allowance_and_says_so(bare_lab: BridgeLab) -> None:
+    row = f"{testdriver.uuid(0)},,2026-01-01T00:00:00+00:00,alice,file\n"
+    lab = fleet(bare_lab, "file", f'<sg:allow xmlns:sg="{NS}" by="panel"/>', row)
+    r = lab.smtp_gate("del-vm", "vm00000", check=False)
+    assert r.returncode == 3, r
+    assert r.stdout == f"ok: removed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) from line 2\n"
+    assert "is still allowed by its libvirt metadata (by panel, at ?)" in r.stderr
+    assert can_mail(lab, "vm0"), "the metadata still allows it"
