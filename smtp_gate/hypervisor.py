@@ -457,6 +457,20 @@ class AllowWrite(NamedTuple):
     scopes: Tuple[str, ...]  # the definitions written: (LIVE, CONFIG), (LIVE,) or (CONFIG,)
     before: Dict[str, Optional[Allow]]  # scope -> the allowance it carried before (None: none)
     written: bool = True  # False: a removal that found nothing to remove, so nothing was sent
+    raw: Dict[str, Optional[str]] = {}  # scope -> that element as libvirt gave it: what put_back() writes
+
+
+_SCOPE_FLAGS = {LIVE: "VIR_DOMAIN_AFFECT_LIVE", CONFIG: "VIR_DOMAIN_AFFECT_CONFIG"}
+
+
+def _raw_allow(libvirt: Any, dom: Any, scope: str) -> Optional[str]:
+    """Our element in the guest's SCOPE definition, verbatim (bad parts included), or None."""
+    try:
+        return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, getattr(libvirt, _SCOPE_FLAGS[scope])))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+        raise
 
 
 def _scopes(libvirt: Any, running: bool, persistent: bool) -> Tuple[int, Tuple[str, ...]]:
@@ -492,8 +506,9 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
                 before[LIVE] = parse(str(dom.XMLDesc(0))).allow
             if persistent:
                 before[CONFIG] = parse(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))).allow
+            raw = {scope: _raw_allow(libvirt, dom, scope) for scope in scopes}
             if element is None and all(before.get(scope) is None for scope in scopes):
-                return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, False)
+                return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, False, raw)
             try:
                 dom.setMetadata(
                     libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, ALLOW_KEY if element else None, METADATA_NS, flags
@@ -502,7 +517,7 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
                 if attempt == 1 and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
                     continue  # it started or stopped meanwhile: choose the flags again
                 raise
-            return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before)
+            return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, True, raw)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
@@ -512,3 +527,22 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
     if why.startswith("no answer within"):
         why += "; the metadata may or may not have been written: check it with `virsh metadata`"
     raise SmtpGateError(f"cannot write the smtp-gate metadata of guest {uuid} on {uri}: {why}")
+
+
+def put_back(uri: str, uuid: str, raw: Dict[str, Optional[str]], timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Write back, scope by scope, the elements write_allow() found (AllowWrite.raw): for a
+    command whose kernel change failed after its metadata write, so that exit 1 keeps its
+    promise.  A live definition that is gone (the guest stopped meanwhile) needs nothing."""
+    libvirt = _libvirt()
+
+    def work(conn: Any, _uri: str) -> None:
+        dom = conn.lookupByUUIDString(uuid)
+        for scope, element in raw.items():
+            if scope == LIVE and not dom.isActive():
+                continue
+            flags = getattr(libvirt, _SCOPE_FLAGS[scope])
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, ALLOW_KEY if element else None, METADATA_NS, flags)
+
+    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
+    if uri not in answers:
+        raise SmtpGateError(unreachable.get(uri) or absent.get(uri, "no answer"))

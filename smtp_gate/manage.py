@@ -534,22 +534,32 @@ def _scope_text(scopes: Sequence[str]) -> str:
             ("config",): "saved definition: the guest is shut off"}.get(tuple(scopes), "+".join(scopes))
 
 
-def _apply_guest(config: Config, dom: Domain, running: bool, affected: Sequence[str]) -> Tuple[whitelist.Whitelist, List[str]]:
-    """After the metadata was written and DOM read back (no lock held meanwhile, DESIGN §2):
-    under the lock, DOM's kernel change, judged from the file and DOM's metadata together.
-    The metadata cannot be put back atomically with the kernel: if the kernel change fails,
-    that is a PartialChange saying what is left."""
+def _apply_guest(config: Config, written: hypervisor.AllowWrite, affected: Sequence[str]) -> Tuple[whitelist.Whitelist, List[str]]:
+    """After the metadata was written and the guest read back (no lock held meanwhile, DESIGN
+    §2): under the lock, its kernel change, judged from the file and its metadata together.
+    If the kernel refuses (its batches are atomic: nothing changed there), the metadata is
+    put back as it was, after the lock is released, so that exit 1 keeps its promise; if
+    that fails too, a PartialChange says what is left."""
+    dom = written.domain
     try:
         with lock.command_lock(config.lock_path):
             model = whitelist.load(config.whitelist)
-            return model, allowances.reconcile(config, model, [dom] if running else [], affected)
+            return model, allowances.reconcile(config, model, [dom] if written.running else [], affected)
     except PartialChange:
         raise
-    except SmtpGateError as exc:
-        raise PartialChange(
-            f"{exc}; the metadata of guest {dom.name!r} holds the change and the kernel does not: "
-            "`smtp-gate rebuild` applies it"
-        ) from None
+    except (SmtpGateError, OSError) as exc:  # OSError: the run directory's lock, which cli.py words itself
+        if not written.written:
+            raise
+        try:
+            hypervisor.put_back(dom.uri or config.uris()[0], dom.uuid, written.raw, config.libvirt_timeout)
+        except SmtpGateError as back:
+            raise PartialChange(
+                f"{_one_line(exc)}; putting back the metadata of guest {dom.name!r} failed too ({back}): its metadata "
+                "holds the change and the kernel does not; `smtp-gate rebuild` applies it, or undo it with `virsh metadata`"
+            ) from None
+        if isinstance(exc, OSError):
+            raise
+        raise SmtpGateError(f"{exc}; the metadata of guest {dom.name!r} was put back as it was") from None
 
 
 def _metadata_still_allows(dom: Domain) -> List[str]:
@@ -575,7 +585,7 @@ def allow_by_metadata(config: Config, dom: Domain, running: bool, reason: str, u
         for scope, old in result.before.items()
         if old is not None and scope in result.scopes
     ]
-    _model, applied = _apply_guest(config, after, result.running, [])
+    _model, applied = _apply_guest(config, result, [])
     lines += applied
     if not result.running:
         lines.append(f"guest {after.name!r} is not running: its NICs are allowed when it starts")
@@ -594,13 +604,9 @@ def revoke_by_metadata(config: Config, dom: Domain, running: bool) -> Change:
     else:
         lines = [f"nothing to remove: the libvirt metadata of guest {after.name!r} carries no allowance"]
     macs = guests.nic_macs(after)
-    model, applied = _apply_guest(config, after, result.running, macs)
+    model, applied = _apply_guest(config, result, macs)
     still = _allowed_by(model, whitelist.Guest(after.name, after.uuid, tuple(macs)), "is still allowed by the whitelist file's")
-    notes = []
-    saved = result.before.get("config")
-    if "config" not in result.scopes and saved is not None:  # cannot happen with libvirt's flags, said if it does
-        notes.append(f"its saved definition still carries an allowance ({describe_allow(saved)})")
-    return Change(lines + applied, [], tuple(notes), tuple(still))
+    return Change(lines + applied, [], (), tuple(still))
 
 
 class Export(NamedTuple):

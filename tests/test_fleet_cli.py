@@ -330,3 +330,23 @@ def test_a_bad_allow_store_is_refused_with_its_line(tmp_path: Path, capsys: pyte
     assert err == (f"smtp-gate: error: {conf}:2: ALLOW_STORE: bad value {value!r}: expected one of file, metadata\n")
     assert config_mod.parse('ALLOW_STORE="Metadata"\n', "x").allow_store == "metadata"
     assert config_mod.parse("", "x").allow_store == "file"
+
+
+def test_when_the_change_cannot_be_applied_the_metadata_is_put_back_verbatim(
+    fleet: Guests, conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The metadata is written first (libvirt is never asked under our lock); if what follows
+    fails (here: the whitelist is a directory, read under the lock), the element each
+    definition held is written back as it was, bad parts included, and exit 1 is true."""
+    old = lambda i: f'<sg:allow xmlns:sg="{NS}" by="panel"><sg:nic mac="{testdriver.mac(i, 0)}"/><sg:nic mac="bad"/></sg:allow>'
+    name, _ = fleet.make("running", metadata=old)
+    before = {inactive: fleet.allow(name, inactive) for inactive in (False, True)}
+    assert before[False] is not None and len(before[False].problems) == 1
+    (conf.parent / "whitelist.csv").unlink()
+    (conf.parent / "whitelist.csv").mkdir()
+    for args in (["add-vm", name, "new"], ["del-vm", name]):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, ""), (args, out, err)
+        assert err.startswith("smtp-gate: error: ") and err.count("\n") == 1, err
+        assert "is a directory" in err and err.endswith(f"; the metadata of guest '{name}' was put back as it was\n"), err
+        assert {inactive: fleet.allow(name, inactive) for inactive in (False, True)} == before, args
