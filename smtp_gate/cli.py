@@ -10,7 +10,8 @@ metadata; `export-metadata`: a row was not exported, a MAC row or one whose gues
 does not know); 4 `status`: enforcement is not active; 5 the operator switched
 enforcement off (`status`, and `apply --if-enabled`, which then installs nothing); 6 the
 kernel refused a change whose file (ALLOW_STORE=metadata: the guest's metadata) was
-written, and it could not be put back (the message says what is left); 141 the reader of stdout went away (`status | head`).
+written, and it could not be put back, or `export-metadata` failed after writing some
+guests' metadata (the message says what is left); 141 the reader of stdout went away (`status | head`).
 No hypervisor answering is a note on stderr, not a warning: apply then keeps what the
 kernel holds.
 """

@@ -485,6 +485,34 @@ def _scopes(libvirt: Any, running: bool, persistent: bool) -> Tuple[int, Tuple[s
     return libvirt.VIR_DOMAIN_AFFECT_CONFIG, (CONFIG,)
 
 
+def _state(libvirt: Any, dom: Any) -> Tuple[bool, int, Tuple[str, ...], Dict[str, Optional[Allow]]]:
+    """(running, flags, scopes, the allowance each definition carries) of the guest DOM."""
+    running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+    flags, scopes = _scopes(libvirt, running, persistent)
+    before: Dict[str, Optional[Allow]] = {}
+    if running:
+        before[LIVE] = parse(str(dom.XMLDesc(0))).allow
+    if persistent:
+        before[CONFIG] = parse(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))).allow
+    return running, flags, scopes, before
+
+
+def read_allow(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -> Tuple[Tuple[str, ...], Dict[str, Optional[Allow]]]:
+    """(the scopes write_allow would write, the allowance each definition carries now) of the
+    guest UUID on URI, read-only: what `export-metadata` (also --dry-run) decides from, since
+    a listing shows a running guest's live definition only."""
+    libvirt = _libvirt()
+
+    def work(conn: Any, _uri: str) -> Tuple[Tuple[str, ...], Dict[str, Optional[Allow]]]:
+        _running, _flags, scopes, before = _state(libvirt, conn.lookupByUUIDString(uuid))
+        return scopes, before
+
+    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout)
+    if uri not in answers:
+        raise SmtpGateError(f"cannot read the metadata of guest {uuid} on {uri}: {unreachable.get(uri) or absent.get(uri, 'no answer')}")
+    return answers[uri]  # type: ignore[no-any-return]
+
+
 def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DEFAULT_TIMEOUT) -> AllowWrite:
     """Set ELEMENT (an <allow .../> without namespace: libvirt puts it in METADATA_NS with
     prefix ALLOW_KEY) as the guest UUID's allowance on URI, or remove it (ELEMENT None), in
@@ -499,13 +527,7 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
     def work(conn: Any, _uri: str) -> AllowWrite:
         for attempt in (1, 2):
             dom = conn.lookupByUUIDString(uuid)
-            running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-            flags, scopes = _scopes(libvirt, running, persistent)
-            before: Dict[str, Optional[Allow]] = {}
-            if running:
-                before[LIVE] = parse(str(dom.XMLDesc(0))).allow
-            if persistent:
-                before[CONFIG] = parse(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))).allow
+            running, flags, scopes, before = _state(libvirt, dom)
             raw = {scope: _raw_allow(libvirt, dom, scope) for scope in scopes}
             if element is None and all(before.get(scope) is None for scope in scopes):
                 return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, False, raw)

@@ -649,24 +649,41 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
             continue
         wanted.setdefault(found[0].uuid, (found[0], number, entry))
     lines: List[str] = []
+    done: List[str] = []  # guests written, for the message if a later write fails
     for dom, number, entry in wanted.values():
-        current = dom.allow
-        if current is not None and current.macs is None and not current.problems:
-            lines.append(f"guest {dom.name!r} (line {number}): its metadata already allows every NIC ({describe_allow(current)}): kept")
+        uri = dom.uri or config.uris()[0]
+        try:
+            scopes, before = hypervisor.read_allow(uri, dom.uuid, config.libvirt_timeout)
+        except SmtpGateError as exc:
+            if not done:
+                raise
+            raise PartialChange(f"{exc}; written before it: {', '.join(map(repr, done))} (run export-metadata again)") from None
+        if all(_whole(before.get(scope)) for scope in scopes):  # every definition it would write already allows it all
+            lines.append(
+                f"guest {dom.name!r} (line {number}): its metadata already allows every NIC "
+                f"({describe_allow(before[scopes[0]])}; {_scope_text(scopes)}): kept"  # type: ignore[arg-type]
+            )
             continue
+        current = next((before[scope] for scope in scopes if before.get(scope) is not None), None)
         at = entry.added_at if _iso(entry.added_at) else when.isoformat(timespec="seconds")
         element = allow_element(entry.added_by or user, at, entry.reason)
         replaced = f", replacing ({describe_allow(current)})" if current is not None else ""
         if dry_run:
-            lines.append(f"guest {dom.name!r} (line {number}): would write <allow by={entry.added_by or user!r} at={at!r} reason={entry.reason!r}/>{replaced}")
+            lines.append(
+                f"guest {dom.name!r} (line {number}): would write <allow by={entry.added_by or user!r} at={at!r} "
+                f"reason={entry.reason!r}/> into its {_scope_text(scopes)}{replaced}"
+            )
             continue
         try:
-            result = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, element, config.libvirt_timeout)
+            result = hypervisor.write_allow(uri, dom.uuid, element, config.libvirt_timeout)
         except SmtpGateError as exc:
-            done = [l for l in lines if " wrote " in l]
-            raise SmtpGateError(
-                f"{exc}; {len(done)} guest(s) written before it (run export-metadata again: it keeps what is already there)"
+            if not done:
+                raise
+            raise PartialChange(
+                f"{exc}; written before it: {', '.join(map(repr, done))} (run export-metadata again: it keeps "
+                "what is already there)"
             ) from None
+        done.append(dom.name)
         lines.append(f"guest {dom.name!r} (line {number}): wrote its allowance into its {_scope_text(result.scopes)}{replaced}")
     notes = [
         f"the whitelist file {config.whitelist} was not changed: "
@@ -675,6 +692,11 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
         "`smtp-gate del-vm NAME` (ALLOW_STORE=file) or by editing the file"
     ]
     return Export(lines, skipped, notes)
+
+
+def _whole(allow: Optional[Allow]) -> bool:
+    """An allowance of every NIC with no bad part: what exporting a whole-guest row would write."""
+    return allow is not None and allow.macs is None and not allow.problems
 
 
 def _iso(value: str) -> bool:

@@ -253,21 +253,30 @@ def test_export_metadata_dry_run_then_for_real(
     running, r = fleet.make("running")
     stopped, s = fleet.make("stopped")
     kept, k = fleet.make("transient", metadata=lambda _i: f'<x:allow xmlns:x="{NS}" by="panel"/>')
+    # live only: its saved definition lacks it, so a --persistent migration or a cold boot would lose it
+    half, h = fleet.make("running")
+    fleet.conn.lookupByName(half).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<allow by="panel"/>', "smtpgate", NS,
+                                              libvirt.VIR_DOMAIN_AFFECT_LIVE)
     rows = (f"{testdriver.uuid(r)},,2026-01-01T00:00:00+00:00,alice,KYC 1\n"
             f"{stopped},,yesterday,,by name\n"
             f"{testdriver.uuid(k)},,2026-01-01T00:00:00+00:00,alice,\n"
             "spare,52:54:00:ab:cd:ef,2026-01-01T00:00:00+00:00,bob,\n"
-            "0badc0de-1111-4111-8111-111111111111,,2026-01-01T00:00:00+00:00,bob,gone\n")
+            "0badc0de-1111-4111-8111-111111111111,,2026-01-01T00:00:00+00:00,bob,gone\n"
+            f"{half},,2026-01-01T00:00:00+00:00,alice,half\n")
     path = conf.parent / "whitelist.csv"
     path.write_text(HEADER + rows)
     code, out, err = run(conf, capsys, "export-metadata", "--dry-run")
     assert code == 3, err
-    assert out.splitlines() == [
-        f"dry run: guest '{running}' (line 2): would write <allow by='alice' at='2026-01-01T00:00:00+00:00' reason='KYC 1'/>",
-        f"dry run: guest '{stopped}' (line 3): would write <allow by='carol' at=" + out.split(f"'{stopped}' (line 3): would write <allow by='carol' at=")[1].split("\n")[0],
-        f"dry run: guest '{kept}' (line 4): its metadata already allows every NIC (by panel, at ?): kept",
-    ]
-    assert "reason='by name'/>" in out
+    lines = out.splitlines()
+    assert lines[0] == (f"dry run: guest '{running}' (line 2): would write <allow by='alice' at='2026-01-01T00:00:00+00:00' "
+                        "reason='KYC 1'/> into its live and saved definition")
+    assert lines[1].startswith(f"dry run: guest '{stopped}' (line 3): would write <allow by='carol' at='")
+    assert lines[1].endswith("' reason='by name'/> into its saved definition: the guest is shut off")
+    assert lines[2] == (f"dry run: guest '{kept}' (line 4): its metadata already allows every NIC (by panel, at ?; "
+                        "live definition only: a transient guest): kept")
+    assert lines[3] == (f"dry run: guest '{half}' (line 7): would write <allow by='alice' at='2026-01-01T00:00:00+00:00' "
+                        "reason='half'/> into its live and saved definition, replacing (by panel, at ?)")
+    assert len(lines) == 4
     assert err.splitlines() == [
         "smtp-gate: warning: line 5: MAC 52:54:00:ab:cd:ef (spare) is not exported: a MAC row names no guest (it stays in "
         "the file; `smtp-gate add-vm` the guest, or set <nic mac> in its metadata, to make it follow the guest)",
@@ -286,7 +295,8 @@ def test_export_metadata_dry_run_then_for_real(
         f"ok: guest '{stopped}' (line 3): wrote its allowance into its saved definition: the guest is shut off",
     ]
     assert "each guest is now allowed by both" in err
-    for name, inactive in ((running, False), (running, True), (stopped, True)):
+    assert out.splitlines()[3] == f"ok: guest '{half}' (line 7): wrote its allowance into its live and saved definition, replacing (by panel, at ?)"
+    for name, inactive in ((running, False), (running, True), (stopped, True), (half, True)):
         assert fleet.allow(name, inactive) is not None, (name, inactive)
     allow = fleet.allow(running)
     assert (allow.by, allow.at, allow.reason) == ("alice", "2026-01-01T00:00:00+00:00", "KYC 1")  # type: ignore[union-attr]
@@ -294,7 +304,7 @@ def test_export_metadata_dry_run_then_for_real(
     assert stopped_allow.by == "carol" and datetime.fromisoformat(stopped_allow.at)  # type: ignore[union-attr]
     assert path.read_text() == HEADER + rows, "export never changes the file"
     code, out, _ = run(conf, capsys, "export-metadata")
-    assert code == 3 and out.count("already allows every NIC") == 3, "a second run keeps what is there"
+    assert code == 3 and out.count("already allows every NIC") == 4, "a second run keeps what is there"
 
 
 def test_export_metadata_with_nothing_to_export(fleet: Guests, conf: Path, capsys: pytest.CaptureFixture) -> None:
