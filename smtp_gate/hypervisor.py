@@ -157,7 +157,7 @@ class _Absent(Exception):
     """The URI's driver does not exist on this host."""
 
 
-_Work = Callable[[Any, str], Any]  # (read-only connection, uri) -> that URI's answer
+_Work = Callable[[Any, str], Any]  # (connection, read-only unless a write asks, uri) -> that URI's answer
 
 
 def _ask(libvirt: Any, uri: str, work: _Work, root: str, read_only: bool = True) -> Tuple[str, Any]:
