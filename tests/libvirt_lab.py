@@ -69,7 +69,7 @@ API (failures raise ``LabError``)
         lab.ns, lab.inet_ns           network namespace names (``ip netns exec <ns> ...``)
         lab.uri                       libvirt URI for ``virsh -c`` / ``libvirt.open()``
         lab.peer_uri                  ``qemu+unix://`` URI another lab's libvirtd reaches this one by
-        lab.host_uuid                 libvirtd.conf's host_uuid (None: this machine's)
+        lab.host_uuid                 libvirtd.conf's host_uuid (None: libvirt's choice)
         lab.root                      lab directory: etc/ lib/ cache/ log/ run/ state/ overlay/
         lab.etc_dir, lab.hooks_dir    the daemons' /etc/libvirt and /etc/libvirt/hooks
         lab.state_dir                 consoles (<name>.console.log), domain XML, daemon logs
@@ -824,8 +824,9 @@ class LibvirtLab:
         or list} linked into hooks/<driver>.d/ before libvirtd starts; record_hooks: also record every
         qemu hook call (see hook_calls); binds: {absolute path in the daemons' view: host file or dir}
         extra private mounts (e.g. a config dir the hooks read); log_level: libvirt's, 1 (debug)..4;
-        host_uuid: libvirtd.conf's host_uuid (None: libvirt reads this machine's, the same for
-        every lab), which a migration between two labs needs distinct (see migrate()).
+        host_uuid: libvirtd.conf's host_uuid, which a migration between two labs needs distinct
+        (see migrate()).  None: libvirt's choice, this machine's SMBIOS UUID (the same for every
+        lab) or, on a machine without one, a random UUID at each start.
         """
         if host_uuid is not None and not re.match(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$", host_uuid):
             raise LabError("host_uuid %r: expected a UUID like 6f9619ff-8b86-d011-b42d-00c04fc964ff" % host_uuid)
