@@ -343,6 +343,12 @@ def migrated(fleet: Fleet, on_a: Dict[str, libvirt_lab.GuestResult], live_set: l
                         for side in (a, b) for c in side.hook_calls(name, move.t0)])
         for when, label, op, has_meta in calls:
             print(f"  +{when - move.t0:6.3f}s {label} {op:16s} metadata in XML: {has_meta}")
+        # every round's port 25 (v4), around the switch too (shown, not asserted: a SYN lost in
+        # the switch's downtime would time out as "blocked" with a 1 s connect timeout)
+        res = fleet.results(name)
+        print("  port 25 by round (o open, b blocked; | from the first round surely on B): "
+              + "".join(("|" if n == move.first_round_on_b else "") + res.round(n).get(("v4", 25), "?")[0]
+                        for n in range(1, res.rounds + 1)))
     return fleet.moves
 
 
