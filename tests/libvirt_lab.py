@@ -9,7 +9,8 @@ Isolation
       and the guests' taps; libvirtd, virtlogd, QEMU and the hooks run here) and
       ``sginet<pid>n<k>`` ("internet": ``inet0`` = uplink's peer, 10.99.0.1/24 + fd99::1/64
       and 10.98.0.1/24 + fd98::1/64 ... for guests' further NICs,
-      dual-stack TCP listeners on 80, 25, 465 and 587 that answer ``OK <port>``).
+      dual-stack TCP listeners on 80, 25, 465 and 587 that answer ``OK <port>``; inet0 has
+      the same MAC in every lab, so a guest migrated between two labs reaches it at once).
     * A private mount namespace, owned by a small "holder" process started with
       ``ip netns exec LAB unshare --mount --propagation private``: a fresh tmpfs on /run (which
       also hides D-Bus and systemd: no machined registration), and bind mounts of lab
@@ -63,9 +64,12 @@ API (failures raise ``LabError``)
                                       the guest kernel into the cache when it is missing
     cleanup_stale_labs() -> List[str]                          namespaces removed
 
-    with LibvirtLab(tmp_path, hooks={"qemu": "/path/hook"}, record_hooks=False, binds=None) as lab:
+    with LibvirtLab(tmp_path, hooks={"qemu": "/path/hook"}, record_hooks=False, binds=None,
+                    host_uuid=None) as lab:
         lab.ns, lab.inet_ns           network namespace names (``ip netns exec <ns> ...``)
         lab.uri                       libvirt URI for ``virsh -c`` / ``libvirt.open()``
+        lab.peer_uri                  ``qemu+unix://`` URI another lab's libvirtd reaches this one by
+        lab.host_uuid                 libvirtd.conf's host_uuid (None: libvirt's choice)
         lab.root                      lab directory: etc/ lib/ cache/ log/ run/ state/ overlay/
         lab.etc_dir, lab.hooks_dir    the daemons' /etc/libvirt and /etc/libvirt/hooks
         lab.state_dir                 consoles (<name>.console.log), domain XML, daemon logs
@@ -79,6 +83,9 @@ API (failures raise ``LabError``)
                                       namespace while the lab runs (e.g. a failing nft)
         lab.run_in_inet(cmd, ...)     run cmd in the "internet" namespace
         lab.virsh(*args, check=True, timeout=120) -> CompletedProcess (text)
+        lab.migrate(name, dest_lab, *flags, timeout=180) -> s
+                                      ``virsh migrate --live --p2p --tunnelled FLAGS name
+                                      dest_lab.peer_uri`` (both labs with distinct host_uuid)
         lab.install_hook(driver, path, name=None, restart=False) -> Path
                                       symlink into hooks/<driver>.d/.  libvirtd decides at start,
                                       per driver, whether hooks exist at all: a file added to a
@@ -90,7 +97,7 @@ API (failures raise ``LabError``)
         lab.stop_libvirtd(), lab.start_libvirtd() -> s, lab.libvirtd_pid()
         lab.domain_xml(name, nics=1, hold=0, macs=None, targets=None, interfaces=None,
                        guest_ip=None, interval=0, probe_nic=0 (or [0, 1, ...]), ports=PORTS,
-                       connect_timeout=2) -> str
+                       connect_timeout=2, console_append=False, metadata="") -> str
         lab.start_guest(name, **same) -> name   define (replacing) + ``virsh start``, returns then
         lab.boot_guest(name, timeout=180, keep=False, **same) -> GuestResult
                                       start, wait until shut off, parse the console, undefine
@@ -149,6 +156,10 @@ NS_PREFIX = "sglab"
 INET_PREFIX = "sginet"
 INET4 = "10.99.0.1"
 INET6 = "fd99::1"
+# inet0's MAC, the same in every lab, as a fleet's gateway is the same for every hypervisor: a
+# guest migrated from one lab to another keeps its neighbour entries and reaches its
+# "internet" at once (with a random MAC per lab it would wait for its ARP/ND entries to expire)
+INET_MAC = "02:5a:00:00:00:01"
 PROBE_NICS = 4  # a guest's NIC k (0..3) probes from its own subnet: see inet4()/inet6()
 PORTS = (80, 25, 465, 587)
 CACHE_ENV = "SMTP_GATE_TEST_CACHE"
@@ -808,12 +819,17 @@ class LibvirtLab:
 
     def __init__(self, tmp_path: PathLike, hooks: Optional[Mapping[str, Union[PathLike, Sequence[PathLike]]]] = None,
                  record_hooks: bool = False, binds: Optional[Mapping[str, PathLike]] = None,
-                 log_level: int = 3) -> None:
+                 log_level: int = 3, host_uuid: Optional[str] = None) -> None:
         """tmp_path: where the lab keeps everything (the test's tmp_path); hooks: {driver: executable
         or list} linked into hooks/<driver>.d/ before libvirtd starts; record_hooks: also record every
         qemu hook call (see hook_calls); binds: {absolute path in the daemons' view: host file or dir}
-        extra private mounts (e.g. a config dir the hooks read); log_level: libvirt's, 1 (debug)..4.
+        extra private mounts (e.g. a config dir the hooks read); log_level: libvirt's, 1 (debug)..4;
+        host_uuid: libvirtd.conf's host_uuid, which a migration between two labs needs distinct
+        (see migrate()).  None: libvirt's choice, this machine's SMBIOS UUID (the same for every
+        lab) or, on a machine without one, a random UUID at each start.
         """
+        if host_uuid is not None and not re.match(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$", host_uuid):
+            raise LabError("host_uuid %r: expected a UUID like 6f9619ff-8b86-d011-b42d-00c04fc964ff" % host_uuid)
         global _counter
         _counter += 1
         self.root = Path(tmp_path) / "libvirt-lab"
@@ -834,6 +850,7 @@ class LibvirtLab:
         self._short_run: Optional[str] = None
         self.record_hooks = record_hooks
         self.log_level = log_level
+        self.host_uuid = host_uuid
         self.timings: Dict[str, float] = {}
         self._hooks = dict(hooks or {})
         self._binds = dict(binds or {})
@@ -856,6 +873,14 @@ class LibvirtLab:
     def uri(self) -> str:
         """libvirt URI reaching this lab's libvirtd (virsh -c, libvirt.open)."""
         return "qemu:///system?socket=%s" % self.socket_path
+
+    @property
+    def peer_uri(self) -> str:
+        """URI by which another lab's libvirtd reaches this one (the destination of a peer-to-peer
+        migration).  ``qemu+unix``, not ``qemu``: inside a libvirtd, a plain ``qemu:///system``
+        would open its own QEMU driver, not this lab's daemon.  The socket is a filesystem path
+        every lab sees (its run dir is outside /run), so it crosses network namespaces."""
+        return "qemu+unix:///system?socket=%s" % self.socket_path
 
     def qemu_log(self, name: str) -> Path:
         """The domain's QEMU log, written through virtlogd."""
@@ -913,7 +938,10 @@ class LibvirtLab:
             self._short_run = tempfile.mkdtemp(prefix="sglab-run-", dir="/tmp")
             self.run_dir = Path(self._short_run)
         (self.run_dir / "libvirt").mkdir(exist_ok=True)
-        (self.etc_dir / "libvirtd.conf").write_text(_LIBVIRTD_CONF % self.log_level)
+        conf = _LIBVIRTD_CONF % self.log_level
+        if self.host_uuid is not None:
+            conf += 'host_uuid = "%s"\n' % self.host_uuid
+        (self.etc_dir / "libvirtd.conf").write_text(conf)
         (self.etc_dir / "virtlogd.conf").write_text('log_outputs = "%s:stderr"\n' % self.log_level)
         (self.etc_dir / "qemu.conf").write_text(_QEMU_CONF)
         for driver in ("qemu", "lxc", "libxl", "network", "daemon"):
@@ -946,7 +974,8 @@ class LibvirtLab:
             ["ip", "-n", ns, "link", "set", "lo", "up"],
             ["ip", "-n", inet, "link", "set", "lo", "up"],
             ["ip", "-n", ns, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
-            ["ip", "-n", ns, "link", "add", "uplink", "type", "veth", "peer", "name", "inet0", "netns", inet],
+            ["ip", "-n", ns, "link", "add", "uplink", "type", "veth", "peer", "name", "inet0", "address", INET_MAC,
+             "netns", inet],
             ["ip", "-n", ns, "link", "set", "uplink", "master", "br0"],
             ["ip", "-n", ns, "link", "set", "uplink", "up"],
             ["ip", "-n", ns, "link", "set", "br0", "up"],
@@ -1215,6 +1244,26 @@ class LibvirtLab:
         """virsh against this lab's libvirtd."""
         return _run(["virsh", "-c", self.uri] + list(args), check=check, timeout=timeout)
 
+    def migrate(self, name: str, dest: "LibvirtLab", *flags: str, timeout: float = 180) -> float:
+        """Live-migrate a running guest to another lab: ``virsh migrate --live --p2p --tunnelled
+        FLAGS NAME <dest.peer_uri>``; returns the seconds it took (LabError if it failed).
+
+        --p2p: this lab's libvirtd connects to dest's itself, over dest's unix socket (a path
+        both labs see); --tunnelled: the migration stream goes through that connection too, so
+        nothing needs an address the other network namespace can reach.  libvirt refuses a
+        migration to a daemon with the same host UUID: both labs need distinct ``host_uuid``.
+        The guest's kernel, initrd and emulator are the same paths in both labs; its console
+        file too (use console_append=True so that the destination does not truncate it).
+        """
+        if self.host_uuid is None or dest.host_uuid is None or self.host_uuid.lower() == dest.host_uuid.lower():
+            raise LabError("migrate: both labs need distinct host_uuid (have %s and %s)"
+                           % (self.host_uuid, dest.host_uuid))
+        t = time.monotonic()
+        self.virsh("migrate", "--live", "--p2p", "--tunnelled", *flags, name, dest.peer_uri, timeout=timeout)
+        took = time.monotonic() - t
+        self.timings["migrate:" + name] = took
+        return took
+
     def install_hook(self, driver: str, path: PathLike, name: Optional[str] = None,
                      restart: bool = False) -> Path:
         """Symlink an executable into hooks/<driver>.d/ (see the module doc for when libvirtd sees it)."""
@@ -1261,10 +1310,15 @@ class LibvirtLab:
                    targets: Optional[Sequence[Optional[str]]] = None, interfaces: Optional[Sequence[str]] = None,
                    guest_ip: Optional[int] = None, interval: int = 0,
                    probe_nic: Union[int, Sequence[int]] = 0, ports: Sequence[int] = PORTS,
-                   connect_timeout: int = 2) -> str:
+                   connect_timeout: int = 2, console_append: bool = False, metadata: str = "") -> str:
         """Domain XML of a diskless TCG guest that boots the lab kernel and probes the internet.
 
         probe_nic: the NIC index, or a list of them, that probe (each from its own subnet).
+        console_append: the serial file is opened for appending (``append='on'``), not truncated.
+        A migration destination opens it again while the source still writes to it: with this
+        the console file keeps every line, from both sides, in order (see migrate()).
+        metadata: raw XML put inside the domain's ``<metadata>`` (e.g. an element in its own
+        namespace), so that the definition carries it from the start.
         """
         if self.kernel is None or self.initrd is None:
             raise LabError("lab not started")
@@ -1304,7 +1358,7 @@ class LibvirtLab:
                       ",".join(str(p) for p in ports), connect_timeout))
         console = self.console_path(name)
         return """<domain type='qemu'>
-  <name>{name}</name>
+  <name>{name}</name>{metadata}
   <memory unit='MiB'>192</memory>
   <vcpu>1</vcpu>
   <os>
@@ -1320,14 +1374,16 @@ class LibvirtLab:
   <devices>
     <emulator>{emulator}</emulator>
     {interfaces}
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='file'><source path='{console}'{append}/><target port='0'/></serial>
     <controller type='usb' model='none'/>
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
 </domain>
 """.format(name=name, kernel=self.kernel.boot, initrd=self.initrd, cmdline=cmdline,
-           emulator=_which("qemu-system-x86_64"), interfaces="\n    ".join(interfaces), console=console)
+           emulator=_which("qemu-system-x86_64"), interfaces="\n    ".join(interfaces), console=console,
+           append=" append='on'" if console_append else "",
+           metadata="\n  <metadata>%s</metadata>" % metadata if metadata else "")
 
     def start_guest(self, name: str, **kwargs: Any) -> str:
         """Define (replacing an old definition) and `virsh start` a guest; returns at once."""
