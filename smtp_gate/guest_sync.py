@@ -6,8 +6,9 @@ resync (after every (re)connect).  This module, driven by the watcher's main loo
 the kernel and the records follow, by the same protocol as the hooks:
 
 1. coalesce: one entry per guest, however many events named it; while a URI is being
-   asked, what arrives waits for the next round (a storm of 1 000 metadata changes over
-   a few guests is a few rounds, each one kernel transaction at most);
+   asked, and for ROUND_GAP after the last round began, what arrives waits for the next
+   round (a storm of 1 000 metadata changes over a few guests is a few rounds, each one
+   kernel transaction at most; bench/bench_events.py counts them);
 2. ask libvirt WITHOUT our lock, in a thread of its own per URI, through hypervisor.py's
    deadline adapter (LIBVIRT_TIMEOUT): the main loop never waits for libvirt, so a hung
    libvirtd delays no restore of our table.  A guest libvirt no longer knows, or knows as
@@ -31,6 +32,7 @@ mode changes the verdict of the rules, not the elements: nothing differs here.
 
 import queue
 import threading
+import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from smtp_gate import discovery, guests, hypervisor, lock, nft, offswitch, ruleset, whitelist
@@ -42,6 +44,10 @@ from smtp_gate.runstate import Record, RunState, domain_event
 
 LOCK_TIMEOUT = 10.0  # s, as the table check: the lock is held for moments
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # s before a URI that did not answer is resynced again
+# s between the starts of two rounds of one URI: the first change after a quiet spell is
+# asked at once; a storm is asked about at most 1/ROUND_GAP times a second (one kernel
+# transaction each, at most), its last change at most ROUND_GAP late
+ROUND_GAP = 0.1
 
 
 class Fetched(NamedTuple):
@@ -79,6 +85,8 @@ class GuestSync:
         self.busy: Set[str] = set()  # URIs being asked now
         self.answers: "queue.SimpleQueue[Fetched]" = queue.SimpleQueue()
         self.retry: Dict[str, float] = {}  # uri -> the next backoff after it did not answer
+        self.asked: Dict[str, float] = {}  # uri -> when its last round began (monotonic)
+        self.timed: Set[str] = set()  # URIs with a wake-up pending for their next round
         self.transactions = 0  # kernel batches sent, for the log and the bench
 
     def fileno(self) -> int:
@@ -110,10 +118,22 @@ class GuestSync:
                 for item in fetched:
                     self._again(item)
                 self._later(RETRY_MIN, self.follower.wake)
+        now = time.monotonic()
         for uri in sorted(set(self.waiting) | self.resync):
-            if uri not in self.busy:
+            if uri in self.busy or uri in self.timed:
+                continue
+            wait = self.asked.get(uri, -ROUND_GAP) + ROUND_GAP - now
+            if wait > 0:
+                self.timed.add(uri)
+                self._later(wait, lambda uri=uri: self._due(uri))  # type: ignore[misc]
+            else:
                 self._ask(uri)
         return check
+
+    def _due(self, uri: str) -> None:
+        """A timer's thread: URI's next round may begin (the main loop starts it)."""
+        self.timed.discard(uri)
+        self.follower.wake()
 
     def _again(self, item: Fetched) -> None:
         """Ask ITEM's question again in the next round."""
@@ -133,6 +153,7 @@ class GuestSync:
         resync = uri in self.resync
         self.resync.discard(uri)
         self.busy.add(uri)
+        self.asked[uri] = time.monotonic()
         config = self.config()
         offset = RunState(config.run_dir).journal_end()  # no lock: an append is one write()
         threading.Thread(
