@@ -27,7 +27,7 @@ unreachable or misbehaving is said once in the log and retried.
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from smtp_gate.domain import METADATA_NS, normalise_uuid
 from smtp_gate.errors import SmtpGateError
@@ -37,6 +37,27 @@ BACKOFF_MAX = 30.0  # s at most between attempts; a connection that lived this l
 KEEPALIVE = (5, 3)  # interval (s), missed answers before libvirt closes the connection
 
 METADATA, DEVICE, LIFECYCLE, RESYNC = "metadata", "device", "lifecycle", "resync"
+
+# libvirt's default event implementation is process-wide, and only one thread may run its
+# loop: it is registered and started once per process, whatever number of Followers
+_EVENT_LOOP = threading.Lock()
+_event_loop: List[threading.Thread] = []
+
+
+def _start_event_loop(libvirt: Any) -> None:
+    with _EVENT_LOOP:
+        if _event_loop:
+            return
+        libvirt.virEventRegisterDefaultImpl()  # before any connection: keepalives and callbacks need it
+        thread = threading.Thread(target=_run_loop, args=(libvirt,), name="smtp-gate-libvirt-events", daemon=True)
+        thread.start()
+        _event_loop.append(thread)
+
+
+def _run_loop(libvirt: Any) -> None:
+    while True:
+        if libvirt.virEventRunDefaultImpl() < 0:
+            time.sleep(0.1)  # libvirt said why on its error handler; do not spin
 
 
 class Pending(NamedTuple):
@@ -79,6 +100,7 @@ class Follower:
         self._closed: Dict[str, threading.Event] = {}  # uri -> set when its connection closed
         self.connected: Dict[str, bool] = {uri: False for uri in self.uris}
         self.events = 0  # callbacks that noted a guest, for the log and the bench
+        self._callbacks: Dict[str, List[int]] = {}  # uri -> its connection's callback ids
 
     def fileno(self) -> int:
         return self._read_fd
@@ -125,9 +147,7 @@ class Follower:
         except SmtpGateError as exc:
             self.log(f"not following libvirt events: {exc}")
             return False
-        # once per process, before any connection: keepalives and callbacks need it
-        libvirt.virEventRegisterDefaultImpl()
-        threading.Thread(target=self._run_loop, args=(libvirt,), name="smtp-gate-libvirt-events", daemon=True).start()
+        _start_event_loop(libvirt)
         for uri in self.uris:
             self._closed[uri] = threading.Event()
             threading.Thread(target=self._follow, args=(libvirt, uri), name="smtp-gate-libvirt-conn", daemon=True).start()
@@ -138,11 +158,6 @@ class Follower:
         self._stop.set()
         for closed in self._closed.values():
             closed.set()
-
-    def _run_loop(self, libvirt: Any) -> None:
-        while True:
-            if libvirt.virEventRunDefaultImpl() < 0:
-                time.sleep(0.1)  # libvirt said why on its error handler; do not spin
 
     def _follow(self, libvirt: Any, uri: str) -> None:
         """Connect, follow until the connection closes, reconnect with backoff; forever."""
@@ -164,7 +179,7 @@ class Follower:
             self.want_resync(uri)  # after registering: nothing falls between the two
             self._closed[uri].wait()
             self.connected[uri] = False
-            self._disconnect(libvirt, conn)
+            self._disconnect(libvirt, uri, conn)
             if self._stop.is_set():
                 return
             lived = time.monotonic() - began
@@ -195,15 +210,19 @@ class Follower:
                 (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device),
                 (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device),
             ):
-                conn.domainEventRegisterAny(None, event_id, callback, (libvirt, uri))
+                self._callbacks.setdefault(uri, []).append(
+                    conn.domainEventRegisterAny(None, event_id, callback, (libvirt, uri))
+                )
         except libvirt.libvirtError as exc:
-            self._disconnect(libvirt, conn)
+            self._disconnect(libvirt, uri, conn)
             return None, _one_line(exc)
         return conn, ""
 
-    def _disconnect(self, libvirt: Any, conn: Any) -> None:
-        """Close CONN; a connection already dead may refuse each step, which changes nothing."""
-        for step in (conn.unregisterCloseCallback, conn.close):
+    def _disconnect(self, libvirt: Any, uri: str, conn: Any) -> None:
+        """Deregister and close CONN; a connection already dead may refuse each step, which
+        changes nothing (the library lets go of the callbacks either way)."""
+        steps = [lambda i=i: conn.domainEventDeregisterAny(i) for i in self._callbacks.pop(uri, [])]
+        for step in steps + [conn.unregisterCloseCallback, conn.close]:
             try:
                 step()
             except libvirt.libvirtError:

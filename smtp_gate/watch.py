@@ -37,6 +37,13 @@ holds while it talks to libvirt, never rebuild.lock (a rebuild from the timer ho
 while libvirtd may hang), and asks libvirt nothing.  Our records are what hooks and
 rebuilds derived from libvirt; the timer's rebuild catches up with anything else.
 
+libvirt (issue 11): no hook runs when an orchestrator sets a guest's allowance in its
+metadata or hot-plugs a NIC.  The loop also serves SOURCES, each a file descriptor and a
+handler; libvirt's domain events are one (libvirt_events.py follows them in threads,
+guest_sync.py brings the guests they name into the kernel and the records, asking libvirt
+in threads of its own, without our lock, and taking the main lock only to apply one batch).
+Those changes go with their records, as a hook's do, so the check above agrees with them.
+
 Overruns: a full receive buffer loses events, and the next read fails with ENOBUFS; that
 counts as "anything may have changed": the state is compared as above.
 
