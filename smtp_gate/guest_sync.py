@@ -31,11 +31,10 @@ mode changes the verdict of the rules, not the elements: nothing differs here.
 """
 
 import queue
-import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from smtp_gate import discovery, guests, hypervisor, lock, nft, offswitch, ruleset, whitelist
+from smtp_gate import discovery, guests, hypervisor, libvirt_events, lock, nft, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.errors import NftError, SmtpGateError
@@ -143,9 +142,7 @@ class GuestSync:
             self.resync.add(item.uri)
 
     def _later(self, delay: float, action: Callable[[], None]) -> None:
-        timer = threading.Timer(delay, action)
-        timer.daemon = True
-        timer.start()
+        libvirt_events.later(delay, action)
 
     # -- asking libvirt (a thread per URI, no lock) ---------------------------------------
     def _ask(self, uri: str) -> None:
@@ -156,10 +153,7 @@ class GuestSync:
         self.asked[uri] = time.monotonic()
         config = self.config()
         offset = RunState(config.run_dir).journal_end()  # no lock: an append is one write()
-        threading.Thread(
-            target=self._fetch, args=(uri, why, resync, offset, config.libvirt_timeout),
-            name="smtp-gate-libvirt-read", daemon=True,
-        ).start()
+        libvirt_events.spawn(self._fetch, uri, why, resync, offset, config.libvirt_timeout, name="smtp-gate-libvirt-read")
 
     def _fetch(self, uri: str, why: Dict[str, Set[str]], resync: bool, offset: int, timeout: float) -> None:
         answer: Optional[hypervisor.Guests] = None
@@ -224,8 +218,8 @@ class GuestSync:
         delay = self.retry.get(item.uri, RETRY_MIN)
         self.retry[item.uri] = min(delay * 2, RETRY_MAX)
         why = item.answer.unreachable if item.answer is not None else "see above"
-        self.log(f"libvirt {item.uri} did not answer about {len(item.why) or 'its'} guest(s) ({why}); "
-                 f"asking again in {delay:g}s")
+        what = "its guests (resync)" if item.resync else f"{len(item.why)} guest(s)"
+        self.log(f"libvirt {item.uri} did not answer about {what} ({why}); resyncing it in {delay:g}s")
         self._later(delay, lambda: self.follower.want_resync(item.uri))
 
     def _changes(self, config: Config, state: RunState, fetched: List[Fetched]) -> List[Change]:

@@ -25,6 +25,7 @@ unreachable or misbehaving is said once in the log and retried.
 """
 
 import os
+import signal
 import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
@@ -38,6 +39,35 @@ KEEPALIVE = (5, 3)  # interval (s), missed answers before libvirt closes the con
 
 METADATA, DEVICE, LIFECYCLE, RESYNC = "metadata", "device", "lifecycle", "resync"
 
+# Signals only the main thread may take: lock.flock() times out by SIGALRM interrupting the
+# main thread's flock(), and SIGTERM must wake the main thread's select().  A process-directed
+# signal may be delivered to any thread that does not block it: ours block them.
+_MAIN_THREAD_SIGNALS = {signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def spawn(target: Callable[..., None], *args: Any, name: str = "smtp-gate-libvirt") -> threading.Thread:
+    """Start TARGET(*ARGS) in a daemon thread that blocks the main thread's signals (threads
+    it starts inherit that: hypervisor.py's per-URI threads too)."""
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
+        target(*args)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def later(delay: float, action: Callable[[], None]) -> None:
+    """ACTION after DELAY seconds, in a thread of its own (spawn)."""
+
+    def wait_then_act() -> None:
+        time.sleep(delay)
+        action()
+
+    spawn(wait_then_act, name="smtp-gate-timer")
+
+
 # libvirt's default event implementation is process-wide, and only one thread may run its
 # loop: it is registered and started once per process, whatever number of Followers
 _EVENT_LOOP = threading.Lock()
@@ -49,9 +79,7 @@ def _start_event_loop(libvirt: Any) -> None:
         if _event_loop:
             return
         libvirt.virEventRegisterDefaultImpl()  # before any connection: keepalives and callbacks need it
-        thread = threading.Thread(target=_run_loop, args=(libvirt,), name="smtp-gate-libvirt-events", daemon=True)
-        thread.start()
-        _event_loop.append(thread)
+        _event_loop.append(spawn(_run_loop, libvirt, name="smtp-gate-libvirt-events"))
 
 
 def _run_loop(libvirt: Any) -> None:
@@ -150,7 +178,7 @@ class Follower:
         _start_event_loop(libvirt)
         for uri in self.uris:
             self._closed[uri] = threading.Event()
-            threading.Thread(target=self._follow, args=(libvirt, uri), name="smtp-gate-libvirt-conn", daemon=True).start()
+            spawn(self._follow, libvirt, uri, name="smtp-gate-libvirt-conn")
         return True
 
     def stop(self) -> None:
