@@ -86,7 +86,6 @@ class GuestSync:
         self.retry: Dict[str, float] = {}  # uri -> the next backoff after it did not answer
         self.asked: Dict[str, float] = {}  # uri -> when its last round began (monotonic)
         self.timed: Set[str] = set()  # URIs with a wake-up pending for their next round
-        self.transactions = 0  # kernel batches sent, for the log and the bench
 
     def fileno(self) -> int:
         return self.follower.fileno()
@@ -199,7 +198,6 @@ class GuestSync:
             if off is None and (add or delete):
                 try:
                     nft.run_elements(ruleset.element_changes(add=add, delete=delete))
-                    self.transactions += 1
                 except NftError as exc:
                     if not nft.missing_table_or_set(exc):
                         raise

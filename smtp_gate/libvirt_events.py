@@ -127,7 +127,6 @@ class Follower:
         self._stop = threading.Event()
         self._closed: Dict[str, threading.Event] = {}  # uri -> set when its connection closed
         self.connected: Dict[str, bool] = {uri: False for uri in self.uris}
-        self.events = 0  # callbacks that noted a guest, for the log and the bench
         self._callbacks: Dict[str, List[int]] = {}  # uri -> its connection's callback ids
 
     def fileno(self) -> int:
@@ -147,7 +146,7 @@ class Follower:
         return pending
 
     def note(self, uri: str, uuid: str, why: str) -> None:
-        """Mark a guest (again: a fetch found libvirt busy); thread-safe."""
+        """Mark a guest for the next round; thread-safe (the event loop's thread calls it)."""
         with self._mutex:
             self._guests.setdefault((uri, uuid), set()).add(why)
         self.wake()
@@ -202,6 +201,9 @@ class Follower:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             failing = ""
+            if self._stop.is_set():  # stop() came while we connected
+                self._disconnect(libvirt, uri, conn)
+                return
             self.connected[uri] = True
             self.log(f"following libvirt events of {uri}")
             self.want_resync(uri)  # after registering: nothing falls between the two
@@ -266,7 +268,6 @@ class Follower:
         except libvirt.libvirtError:
             return
         if uuid:
-            self.events += 1
             self.note(uri, uuid, why)
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, _detail: int, opaque: Tuple[Any, str]) -> None:

@@ -248,3 +248,24 @@ def test_while_disabled_a_metadata_change_installs_nothing_and_enable_brings_it(
     assert (tap, mac) in env.allowed(), "enable installed the recorded allowance"
     env.remove_allow(BLOCKED_GUEST)
     wait_for(lambda: (tap, mac) not in env.allowed(), "the allowance gone")
+
+
+def test_a_stop_no_hook_reported_is_revoked_from_the_lifecycle_event(env: Env, tmp_path: Path) -> None:
+    """The backstop: our hook does not run (a no-op stands in for it), the allowed guest is
+    destroyed; libvirt's STOPPED event makes the watcher remove its elements and record."""
+    lab = env.lab
+    ((tap, mac),) = env.taps(FILE_GUEST)
+    assert (tap, mac) in env.allowed()
+    noop = tmp_path / "noop-hook"
+    noop.write_text("#!/bin/sh\ncat >/dev/null\nexit 0\n")
+    noop.chmod(0o755)
+    lab.install_hook("qemu", noop, name=HOOK.name)  # replaces the link to the repository's hook
+    try:
+        lab.virsh("destroy", FILE_GUEST)
+        wait_for(lambda: (tap, mac) not in env.allowed(), "the stopped guest's allowance removed")
+        wait_for(lambda: FILE_GUEST not in [r["name"] for r in env.records().values()], "its record dropped")
+    finally:
+        lab.install_hook("qemu", HOOK, name=HOOK.name)
+    assert f"guest '{FILE_GUEST}': stopped: allowance removed ({tap}/{mac}) (lifecycle)" in env.log(), env.log()
+    journal = (env.run_dir / "journal").read_text().splitlines()
+    assert json.loads(journal[-1])["op"] == "stop" and json.loads(journal[-1])["name"] == FILE_GUEST
