@@ -568,3 +568,44 @@ def put_back(uri: str, uuid: str, raw: Dict[str, Optional[str]], timeout: float 
     answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
     if uri not in answers:
         raise SmtpGateError(unreachable.get(uri) or absent.get(uri, "no answer"))
+
+
+# -- for the watcher (libvirt_events.py, guest_sync.py) ----------------------------------------
+
+
+def libvirt_module() -> Any:
+    """libvirt-python, its errors kept off stderr (as every call here has them); SmtpGateError
+    naming the package when it is missing."""
+    return _libvirt()
+
+
+class Guests(NamedTuple):
+    """What read_guests saw of some guests of one URI."""
+
+    running: Dict[str, Domain]  # uuid -> its live XML, tagged with the URI
+    stopped: List[str]  # UUIDs libvirt does not know, or knows as not running
+    unread: List[str]  # UUIDs whose XML could not be read (one line each in SKIPPED)
+    skipped: List[str]
+    unreachable: Optional[str] = None  # why the URI did not answer: then nothing above is known
+
+
+def read_guests(uri: str, uuids: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> Guests:
+    """The guests UUIDS of URI as they are now, over one read-only connection, within
+    TIMEOUT (the watcher asks this after libvirt's events, for the few guests they name)."""
+    libvirt = _libvirt()
+
+    def work(conn: Any, uri: str) -> Guests:
+        found = Guests({}, [], [], [])
+        for uuid in uuids:
+            dom = _lookup(libvirt, conn, uuid, uuid)
+            domain = None if dom is None else _read_domain(libvirt, conn, dom, uri, found.skipped, None, None, found.unread)
+            if domain is not None and _running(libvirt, conn, dom, domain):
+                found.running[uuid] = domain
+            elif uuid not in found.unread:
+                found.stopped.append(uuid)
+        return found
+
+    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout)
+    if uri in answers:
+        return answers[uri]
+    return Guests({}, [], [], [], {**unreachable, **absent}.get(uri, "no answer"))

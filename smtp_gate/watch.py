@@ -37,6 +37,13 @@ holds while it talks to libvirt, never rebuild.lock (a rebuild from the timer ho
 while libvirtd may hang), and asks libvirt nothing.  Our records are what hooks and
 rebuilds derived from libvirt; the timer's rebuild catches up with anything else.
 
+libvirt (issue 11): no hook runs when an orchestrator sets a guest's allowance in its
+metadata or hot-plugs a NIC.  The loop also serves SOURCES, each a file descriptor and a
+handler; libvirt's domain events are one (libvirt_events.py follows them in threads,
+guest_sync.py brings the guests they name into the kernel and the records, asking libvirt
+in threads of its own, without our lock, and taking the main lock only to apply one batch).
+Those changes go with their records, as a hook's do, so the check above agrees with them.
+
 Overruns: a full receive buffer loses events, and the next read fails with ENOBUFS; that
 counts as "anything may have changed": the state is compared as above.
 
@@ -257,10 +264,31 @@ def _drain(sock: object) -> Tuple[bool, bool]:
         raise
 
 
-def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None], links: Optional[object] = None) -> None:
+# Further inputs of the select loop, each (something with fileno(), its handler); a handler
+# reads what is ready, does its work and returns whether our table must be checked.  The
+# libvirt events (guest_sync.GuestSync) are one; handlers never raise for their own troubles.
+Source = Tuple[object, Callable[[], bool]]
+
+
+def _serve(sources: List[Source], ready: List[object]) -> bool:
+    """Run the handler of each ready source; whether one asked for a check."""
+    wanted = False
+    for source, handler in sources:
+        if source in ready:
+            wanted = handler() or wanted
+    return wanted
+
+
+def follow(
+    sock: object,
+    check: Callable[[], bool],
+    log: Callable[[str], None],
+    links: Optional[object] = None,
+    sources: Tuple[Source, ...] = (),
+) -> None:
     """Check at once, then after every burst of events touching our table (or, with LINKS,
-    of link changes), until CHECK raises EnforcementDisabled.  A check that failed is tried
-    again after RETRY seconds."""
+    of link changes, or when a source's handler asks), until CHECK raises
+    EnforcementDisabled.  A check that failed is tried again after RETRY seconds."""
     burst_first: Optional[float] = None  # when the pending burst began
     burst_due: Optional[float] = time.monotonic()  # at start a removal would have gone unseen
     retry_due: Optional[float] = None
@@ -278,12 +306,14 @@ def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None], 
                 log(f"could not check or restore our table (retrying in {RETRY:g}s): {exc}")
                 retry_due = time.monotonic() + RETRY
             continue
-        ready = _wait_readable([sock] + ([links] if links is not None else []), None if due is None else due - now)
+        waits = [sock] + ([links] if links is not None else []) + [source for source, _ in sources]
+        ready = _wait_readable(waits, None if due is None else due - now)
         if not ready:
             continue
         seen, lost = _drain(sock) if sock in ready else (False, False)
         if links is not None and links in ready:
             seen = _drain_links(links) or seen
+        seen = _serve(list(sources), ready) or seen
         if lost:
             log("nftables events were lost (receive buffer overrun): checking our table")
         if seen or lost:
@@ -300,15 +330,17 @@ def watch(
     open_events: Callable[[], object] = nfnetlink.open_events,
     poll: float = 1.0,
     open_links: Optional[Callable[[], object]] = open_link_events,
+    sources: Tuple[Source, ...] = (),
 ) -> None:
     """Run until killed: follow events while enforcement is on; while the operator's off-switch
-    is set, only look for it to go away, once every POLL seconds."""
+    is set, look for it to go away once every POLL seconds, and keep serving SOURCES (the
+    libvirt events still update the records then, as the hooks do)."""
     while True:
         sock = open_events()  # subscribed before the first check: no change falls in between
         links = open_links() if open_links is not None else None
         log("following nftables events" + (" and link changes" if links is not None else ""))
         try:
-            follow(sock, keeper_check, log, links)
+            follow(sock, keeper_check, log, links, sources)
         except EnforcementDisabled as exc:
             log(f"our table changed or is missing, but {exc}")
         finally:
@@ -316,7 +348,7 @@ def watch(
             if links is not None:
                 links.close()  # type: ignore[attr-defined]
         while disabled() is not None:
-            time.sleep(poll)
+            _serve(list(sources), _wait_readable([source for source, _ in sources], poll))
         log("enforcement was re-enabled (the off-switch is gone): following nft events again")
 
 
@@ -330,6 +362,18 @@ def main_loop(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     keeper = Keeper(config, log)
-    watch(keeper.check, log, lambda: offswitch.read(config.disabled_path))
+    watch(keeper.check, log, lambda: offswitch.read(config.disabled_path), sources=libvirt_sources(keeper, log))
     return 0
+
+
+def libvirt_sources(keeper: Keeper, log: Callable[[str], None]) -> Tuple[Source, ...]:
+    """The libvirt events of the configured URIs as a source of the loop (issue 11:
+    guest_sync.py); none when libvirt-python is missing (said once in the log)."""
+    from smtp_gate import guest_sync, libvirt_events
+
+    follower = libvirt_events.Follower(keeper.config.uris(), log)
+    if not follower.start():
+        return ()
+    sync = guest_sync.GuestSync(follower, lambda: keeper.config, log)
+    return ((sync, sync.handle),)
 
