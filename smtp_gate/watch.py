@@ -76,11 +76,12 @@ _REMEMBERED = 8  # fixed-part renderings kept (configurations seen lately)
 
 
 def relevant(event: nfnetlink.Event) -> bool:
-    """Whether EVENT changed our table (statistics aside: the datapath fills `attempts`)."""
+    """Whether EVENT changed our table (statistics aside: the datapath fills `attempts` and
+    the events' rate meter `log_ports`)."""
     return (
         event.family == nfnetlink.NFPROTO_BRIDGE
         and event.table == ruleset.TABLE
-        and event.set_name != ruleset.ATTEMPTS_SET
+        and event.set_name not in ruleset.DATAPATH_SETS
     )
 
 
