@@ -57,10 +57,10 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from smtp_gate import config as config_mod
-from smtp_gate import discovery, engine, lock, nfnetlink, nft, offswitch, ruleset
+from smtp_gate import abuse, discovery, engine, lock, nfnetlink, nft, offswitch, ruleset
 from smtp_gate.config import Config
 from smtp_gate.errors import EnforcementDisabled, SmtpGateError
 from smtp_gate.runstate import RunState
@@ -248,6 +248,25 @@ def _wait_readable(socks: List[object], timeout: Optional[float]) -> List[object
     return ready
 
 
+class Source(Protocol):
+    """Something else the loop serves (abuse.Desk): a descriptor to read when readable, and a
+    timer (due(): a time.monotonic() value, or None) to tick."""
+
+    def fileno(self) -> int: ...
+    def readable(self) -> None: ...
+    def due(self) -> Optional[float]: ...
+    def tick(self) -> None: ...
+
+
+def _serve(sources: Sequence[Source], ready: List[object]) -> None:
+    for source in sources:
+        if source in ready:
+            source.readable()
+        due = source.due()
+        if due is not None and time.monotonic() >= due:
+            source.tick()
+
+
 def _drain(sock: object) -> Tuple[bool, bool]:
     """Read one datagram: (relevant event seen, events were lost)."""
     try:
@@ -258,10 +277,17 @@ def _drain(sock: object) -> Tuple[bool, bool]:
         raise
 
 
-def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None], links: Optional[object] = None) -> None:
+def follow(
+    sock: object,
+    check: Callable[[], bool],
+    log: Callable[[str], None],
+    links: Optional[object] = None,
+    sources: Sequence["Source"] = (),
+) -> None:
     """Check at once, then after every burst of events touching our table (or, with LINKS,
     of link changes), until CHECK raises EnforcementDisabled.  A check that failed is tried
-    again after RETRY seconds."""
+    again after RETRY seconds.  SOURCES (the abuse desk) are served in between: they never
+    delay a due check, and a check never waits for them."""
     burst_first: Optional[float] = None  # when the pending burst began
     burst_due: Optional[float] = time.monotonic()  # at start a removal would have gone unseen
     retry_due: Optional[float] = None
@@ -279,8 +305,11 @@ def follow(sock: object, check: Callable[[], bool], log: Callable[[str], None], 
                 log(f"could not check or restore our table (retrying in {RETRY:g}s): {exc}")
                 retry_due = time.monotonic() + RETRY
             continue
-        ready = _wait_readable([sock] + ([links] if links is not None else []), None if due is None else due - now)
-        if not ready:
+        wake = min((d for d in [due, *(src.due() for src in sources)] if d is not None), default=None)
+        ready = _wait_readable([sock] + ([links] if links is not None else []) + list(sources),
+                               None if wake is None else max(0.0, wake - now))
+        _serve(sources, ready)
+        if sock not in ready and (links is None or links not in ready):
             continue
         seen, lost = _drain(sock) if sock in ready else (False, False)
         if links is not None and links in ready:
@@ -301,6 +330,7 @@ def watch(
     open_events: Callable[[], object] = nfnetlink.open_events,
     poll: float = 1.0,
     open_links: Optional[Callable[[], object]] = open_link_events,
+    sources: Sequence["Source"] = (),
 ) -> None:
     """Run until killed: follow events while enforcement is on; while the operator's off-switch
     is set, only look for it to go away, once every POLL seconds."""
@@ -309,7 +339,7 @@ def watch(
         links = open_links() if open_links is not None else None
         log("following nftables events" + (" and link changes" if links is not None else ""))
         try:
-            follow(sock, keeper_check, log, links)
+            follow(sock, keeper_check, log, links, sources)
         except EnforcementDisabled as exc:
             log(f"our table changed or is missing, but {exc}")
         finally:
@@ -331,6 +361,11 @@ def main_loop(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     keeper = Keeper(config, log)
-    watch(keeper.check, log, lambda: offswitch.read(config.disabled_path))
+    desk = abuse.open_desk(config, log)  # blocked attempts (issue 12); None: not followed
+    try:
+        watch(keeper.check, log, lambda: offswitch.read(config.disabled_path), sources=[desk] if desk else [])
+    finally:
+        if desk is not None:
+            desk.close()
     return 0
 
