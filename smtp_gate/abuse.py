@@ -173,6 +173,13 @@ class Trigger:
         self.log(f"ON_BLOCKED: {total} blocked attempts from {guest.name} within {self.window:g}s: "
                  f"started {self.argv[0]} (pid {child.pid})")
 
+    def prune(self, now: float) -> None:
+        """Forget guests with no attempt and no run within the window (ports come and go)."""
+        for key in [k for k, b in self.buckets.items() if not b or b[-1][0] <= now - self.window]:
+            if now - self.fired.get(key, float("-inf")) >= self.window:
+                self.buckets.pop(key, None)
+                self.fired.pop(key, None)
+
     def due(self) -> Optional[float]:
         """Children are polled every REAP seconds until they are reaped."""
         return self.reap_due if self.children else None
@@ -259,6 +266,7 @@ class Desk:
         self.trigger.reap(now)
         if now >= self.flush_due:
             self.flush_due = now + self.interval
+            self.trigger.prune(now)
             self._recent = {k: v for k, v in self._recent.items() if k in self.trigger.buckets}
             self.flush()
 

@@ -25,7 +25,19 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from smtp_gate import nfnetlink
 from smtp_gate.runstate import Record
-from smtp_gate.nfnetlink import _attr, _attrs, _grow, _message, _messages  # one netlink dialect
+from smtp_gate.nfnetlink import (  # one netlink dialect for both
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NetlinkError,
+    _attr,
+    _attrs,
+    _errno_text,
+    _error_reply,
+    _grow,
+    _message,
+    _messages,
+)
 
 socket = nfnetlink.socket  # _socket: the C core (see nfnetlink.py)
 
@@ -84,17 +96,13 @@ UNKNOWN = "unknown port"
 
 
 def _config(group: int, payload: bytes, seq: int) -> bytes:
-    from smtp_gate.nfnetlink import NLM_F_ACK, NLM_F_REQUEST
-
     return _message((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, AF_UNSPEC, payload,
                     res_id=group)
 
 
 def open_group(group: int, buffer: int = RECV_BUFFER, timeout: float = 5.0) -> "socket.socket":
     """A socket bound to NFLOG group GROUP, configured to copy COPY_RANGE bytes of each packet.
-    Raises nfnetlink.NetlinkError (EBUSY: another listener holds the group)."""
-    from smtp_gate.nfnetlink import NetlinkError, _errno_text, _error_reply, NLMSG_ERROR
-
+    Raises NetlinkError (EBUSY: another listener holds the group)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nfnetlink.NETLINK_NETFILTER)
     try:
         _grow(sock, socket.SO_RCVBUF, nfnetlink.SO_RCVBUFFORCE, buffer)
@@ -119,7 +127,7 @@ def open_group(group: int, buffer: int = RECV_BUFFER, timeout: float = 5.0) -> "
         sock.settimeout(None)
     except socket.timeout:
         sock.close()
-        raise nfnetlink.NetlinkError(f"nfnetlink_log did not answer the binding of group {group}") from None
+        raise NetlinkError(f"nfnetlink_log did not answer the binding of group {group}") from None
     except BaseException:
         sock.close()
         raise

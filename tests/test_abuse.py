@@ -310,3 +310,25 @@ def test_audit_mode_logs_too_and_a_hung_on_blocked_is_killed(lab: BridgeLab) -> 
         watcher.stop()
     assert (lab.tmp / "hung.started").exists()
     assert "sleep 600" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_the_abuse_desk_keys_are_checked(tmp_path: Path) -> None:
+    from smtp_gate import config as config_mod
+    from smtp_gate.errors import ConfigError
+
+    path = tmp_path / "c.conf"
+    good = config_mod.parse('LOG_GROUP="off"\nON_BLOCKED="/usr/local/bin/notify --queue \'smtp abuse\'"\n'
+                            'EVENT_INTERVAL="2.5"\nREPORT_MAX_MB="5"\n', path)
+    assert good.log_group is None and good.on_blocked == ("/usr/local/bin/notify", "--queue", "smtp abuse")
+    assert (good.event_interval, good.report_max_mb) == (2.5, 5)
+    assert config_mod.parse("", path).log_group == 2525
+    for line, message in [
+        ('LOG_GROUP="70000"', "LOG_GROUP: bad NFLOG group '70000': expected a number 0-65535, or off"),
+        ('ON_BLOCKED="notify-abuse"', "ON_BLOCKED: bad command 'notify-abuse': expected an absolute path first"),
+        ('ON_BLOCKED_THRESHOLD="0"', "ON_BLOCKED_THRESHOLD: bad threshold '0': expected a whole number 1-1000000000"),
+        ('EVENT_INTERVAL="soon"', "EVENT_INTERVAL: bad interval 'soon': expected seconds between 0.1 and 3600"),
+        ('LOG_GROUP_RATE="lots"', "LOG_GROUP_RATE: bad rate 'lots'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            config_mod.parse(line + "\n", path)
+        assert str(err.value).startswith(f"{path}:1: ") and message in str(err.value), str(err.value)
