@@ -173,6 +173,17 @@ class Trigger:
         self.log(f"ON_BLOCKED: {total} blocked attempts from {guest.name} within {self.window:g}s: "
                  f"started {self.argv[0]} (pid {child.pid})")
 
+    def stop(self) -> None:
+        """At the watcher's exit: no command outlives it (each one's process group is killed)."""
+        for child, _deadline, _name in self.children:
+            if child.poll() is None:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child.wait()
+        self.children = []
+
     def prune(self, now: float) -> None:
         """Forget guests with no attempt and no run within the window (ports come and go)."""
         for key in [k for k, b in self.buckets.items() if not b or b[-1][0] <= now - self.window]:
@@ -281,6 +292,7 @@ class Desk:
                      "lines of today are no longer written")
 
     def close(self) -> None:
+        self.trigger.stop()
         self.flush()
         drops = nflog.socket_drops(self.sock)
         self.log(f"abuse desk: {self.received} blocked-attempt events received, {self.overruns} overrun(s), "
@@ -298,7 +310,10 @@ def open_desk(config: Config, log: Log) -> Optional[Desk]:
         return None
     try:
         sock = nflog.open_group(config.log_group)
-    except (OSError, NetlinkError) as exc:
+    except NetlinkError as exc:  # it names the group
+        log(f"blocked attempts are not followed: {exc}")
+        return None
+    except OSError as exc:  # no nfnetlink_log in this kernel, no permission
         log(f"blocked attempts are not followed: cannot bind NFLOG group {config.log_group}: {exc}")
         return None
     log(f"following blocked attempts on NFLOG group {config.log_group}")

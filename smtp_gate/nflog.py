@@ -102,7 +102,7 @@ def _config(group: int, payload: bytes, seq: int) -> bytes:
 
 def open_group(group: int, buffer: int = RECV_BUFFER, timeout: float = 5.0) -> "socket.socket":
     """A socket bound to NFLOG group GROUP, configured to copy COPY_RANGE bytes of each packet.
-    Raises NetlinkError (EBUSY: another listener holds the group)."""
+    Raises NetlinkError (EPERM: another socket holds the group)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nfnetlink.NETLINK_NETFILTER)
     try:
         _grow(sock, socket.SO_RCVBUF, nfnetlink.SO_RCVBUFFORCE, buffer)
@@ -122,7 +122,8 @@ def open_group(group: int, buffer: int = RECV_BUFFER, timeout: float = 5.0) -> "
                 if replies:
                     code = _error_reply(replies[0][1], replies[0][3])[0]
                     if code:
-                        raise NetlinkError(f"cannot bind NFLOG group {group}: {_errno_text(code)}", code)
+                        why = " (another listener holds the group: pick a free LOG_GROUP)" if code == errno.EPERM else ""
+                        raise NetlinkError(f"cannot bind NFLOG group {group}: {_errno_text(code)}{why}", code)
                     break
         sock.settimeout(None)
     except socket.timeout:

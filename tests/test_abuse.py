@@ -280,6 +280,7 @@ def test_a_spoofed_mac_flood_keeps_enforcement_bounds_entries_and_runs_on_blocke
     assert document["guest"] == "g1" and document["uuid"] == guest_uuid("g1") and document["attempts"] >= 20
     assert document["destinations"][0]["destination"] == f"{lab.INET4}:25"
     assert "ON_BLOCKED: " in watcher.text() and "exited with status" not in watcher.text()
+    assert "restored in" not in watcher.text(), "the datapath's meter and counters are no change of our table"
     assert not lab.frame_arrives(g1.ns, frames.tcp4_frame(g1.mac, lab.inet_mac, g1.ip4, lab.INET4, 25, b"SGT-after-flood!"))
 
 
@@ -332,3 +333,34 @@ def test_the_abuse_desk_keys_are_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             config_mod.parse(line + "\n", path)
         assert str(err.value).startswith(f"{path}:1: ") and message in str(err.value), str(err.value)
+
+
+@pytest.mark.kernel
+def test_a_group_held_by_another_listener_is_said_once_and_the_watcher_goes_on(bare_lab: BridgeLab) -> None:
+    """Another NFLOG listener (ulogd) on LOG_GROUP: the desk says so; the watcher restores as before."""
+    with bare_lab.hv.entered():
+        holder = nflog.open_group(2525)
+    try:
+        with bare_lab.hv.entered():
+            with pytest.raises(nfnetlink.NetlinkError) as err:
+                nflog.open_group(2525)
+        assert err.value.errno == __import__("errno").EPERM and "another listener holds the group" in str(err.value)
+        bare_lab.smtp_gate("apply")
+        (bare_lab.tmp / "whitelist.csv").write_text(WHITELIST)
+        log = bare_lab.tmp / "watch.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", bare_lab.hv.name, sys.executable, "-m", "smtp_gate",
+                                     "--config", str(bare_lab.config_path), "watch"],
+                                    env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                                    stderr=out, start_new_session=True)
+        try:
+            wait_for(lambda: "checked our table" in log.read_text() or "restored in" in log.read_text(), 15)
+            bare_lab.nft("flush", "ruleset")
+            wait_for(lambda: "table bridge smtp_gate" in bare_lab.nft("list", "tables").stdout)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        assert ("blocked attempts are not followed: cannot bind NFLOG group 2525: Operation not permitted (EPERM) "
+                "(another listener holds the group: pick a free LOG_GROUP)") in log.read_text()
+    finally:
+        holder.close()
