@@ -26,6 +26,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,7 +101,7 @@ def run_variant(name: str, extra: str, seconds: float, rate: float) -> Dict[str,
                     raise common.BenchError(f"the watcher did not start: {log.read_text()}")
                 time.sleep(0.1)
             time.sleep(0.5)
-            journald = [p for p in children(watcher.pid)]
+            journald = children(watcher.pid)  # the private journald
             before_drop, before_cpu = blocked4(lab), cpu_seconds(watcher.pid)
             before_jd = sum(cpu_seconds(p) for p in journald)
             started = time.monotonic()
@@ -110,7 +111,7 @@ def run_variant(name: str, extra: str, seconds: float, rate: float) -> Dict[str,
                  "--seconds", str(seconds), "--macs", "4096"],
                 stdout=subprocess.PIPE, text=True,
             )
-            tx = quiet.ns.socket(__import__("socket").AF_PACKET, __import__("socket").SOCK_RAW)
+            tx = quiet.ns.socket(socket.AF_PACKET, socket.SOCK_RAW)
             tx.bind(("eth0", 0))
             quiet_sent = 0
             while sender.poll() is None:

@@ -1,6 +1,7 @@
 """The abuse desk (issue 12): blocked attempts from the NFLOG group, attributed to guests,
 as structured entries in a real journal; the report's bounded store; ON_BLOCKED."""
 
+import errno
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from smtp_gate import abuse, cli, frames, journal, nflog, nfnetlink
 from smtp_gate.nflog import Attempt, Guest
-from smtp_gate.store import MAX_DESTINATIONS, Store, rank
+from smtp_gate.store import MAX_DESTINATIONS, Store, day_of, rank
 from tests import journal_lab
 from tests.netlab import REPO, BridgeLab
 
@@ -112,7 +113,7 @@ def test_the_store_keeps_its_bounds(tmp_path: Path) -> None:
             store.add(attempt(ifindex=guest, at=now + minute * 0.01), Guest(f"g{guest}", f"u{guest}", f"vnet{guest}"))
         store.flush(now)
     assert store.size() <= 200_000 and store.dropped > 0
-    assert os.listdir(store.dir) == [f"{__import__('smtp_gate.store').store.day_of(now)}.jsonl"]
+    assert os.listdir(store.dir) == [f"{day_of(now)}.jsonl"]
 
 
 def test_report_ranks_guests_and_refuses_a_bad_since(tmp_path: Path, capsys) -> None:
@@ -344,7 +345,7 @@ def test_a_group_held_by_another_listener_is_said_once_and_the_watcher_goes_on(b
         with bare_lab.hv.entered():
             with pytest.raises(nfnetlink.NetlinkError) as err:
                 nflog.open_group(2525)
-        assert err.value.errno == __import__("errno").EPERM and "another listener holds the group" in str(err.value)
+        assert err.value.errno == errno.EPERM and "another listener holds the group" in str(err.value)
         bare_lab.smtp_gate("apply")
         (bare_lab.tmp / "whitelist.csv").write_text(WHITELIST)
         log = bare_lab.tmp / "watch.log"
