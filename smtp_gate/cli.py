@@ -364,6 +364,44 @@ def cmd_watch(args: argparse.Namespace, config: Config) -> int:
     return watch.main_loop(config)
 
 
+def cmd_report(args: argparse.Namespace, config: Config) -> int:
+    """The abuse desk's ranking: guests by blocked attempts over --since, from the watcher's store."""
+    import datetime
+    import re
+    import time
+
+    from smtp_gate import store
+
+    m = re.fullmatch(r"([1-9]\d{0,6})([smhdw])", args.since.strip())
+    if not m:
+        print(f"smtp-gate: error: bad --since {args.since!r}: expected a duration like 30m, 1h, 2d or 1w", file=sys.stderr)
+        return EXIT_USAGE
+    window = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    since = time.time() - window
+    ranked = store.rank(store.Store(config.state_dir).rows(since), top=args.top)
+
+    def iso(seconds: float) -> str:
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    if args.json:
+        json.dump({
+            "since": iso(since), "window_seconds": window, "state_dir": config.state_dir,
+            "guests": [{
+                "guest": r.guest, "uuid": r.uuid, "ifaces": list(r.ifaces), "macs": list(r.macs),
+                "attempts": r.attempts, "first": iso(r.first), "last": iso(r.last),
+                "destinations": [{"destination": d, "attempts": n} for d, n in r.destinations],
+            } for r in ranked],
+        }, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    print(f"blocked SMTP attempts since {iso(since)} ({args.since}): {len(ranked)} guest(s)")
+    for r in ranked:
+        who = r.guest + (f" ({r.uuid})" if r.uuid else f" {', '.join(r.ifaces)}")
+        top = ", ".join(f"{d} ({n})" for d, n in r.destinations)
+        print(f"{r.attempts:>9}  {who}  first {iso(r.first)}  last {iso(r.last)}  top: {top}")
+    return EXIT_OK
+
+
 def cmd_selftest(args: argparse.Namespace, config: Config) -> int:
     """Prove in a throwaway network-namespace lab that this kernel enforces the real ruleset."""
     from smtp_gate import selftest
@@ -390,6 +428,7 @@ COMMANDS: Dict[str, Handler] = {
     "whitelist": cmd_whitelist,
     "watch": cmd_watch,
     "selftest": cmd_selftest,
+    "report": cmd_report,
 }
 
 
@@ -528,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
         "follow nft events and restore enforcement at once when another tool removes it (a service)",
         "systemctl enable --now smtp-gate-watch.service",
     )
+    p = add(
+        "report",
+        "the abuse desk: guests ranked by blocked SMTP attempts over a window, with first/last attempt and "
+        "top destinations (what `smtp-gate watch` stored under STATE_DIR)",
+        "smtp-gate report --since 1h   |   smtp-gate report --since 7d --json",
+    )
+    p.add_argument("--since", default="1h", metavar="DURATION", help="the window: 30m, 1h, 2d, 1w (default 1h)")
+    p.add_argument("--top", type=int, default=3, metavar="N", help="destinations shown per guest (default 3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add(
         "selftest",
         "prove in a throwaway network-namespace lab that this kernel enforces the real ruleset",

@@ -50,6 +50,18 @@ class Config(NamedTuple):
     allowed_destinations: Tuple[validate.Relay, ...] = ()  # relays every guest may reach on blocked ports
     libvirt_timeout: float = 20.0  # seconds one libvirt URI may take to answer (open, list, every XMLDesc)
     allow_store: str = STORE_FILE  # ALLOW_STORE: the whitelist file, or the guest's libvirt metadata
+    # -- the abuse desk (issue 12): attributed events, `report`, ON_BLOCKED ------------------
+    log_group: Optional[int] = 2525  # NFLOG group of blocked attempts; None: off
+    log_group_rate: str = "50/second"  # events per guest port (the kernel's meter, by iif)
+    log_group_burst: int = 100
+    event_interval: float = 10.0  # s: under a flood, one journal entry per guest per interval
+    state_dir: str = "/var/lib/smtp-gate"  # the report's store (blocked/YYYY-MM-DD.jsonl)
+    report_days: int = 7  # days of the store kept
+    report_max_mb: int = 64  # MiB the store may hold in all
+    on_blocked: Tuple[str, ...] = ()  # argv (shlex), JSON on stdin; empty: off
+    on_blocked_threshold: int = 100  # attempts (logged events) ...
+    on_blocked_window: float = 600.0  # ... within this many seconds
+    on_blocked_timeout: float = 30.0  # s before a hung ON_BLOCKED command is killed
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
@@ -196,6 +208,51 @@ def _path(value: str) -> str:
     return value.strip()
 
 
+def _group(value: str) -> Optional[int]:
+    text = value.strip().lower()
+    if text in ("", "off", "none"):
+        return None
+    if not re.fullmatch(r"\d{1,5}", text) or int(text) > 65535:
+        raise ValidationError(f"bad NFLOG group {value!r}: expected a number 0-65535, or off")
+    return int(text)
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        text = value.strip()
+        if not re.fullmatch(r"\d{1,9}", text) or not low <= int(text) <= high:
+            raise ValidationError(f"bad {what} {value!r}: expected a whole number {low}-{high}")
+        return int(text)
+
+    return parse
+
+
+def _interval(low: float, high: float, what: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            seconds = -1.0
+        if not low <= seconds <= high:
+            raise ValidationError(f"bad {what} {value!r}: expected seconds between {low:g} and {high:g}")
+        return seconds
+
+    return parse
+
+
+def _command(value: str) -> Tuple[str, ...]:
+    """A command line split as a shell would split words (shlex), never run by a shell."""
+    import shlex
+
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise ValidationError(f"bad command {value!r}: {exc}") from None
+    if argv and not os.path.isabs(argv[0]):
+        raise ValidationError(f"bad command {value!r}: expected an absolute path first, e.g. /usr/local/bin/notify-abuse")
+    return argv
+
+
 # key -> (Config field, parser)
 KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "BRIDGE": ("bridges", _bridges),
@@ -215,6 +272,18 @@ KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "ALLOWED_DESTINATIONS": ("allowed_destinations", _destinations),
     "LIBVIRT_TIMEOUT": ("libvirt_timeout", _seconds),
     "ALLOW_STORE": ("allow_store", _choice(ALLOW_STORES)),
+    # the abuse desk (issue 12)
+    "LOG_GROUP": ("log_group", _group),
+    "LOG_GROUP_RATE": ("log_group_rate", _rate),
+    "LOG_GROUP_BURST": ("log_group_burst", _burst),
+    "EVENT_INTERVAL": ("event_interval", _interval(0.1, 3600, "interval")),
+    "STATE_DIR": ("state_dir", _path),
+    "REPORT_DAYS": ("report_days", _whole(1, 366, "number of days")),
+    "REPORT_MAX_MB": ("report_max_mb", _whole(1, 100000, "size in MiB")),
+    "ON_BLOCKED": ("on_blocked", _command),
+    "ON_BLOCKED_THRESHOLD": ("on_blocked_threshold", _whole(1, 10**9, "threshold")),
+    "ON_BLOCKED_WINDOW": ("on_blocked_window", _interval(1, 86400 * 7, "window")),
+    "ON_BLOCKED_TIMEOUT": ("on_blocked_timeout", _interval(0.5, 3600, "timeout")),
 }
 
 _LINE = re.compile(

@@ -125,6 +125,9 @@ def compute(
         log_rate=config.log_rate,
         log_burst=config.log_burst,
         non_ip=config.non_ip,
+        log_group=config.log_group,
+        log_group_rate=config.log_group_rate,
+        log_group_burst=config.log_group_burst,
     )
     return Outcome(desired=desired, plan=plan, warnings=warnings)
 
@@ -142,7 +145,8 @@ def obsolete(kernel: Optional[nft.KernelTable], attempts_timeout: str = ruleset.
     if kernel is None:
         return [], []
     chains = [name for name in kernel.chains if name not in ruleset.CHAINS]
-    specs = dict(ruleset.SET_TYPES, **{ruleset.ATTEMPTS_SET: ruleset.attempts_spec()})
+    specs = dict(ruleset.SET_TYPES, **{ruleset.ATTEMPTS_SET: ruleset.attempts_spec(),
+                                       ruleset.LOG_METER_SET: ruleset.LOG_METER_SPEC})
     sets = []
     for name, entry in kernel.sets.items():
         if name not in specs:

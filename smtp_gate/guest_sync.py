@@ -90,6 +90,17 @@ class GuestSync:
     def fileno(self) -> int:
         return self.follower.fileno()
 
+    def readable(self) -> bool:
+        """watch.Source: the follower woke the loop."""
+        return self.handle()
+
+    def due(self) -> None:
+        """watch.Source: no timer of its own (its timers wake the follower's descriptor)."""
+        return None
+
+    def tick(self) -> None:
+        """watch.Source: nothing to do on a timer."""
+
     # -- the main loop's side ----------------------------------------------------------
     def handle(self) -> bool:
         """Take what the events noted and what the askers answered; apply the answers; start

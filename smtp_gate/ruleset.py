@@ -10,7 +10,8 @@ have never heard of fails closed.  The same check runs on the bridge `input` hoo
 guest whose next hop is the hypervisor itself.
 """
 
-from typing import Iterable, List, NamedTuple, Tuple, Union
+import re
+from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from smtp_gate import validate
 from smtp_gate.validate import PortRange
@@ -32,6 +33,18 @@ STATE_SETS = ("uplinks", "guest_ifaces", "foreign_ifaces", "blocked_ports", "all
 ATTEMPTS_SET = "attempts"
 ATTEMPTS_SIZE = 65536
 ATTEMPTS_TIMEOUT = "1d"
+# Blocked attempts also go to the NFLOG group LOG_GROUP (`smtp-gate watch` reads it:
+# nflog.py), in a rule of their own, rate-limited per ingress port by a meter keyed by
+# `iif` (one flooding guest spends its own budget, never another's: a guest cannot choose
+# its port, and spoofed MACs do not multiply it) and then by a global cap.  A full meter
+# only stops events, never the drop, which is a later rule.
+LOG_METER_SET = "log_ports"
+LOG_METER_SIZE = 65536
+LOG_METER_SPEC = f"type iface_index; size {LOG_METER_SIZE}; flags dynamic,timeout; timeout 1m;"
+LOG_GROUP_CAP = "1000/second"  # every port's events together (the watcher's budget)
+LOG_GROUP_CAP_BURST = 2000
+# Sets the datapath fills (statistics and rate meters): never flushed, never compared.
+DATAPATH_SETS = (ATTEMPTS_SET, LOG_METER_SET)
 COUNTERS = ("blocked4", "blocked6", "nonip", "malformed")
 CHAINS = ("forward", "input", "egress", "outbound", "out4", "out6", "smtp4", "smtp6", "nonip", "malformed")
 BASE_CHAINS = {"forward": "forward", "input": "input"}
@@ -73,6 +86,12 @@ class Desired(NamedTuple):
     log_burst: int = 50
     non_ip: str = "drop"
     attempts_timeout: str = ATTEMPTS_TIMEOUT
+    log_group: Optional[int] = 2525  # NFLOG group of attributed events; None: none
+    log_group_rate: str = "50/second"  # per guest port
+    log_group_burst: int = 100
+
+
+_RATE = re.compile(r"[1-9]\d{0,8}/(second|minute|hour|day)")
 
 
 def _index(value: object) -> int:
@@ -96,6 +115,15 @@ def check(state: Desired) -> Desired:
             raise validate.ValidationError(f"relay destination {relay!r} is not in normal form")
     validate.port_list(validate.format_ports(state.blocked_ports))
     validate.timeout(state.attempts_timeout)
+    if state.log_group is not None and (
+        not isinstance(state.log_group, int) or isinstance(state.log_group, bool) or not 0 <= state.log_group <= 65535
+    ):
+        raise validate.ValidationError(f"bad NFLOG group {state.log_group!r}: expected 0-65535")
+    if not isinstance(state.log_group_burst, int) or state.log_group_burst < 1:
+        raise validate.ValidationError(f"bad burst {state.log_group_burst!r}: expected a whole number, 1 or more")
+    for rate in (state.log_rate, state.log_group_rate):
+        if not isinstance(rate, str) or not _RATE.fullmatch(rate):
+            raise validate.ValidationError(f"bad rate {rate!r}: expected N/second, N/minute, N/hour or N/day")
     return state
 
 
@@ -250,6 +278,14 @@ def rules(state: Desired) -> List[Tuple[str, str]]:
             out.append(
                 (chain, f'limit rate {state.log_rate} burst {state.log_burst} packets log prefix "{prefix}" level warn')
             )
+        if state.log_group is not None:
+            # attributed events (nflog.py): the same prefix tells the family and the mode
+            prefix = f"SMTPGATE{family} " + ("audit " if state.audit else "")
+            out.append((
+                chain,
+                f"update @{LOG_METER_SET} {{ iif limit rate {state.log_group_rate} burst {state.log_group_burst} packets }} "
+                f'limit rate {LOG_GROUP_CAP} burst {LOG_GROUP_CAP_BURST} packets log prefix "{prefix}" group {state.log_group}',
+            ))
         out.append((chain, verdict))
     out += [
         ("nonip", "counter name nonip"),
@@ -277,6 +313,7 @@ def _declare_objects(state: Desired) -> List[str]:
     commands = [f"add counter {T} {name}" for name in COUNTERS]
     commands += [f"add set {T} {name} {{ {spec} }}" for name, spec in SET_TYPES.items()]
     commands.append(f"add set {T} {ATTEMPTS_SET} {{ {attempts_spec(state.attempts_timeout)} }}")
+    commands.append(f"add set {T} {LOG_METER_SET} {{ {LOG_METER_SPEC} }}")
     return commands
 
 

@@ -64,10 +64,10 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from smtp_gate import config as config_mod
-from smtp_gate import discovery, engine, lock, nfnetlink, nft, offswitch, ruleset
+from smtp_gate import abuse, discovery, engine, lock, nfnetlink, nft, offswitch, ruleset
 from smtp_gate.config import Config
 from smtp_gate.errors import EnforcementDisabled, SmtpGateError
 from smtp_gate.runstate import RunState
@@ -83,11 +83,12 @@ _REMEMBERED = 8  # fixed-part renderings kept (configurations seen lately)
 
 
 def relevant(event: nfnetlink.Event) -> bool:
-    """Whether EVENT changed our table (statistics aside: the datapath fills `attempts`)."""
+    """Whether EVENT changed our table (statistics aside: the datapath fills `attempts` and
+    the events' rate meter `log_ports`)."""
     return (
         event.family == nfnetlink.NFPROTO_BRIDGE
         and event.table == ruleset.TABLE
-        and event.set_name != ruleset.ATTEMPTS_SET
+        and event.set_name not in ruleset.DATAPATH_SETS
     )
 
 
@@ -254,6 +255,30 @@ def _wait_readable(socks: List[object], timeout: Optional[float]) -> List[object
     return ready
 
 
+class Source(Protocol):
+    """Something else the loop serves (guest_sync.GuestSync, abuse.Desk): a descriptor to
+    read when readable, and a timer (due(): a time.monotonic() value, or None) to tick.
+    readable() returns True when our table must be checked (a source found it missing);
+    sources never raise for their own troubles: they log them."""
+
+    def fileno(self) -> int: ...
+    def readable(self) -> Optional[bool]: ...
+    def due(self) -> Optional[float]: ...
+    def tick(self) -> None: ...
+
+
+def _serve(sources: Sequence[Source], ready: List[object]) -> bool:
+    """Serve each ready or due source; whether one asked for a check."""
+    wanted = False
+    for source in sources:
+        if source in ready:
+            wanted = bool(source.readable()) or wanted
+        due = source.due()
+        if due is not None and time.monotonic() >= due:
+            source.tick()
+    return wanted
+
+
 def _drain(sock: object) -> Tuple[bool, bool]:
     """Read one datagram: (relevant event seen, events were lost)."""
     try:
@@ -264,31 +289,18 @@ def _drain(sock: object) -> Tuple[bool, bool]:
         raise
 
 
-# Further inputs of the select loop, each (something with fileno(), its handler); a handler
-# reads what is ready, does its work and returns whether our table must be checked.  The
-# libvirt events (guest_sync.GuestSync) are one; handlers never raise for their own troubles.
-Source = Tuple[object, Callable[[], bool]]
-
-
-def _serve(sources: List[Source], ready: List[object]) -> bool:
-    """Run the handler of each ready source; whether one asked for a check."""
-    wanted = False
-    for source, handler in sources:
-        if source in ready:
-            wanted = handler() or wanted
-    return wanted
-
-
 def follow(
     sock: object,
     check: Callable[[], bool],
     log: Callable[[str], None],
     links: Optional[object] = None,
-    sources: Tuple[Source, ...] = (),
+    sources: Sequence["Source"] = (),
 ) -> None:
     """Check at once, then after every burst of events touching our table (or, with LINKS,
-    of link changes, or when a source's handler asks), until CHECK raises
-    EnforcementDisabled.  A check that failed is tried again after RETRY seconds."""
+    of link changes, or when a source asks for it), until CHECK raises EnforcementDisabled.
+    A check that failed is tried again after RETRY seconds.  SOURCES (libvirt's events, the
+    abuse desk) are served in between: they never delay a due check, and a check never
+    waits for them."""
     burst_first: Optional[float] = None  # when the pending burst began
     burst_due: Optional[float] = time.monotonic()  # at start a removal would have gone unseen
     retry_due: Optional[float] = None
@@ -306,14 +318,18 @@ def follow(
                 log(f"could not check or restore our table (retrying in {RETRY:g}s): {exc}")
                 retry_due = time.monotonic() + RETRY
             continue
-        waits = [sock] + ([links] if links is not None else []) + [source for source, _ in sources]
-        ready = _wait_readable(waits, None if due is None else due - now)
-        if not ready:
+        wake = min((d for d in [due, *(src.due() for src in sources)] if d is not None), default=None)
+        ready = _wait_readable([sock] + ([links] if links is not None else []) + list(sources),
+                               None if wake is None else max(0.0, wake - now))
+        seen = _serve(sources, ready)
+        if sock not in ready and (links is None or links not in ready) and not seen:
             continue
-        seen, lost = _drain(sock) if sock in ready else (False, False)
+        lost = False
+        if sock in ready:
+            drained, lost = _drain(sock)
+            seen = drained or seen
         if links is not None and links in ready:
             seen = _drain_links(links) or seen
-        seen = _serve(list(sources), ready) or seen
         if lost:
             log("nftables events were lost (receive buffer overrun): checking our table")
         if seen or lost:
@@ -330,7 +346,7 @@ def watch(
     open_events: Callable[[], object] = nfnetlink.open_events,
     poll: float = 1.0,
     open_links: Optional[Callable[[], object]] = open_link_events,
-    sources: Tuple[Source, ...] = (),
+    sources: Sequence["Source"] = (),
 ) -> None:
     """Run until killed: follow events while enforcement is on; while the operator's off-switch
     is set, look for it to go away once every POLL seconds, and keep serving SOURCES (the
@@ -348,7 +364,7 @@ def watch(
             if links is not None:
                 links.close()  # type: ignore[attr-defined]
         while disabled() is not None:
-            _serve(list(sources), _wait_readable([source for source, _ in sources], poll))
+            _serve(sources, _wait_readable(list(sources), poll))
         log("enforcement was re-enabled (the off-switch is gone): following nft events again")
 
 
@@ -362,7 +378,15 @@ def main_loop(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     keeper = Keeper(config, log)
-    watch(keeper.check, log, lambda: offswitch.read(config.disabled_path), sources=libvirt_sources(keeper, log))
+    sources: List[Source] = list(libvirt_sources(keeper, log))
+    desk = abuse.open_desk(config, log)  # blocked attempts (issue 12); None: not followed
+    if desk is not None:
+        sources.append(desk)
+    try:
+        watch(keeper.check, log, lambda: offswitch.read(config.disabled_path), sources=sources)
+    finally:
+        if desk is not None:
+            desk.close()
     return 0
 
 
@@ -375,5 +399,5 @@ def libvirt_sources(keeper: Keeper, log: Callable[[str], None]) -> Tuple[Source,
     if not follower.start():
         return ()
     sync = guest_sync.GuestSync(follower, lambda: keeper.config, log)
-    return ((sync, sync.handle),)
+    return (sync,)
 

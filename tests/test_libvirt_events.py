@@ -143,10 +143,21 @@ def test_the_watch_loop_serves_a_source_and_checks_when_it_asks(monkeypatch) -> 
         def fileno(self) -> int:
             return self.fd
 
-    source = Fd(src_r)
+    class Source(Fd):
+        """A watch.Source whose readable() is HANDLER."""
+
+        def readable(self) -> bool:
+            return handler()
+
+        def due(self) -> None:
+            return None
+
+        def tick(self) -> None:
+            pass
+
     threading.Thread(target=feed, daemon=True).start()
     with pytest.raises(Stop):
-        watch.follow(Fd(events_r), check, lambda _m: None, None, ((source, handler),))
+        watch.follow(Fd(events_r), check, lambda _m: None, None, [Source(src_r)])
     assert len(served) == 2 and len(checks) == 2
     assert checks[1] >= served[1], "the second check came after the source asked for it"
     assert checks[1] - checks[0] > 0.4, "the first source wake-up asked for no check"

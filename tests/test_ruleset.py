@@ -29,6 +29,9 @@ VARIANTS: Dict[str, Desired] = {
         allowed=((12, "52:54:00:aa:00:02"), (7, "52:54:00:fa:2f:a5")),
         log_rate="10/minute",
         log_burst=3,
+        log_group=7,
+        log_group_rate="20/minute",
+        log_group_burst=5,
     ),
     "audit": Desired(uplinks=("eno1",), audit=True, log_drops=False, non_ip="accept"),
     "relay": Desired(
@@ -51,6 +54,25 @@ def test_the_drop_is_a_rule_of_its_own_after_counting_and_logging() -> None:
         chain = [rule for name, rule in ruleset.rules(Desired()) if name == f"smtp{family}"]
         assert chain[-1] == "drop"
         assert all("drop" not in rule for rule in chain[:-1])
+
+
+def test_attributed_events_go_to_the_nflog_group_in_a_rule_of_their_own() -> None:
+    """The NFLOG rule is rate-limited per ingress port, then globally; it never carries a
+    verdict; the kernel log line stays (LOG_DROPS); audit logs too; LOG_GROUP off removes it."""
+    for audit in (False, True):
+        for family in ("4", "6"):
+            chain = [rule for name, rule in ruleset.rules(Desired(audit=audit)) if name == f"smtp{family}"]
+            group = [rule for rule in chain if " group 2525" in rule]
+            assert len(group) == 1 and chain.index(group[0]) == len(chain) - 2, chain
+            assert group[0].startswith(f"update @{ruleset.LOG_METER_SET} {{ iif limit rate 50/second burst 100 packets }}")
+            assert f'prefix "SMTPGATE{family} {"audit " if audit else ""}"' in group[0]
+            assert not any(word in group[0].split() for word in ("drop", "accept"))
+            assert any("level warn" in rule for rule in chain), "the kernel log line stays"
+    off = [rule for _chain, rule in ruleset.rules(Desired(log_group=None))]
+    assert not any(" group " in rule for rule in off)
+    for bad in ({"log_group": 70000}, {"log_group_rate": "5/s; flush ruleset"}, {"log_group_burst": 0}):
+        with pytest.raises(ValidationError):
+            ruleset.apply_batch(Desired(**bad))
 
 
 def test_no_name_grants_an_exemption_except_the_uplinks_inbound() -> None:

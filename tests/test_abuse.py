@@ -1,0 +1,367 @@
+"""The abuse desk (issue 12): blocked attempts from the NFLOG group, attributed to guests,
+as structured entries in a real journal; the report's bounded store; ON_BLOCKED."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from smtp_gate import abuse, cli, frames, journal, nflog, nfnetlink
+from smtp_gate.nflog import Attempt, Guest
+from smtp_gate.store import MAX_DESTINATIONS, Store, day_of, rank
+from tests import journal_lab
+from tests.netlab import REPO, BridgeLab
+
+WHITELIST = "# vmname,mac,added_at,added_by,reason\n"
+
+
+# -- pieces, without a kernel -----------------------------------------------------------------
+
+
+def test_journal_native_format_is_binary_safe_for_newlines() -> None:
+    data = journal.encode({"MESSAGE": "two\nlines", "SMTP_GATE_GUEST": "web1", "SMTP_GATE_COUNT": 3})
+    assert data.startswith(b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\n")
+    assert b"SMTP_GATE_GUEST=web1\nSMTP_GATE_COUNT=3\n" in data
+    assert journal.decode(data) == {"MESSAGE": "two\nlines", "SMTP_GATE_GUEST": "web1", "SMTP_GATE_COUNT": "3"}
+    with pytest.raises(ValueError):
+        journal.encode({"_PRIVATE": "x"})
+
+
+def test_without_a_journal_socket_an_entry_is_one_line_on_stderr(tmp_path: Path) -> None:
+    import io
+
+    err = io.StringIO()
+    writer = journal.Journal(str(tmp_path / "no-socket"), fallback=err)
+    assert writer.send({"MESSAGE": "blocked\nSMTP", "SMTP_GATE_GUEST": "web1"}) == "stderr"
+    assert err.getvalue() == "smtp-gate watch: blocked SMTP (SMTP_GATE_GUEST=web1)\n"
+
+
+def nflog_message(prefix: bytes, payload: bytes, ifindex: int = 7, mac: bytes = b"\x52\x54\x00\x00\x00\x09") -> bytes:
+    attrs = (nfnetlink._attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBB", 0x0800, 1, 0))
+             + nfnetlink._attr(nflog.NFULA_PREFIX, prefix + b"\0")
+             + nfnetlink._attr(nflog.NFULA_IFINDEX_INDEV, struct.pack("!I", ifindex))
+             + nfnetlink._attr(nflog.NFULA_HWADDR, struct.pack("!HH", 6, 0) + mac + b"\0\0")
+             + nfnetlink._attr(nflog.NFULA_PAYLOAD, payload))
+    return nfnetlink._message((nflog.NFNL_SUBSYS_ULOG << 8) | nflog.NFULNL_MSG_PACKET, 0, 0, 7, attrs)
+
+
+def test_nflog_messages_are_parsed_into_attempts() -> None:
+    seg4 = frames.tcp_segment(socket.inet_aton("10.0.0.5"), socket.inet_aton("192.0.2.25"), 40001, 25)
+    seg6 = frames.tcp_segment(socket.inet_pton(socket.AF_INET6, "fd00::5"), socket.inet_pton(socket.AF_INET6, "2001:db8::25"), 40002, 465)
+    data = (nflog_message(b"SMTPGATE4 ", frames.ipv4_packet("10.0.0.5", "192.0.2.25", seg4))
+            + nflog_message(b"SMTPGATE6 audit ", frames.ipv6_packet("fd00::5", "2001:db8::25", seg6), ifindex=9)
+            + nflog_message(b"SOMEONE ELSE ", frames.ipv4_packet("10.0.0.5", "192.0.2.25", seg4)))
+    attempts = nflog.parse(data, now=100.0)
+    assert attempts == [
+        Attempt(7, "52:54:00:00:00:09", 4, "10.0.0.5", "192.0.2.25", 40001, 25, "enforce", 100.0),
+        Attempt(9, "52:54:00:00:00:09", 6, "fd00::5", "2001:db8::25", 40002, 465, "audit", 100.0),
+    ]
+
+
+def attempt(ifindex: int = 7, dst: str = "192.0.2.25", at: float = 1_800_000_000.0, mac: str = "52:54:00:00:00:09") -> Attempt:
+    return Attempt(ifindex, mac, 4, "10.0.0.5", dst, 40000, 25, "enforce", at)
+
+
+def test_a_flood_is_one_entry_per_port_per_interval_whatever_the_macs() -> None:
+    written: List[Dict[str, object]] = []
+    agg = abuse.Aggregator(10.0, written.append)
+    web1 = Guest("web1", "u-1", "vnet3")
+    agg.add(attempt(), web1, now=0.0)
+    assert [e["SMTP_GATE_COUNT"] for e in written] == [1], "the first attempt is written at once"
+    for i in range(10_000):
+        agg.add(attempt(mac=f"02:00:00:00:{i >> 8 & 255:02x}:{i & 255:02x}"), web1, now=1.0 + i / 2000)
+    agg.tick(9.9)
+    assert len(written) == 1
+    agg.tick(10.0)
+    assert [e["SMTP_GATE_COUNT"] for e in written] == [1, 10_000]
+    assert written[1]["SMTP_GATE_GUEST"] == "web1" and written[1]["SMTP_GATE_MAC"] == "02:00:00:00:27:0f"
+    agg.tick(20.0)
+    assert len(written) == 2 and not agg.open, "an interval without attempts closes"
+
+
+def test_the_store_keeps_its_bounds(tmp_path: Path) -> None:
+    day = 86400.0
+    now = 1_800_000_000.0
+    store = Store(str(tmp_path), days=7, max_bytes=200_000)
+    web1 = Guest("web1", "u-1", "vnet3")
+    # a guest spraying 5 000 destinations in one minute: MAX_DESTINATIONS lines and "other"
+    for i in range(5000):
+        store.add(attempt(dst=f"198.51.{i >> 8}.{i & 255}", at=now), web1)
+    assert store.flush(now) == MAX_DESTINATIONS + 1
+    ranked = rank(store.rows(now - 60))
+    assert ranked[0].attempts == 5000 and ranked[0].destinations[0] == ("other", 5000 - MAX_DESTINATIONS)
+    # days older than DAYS are pruned
+    for back in range(10, 0, -1):
+        store.add(attempt(at=now - back * day), web1)
+        store.flush(now - back * day)
+    store.prune(now)
+    days = [name for name in sorted(os.listdir(store.dir))]
+    assert len(days) == 8 and days[0] > "2027-01-07", days  # 7 days back and today
+    # the size cap: old days go first, and today's lines stop when it alone is full
+    for minute in range(3000):
+        for guest in range(3):
+            store.add(attempt(ifindex=guest, at=now + minute * 0.01), Guest(f"g{guest}", f"u{guest}", f"vnet{guest}"))
+        store.flush(now)
+    assert store.size() <= 200_000 and store.dropped > 0
+    assert os.listdir(store.dir) == [f"{day_of(now)}.jsonl"]
+
+
+def test_report_ranks_guests_and_refuses_a_bad_since(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "smtp-gate.conf"
+    config.write_text(f'STATE_DIR="{tmp_path / "state"}"\n')
+    store = Store(str(tmp_path / "state"))
+    now = time.time()
+    for i in range(5):
+        store.add(attempt(at=now - 30 + i), Guest("web1", "u-1", "vnet3"))
+    store.add(attempt(ifindex=9, dst="203.0.113.9", at=now - 10), Guest("unknown port", "", "vnet9"))
+    store.add(attempt(at=now - 7200), Guest("old", "u-2", "vnet4"))  # outside --since 1h
+    store.flush(now)
+    assert cli.main(["--config", str(config), "report", "--since", "1h", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(g["guest"], g["attempts"]) for g in report["guests"]] == [("web1", 5), ("unknown port", 1)]
+    assert report["guests"][0]["destinations"] == [{"destination": "192.0.2.25:25", "attempts": 5}]
+    assert report["guests"][1]["ifaces"] == ["vnet9"]
+    assert cli.main(["--config", str(config), "report", "--since", "3h"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("(3h): 3 guest(s)") and "old (u-2)" in out
+    for bad in ("1x", "0h", "h", "-1h"):
+        assert cli.main(["--config", str(config), "report", f"--since={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"smtp-gate: error: bad --since {bad!r}: expected a duration like 30m, 1h, 2d or 1w\n"
+
+
+# -- the kernel, a real bridge and a real journal ---------------------------------------------
+
+
+def guest_uuid(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, name))
+
+
+class JournaledWatcher:
+    """`smtp-gate watch` in the lab's hypervisor namespace beside a private journald."""
+
+    def __init__(self, lab: BridgeLab) -> None:
+        self.lab = lab
+        self.jtmp = lab.tmp / f"journal-{time.monotonic_ns()}"
+        self.jtmp.mkdir()
+        self.log = self.jtmp / "watch.log"
+        argv = journal_lab.wrap(self.jtmp, ["ip", "netns", "exec", lab.hv.name, sys.executable, "-m", "smtp_gate",
+                                            "--config", str(lab.config_path), "watch"])
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                                         stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: "following blocked attempts" in self.text() and "following nftables events" in self.text()
+                 and ("checked our table" in self.text() or "restored in" in self.text()), 15)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def entries(self, *matches: str) -> List[Dict[str, str]]:
+        return journal_lab.entries(self.jtmp, *matches)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=15)
+
+
+def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("not reached in time")
+
+
+def send(lab: BridgeLab, guest, dport: int = 25, family: int = 4, count: int = 1, macs: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """COUNT blocked SMTP frames from GUEST (with MACS spoofed source MACs, if any)."""
+    tx = guest.ns.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        tx.bind(("eth0", 0))
+        for i in range(count):
+            mac = guest.mac if not macs else f"02:00:00:00:{(i % macs) >> 8:02x}:{(i % macs) & 255:02x}"
+            if family == 4:
+                tx.send(frames.tcp4_frame(mac, lab.inet_mac, guest.ip4, lab.INET4, dport, b"SGT-abuse-desk!!"))
+            else:
+                tx.send(frames.tcp6_frame(mac, lab.inet_mac, guest.ip6, lab.INET6, dport, b"SGT-abuse-desk!!"))
+    finally:
+        tx.close()
+
+
+@pytest.fixture
+def desk_lab(lab: BridgeLab):  # type: ignore[no-untyped-def]
+    reason = journal_lab.missing()
+    if reason:
+        pytest.skip(reason)
+    (lab.tmp / "whitelist.csv").write_text(WHITELIST)
+    script = lab.tmp / "on-blocked.sh"
+    script.write_text(f"#!/bin/sh\ncat > {lab.tmp}/on-blocked.$$.json\n")
+    script.chmod(0o755)
+    lab.write_config(f'UPLINKS="uplink0"\nEVENT_INTERVAL="1"\nSTATE_DIR="{lab.tmp / "state"}"\n'
+                     f'ON_BLOCKED="{script}"\nON_BLOCKED_THRESHOLD="20"\nON_BLOCKED_WINDOW="600"\n')
+    lab.smtp_gate("apply")
+    lab.start_guest(lab.guests["g1"])  # g1: a guest with a record; g2 (vnet1): an unknown port
+    watcher = JournaledWatcher(lab)
+    try:
+        yield lab, watcher
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.kernel
+def test_blocked_attempts_are_attributed_entries_in_the_journal(desk_lab) -> None:  # type: ignore[no-untyped-def]
+    lab, watcher = desk_lab
+    g1, g2 = lab.guests["g1"], lab.guests["g2"]
+    send(lab, g1)
+    send(lab, g1, dport=465, family=6)
+    send(lab, g2)
+    entries = wait_for(lambda: len(watcher.entries("SMTP_GATE_EVENT=blocked")) >= 2 and watcher.entries(
+        "SMTP_GATE_GUEST=g1"))
+    first = entries[0]
+    assert {k: first[k] for k in first if k.startswith("SMTP_GATE_") or k in ("SYSLOG_IDENTIFIER", "PRIORITY")} == {
+        "SYSLOG_IDENTIFIER": "smtp-gate", "PRIORITY": "4", "SMTP_GATE_EVENT": "blocked", "SMTP_GATE_GUEST": "g1",
+        "SMTP_GATE_UUID": guest_uuid("g1"), "SMTP_GATE_MAC": g1.mac, "SMTP_GATE_IFACE": "vnet0",
+        "SMTP_GATE_IFINDEX": str(lab.hv.ifindex("vnet0")), "SMTP_GATE_FAMILY": "ipv4", "SMTP_GATE_SRC": g1.ip4,
+        "SMTP_GATE_DST": lab.INET4, "SMTP_GATE_SPORT": "40000", "SMTP_GATE_DPORT": "25", "SMTP_GATE_MODE": "enforce",
+        "SMTP_GATE_COUNT": "1",
+    }
+    assert first["MESSAGE"] == f"blocked SMTP from g1 ({g1.mac} on vnet0) to {lab.INET4}:25"
+    # the second attempt of g1 fell into its interval: one entry with the count at its end
+    later = wait_for(lambda: [e for e in watcher.entries("SMTP_GATE_GUEST=g1") if e["SMTP_GATE_COUNT"] == "1"
+                              and e["SMTP_GATE_FAMILY"] == "ipv6"])
+    assert later[0]["SMTP_GATE_DST"] == lab.INET6 and later[0]["SMTP_GATE_DPORT"] == "465"
+    unknown = watcher.entries("SMTP_GATE_IFACE=vnet1")
+    assert unknown and unknown[0]["SMTP_GATE_GUEST"] == "unknown port" and unknown[0]["SMTP_GATE_UUID"] == ""
+    assert unknown[0]["MESSAGE"].startswith(f"blocked SMTP from unknown port vnet1 (ifindex {lab.hv.ifindex('vnet1')})")
+    # the report sees them once the watcher has written its buckets (every EVENT_INTERVAL)
+    def report() -> List[Dict[str, object]]:
+        out = lab.smtp_gate("report", "--since", "10m", "--json").stdout
+        return json.loads(out)["guests"]
+    guests = wait_for(lambda: [g for g in report() if g["guest"] == "g1"] and report())
+    assert [(g["guest"], g["attempts"]) for g in guests] == [("g1", 2), ("unknown port", 1)]
+
+
+@pytest.mark.kernel
+def test_a_spoofed_mac_flood_keeps_enforcement_bounds_entries_and_runs_on_blocked_once(desk_lab) -> None:  # type: ignore[no-untyped-def]
+    lab, watcher = desk_lab
+    g1, g2 = lab.guests["g1"], lab.guests["g2"]
+    counter = lambda: json.loads(lab.nft("-j", "list", "counter", "bridge", "smtp_gate", "blocked4").stdout)  # noqa: E731
+    before = counter()["nftables"][1]["counter"]["packets"]
+    for _ in range(3):
+        send(lab, g1, count=5000, macs=4096)
+        assert not lab.tcp_connects(g1, lab.INET4, 25, timeout=0.5), "enforcement holds during the flood"
+        send(lab, g2)  # another guest's attempt is not starved by the flood (the meter is per port)
+        time.sleep(0.5)
+    assert counter()["nftables"][1]["counter"]["packets"] - before >= 15_000 + 3, "every frame was dropped by the rule"
+    wait_for(lambda: list(lab.tmp.glob("on-blocked.*.json")), 10)
+    time.sleep(2.5)  # two more intervals
+    g1_entries = watcher.entries("SMTP_GATE_GUEST=g1")
+    counts = [int(e["SMTP_GATE_COUNT"]) for e in g1_entries]
+    # 15 000 frames, but the kernel's meter passes 100 + 50/s per port, and the watcher
+    # writes at most one entry per port per second (EVENT_INTERVAL=1) after the first
+    assert 2 <= len(g1_entries) <= 8, counts
+    assert 100 <= sum(counts) <= 400, counts
+    assert len({e["SMTP_GATE_MAC"] for e in g1_entries}) >= 2, "the MACs are the frames' (spoofed) ones"
+    assert len(watcher.entries("SMTP_GATE_IFACE=vnet1")) >= 2, "g2's attempts were not starved"
+    runs = list(lab.tmp.glob("on-blocked.*.json"))
+    assert len(runs) == 1, "at most once per guest per window"
+    document = json.loads(runs[0].read_text())
+    assert document["guest"] == "g1" and document["uuid"] == guest_uuid("g1") and document["attempts"] >= 20
+    assert document["destinations"][0]["destination"] == f"{lab.INET4}:25"
+    assert "ON_BLOCKED: " in watcher.text() and "exited with status" not in watcher.text()
+    assert "restored in" not in watcher.text(), "the datapath's meter and counters are no change of our table"
+    assert not lab.frame_arrives(g1.ns, frames.tcp4_frame(g1.mac, lab.inet_mac, g1.ip4, lab.INET4, 25, b"SGT-after-flood!"))
+
+
+@pytest.mark.kernel
+def test_audit_mode_logs_too_and_a_hung_on_blocked_is_killed(lab: BridgeLab) -> None:
+    reason = journal_lab.missing()
+    if reason:
+        pytest.skip(reason)
+    (lab.tmp / "whitelist.csv").write_text(WHITELIST)
+    hung = lab.tmp / "hung.sh"
+    hung.write_text(f"#!/bin/sh\necho started > {lab.tmp}/hung.started\nexec sleep 600\n")
+    hung.chmod(0o755)
+    lab.write_config(f'UPLINKS="uplink0"\nMODE="audit"\nLOG_DROPS="0"\nEVENT_INTERVAL="1"\n'
+                     f'STATE_DIR="{lab.tmp / "state"}"\nON_BLOCKED="{hung}"\nON_BLOCKED_THRESHOLD="1"\n'
+                     'ON_BLOCKED_TIMEOUT="1"\n')
+    lab.smtp_gate("apply")
+    lab.start_guest(lab.guests["g1"])
+    watcher = JournaledWatcher(lab)
+    try:
+        send(lab, lab.guests["g1"])
+        entries = wait_for(lambda: watcher.entries("SMTP_GATE_GUEST=g1"))
+        assert entries[0]["SMTP_GATE_MODE"] == "audit"
+        wait_for(lambda: "ran longer than 1s: killed" in watcher.text(), 10)
+        # enforcement work went on meanwhile: a flush is restored while the command hung
+        lab.nft("flush", "ruleset")
+        wait_for(lambda: "table bridge smtp_gate" in lab.nft("list", "tables").stdout)
+    finally:
+        watcher.stop()
+    assert (lab.tmp / "hung.started").exists()
+    assert "sleep 600" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_the_abuse_desk_keys_are_checked(tmp_path: Path) -> None:
+    from smtp_gate import config as config_mod
+    from smtp_gate.errors import ConfigError
+
+    path = tmp_path / "c.conf"
+    good = config_mod.parse('LOG_GROUP="off"\nON_BLOCKED="/usr/local/bin/notify --queue \'smtp abuse\'"\n'
+                            'EVENT_INTERVAL="2.5"\nREPORT_MAX_MB="5"\n', path)
+    assert good.log_group is None and good.on_blocked == ("/usr/local/bin/notify", "--queue", "smtp abuse")
+    assert (good.event_interval, good.report_max_mb) == (2.5, 5)
+    assert config_mod.parse("", path).log_group == 2525
+    for line, message in [
+        ('LOG_GROUP="70000"', "LOG_GROUP: bad NFLOG group '70000': expected a number 0-65535, or off"),
+        ('ON_BLOCKED="notify-abuse"', "ON_BLOCKED: bad command 'notify-abuse': expected an absolute path first"),
+        ('ON_BLOCKED_THRESHOLD="0"', "ON_BLOCKED_THRESHOLD: bad threshold '0': expected a whole number 1-1000000000"),
+        ('EVENT_INTERVAL="soon"', "EVENT_INTERVAL: bad interval 'soon': expected seconds between 0.1 and 3600"),
+        ('LOG_GROUP_RATE="lots"', "LOG_GROUP_RATE: bad rate 'lots'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            config_mod.parse(line + "\n", path)
+        assert str(err.value).startswith(f"{path}:1: ") and message in str(err.value), str(err.value)
+
+
+@pytest.mark.kernel
+def test_a_group_held_by_another_listener_is_said_once_and_the_watcher_goes_on(bare_lab: BridgeLab) -> None:
+    """Another NFLOG listener (ulogd) on LOG_GROUP: the desk says so; the watcher restores as before."""
+    with bare_lab.hv.entered():
+        holder = nflog.open_group(2525)
+    try:
+        with bare_lab.hv.entered():
+            with pytest.raises(nfnetlink.NetlinkError) as err:
+                nflog.open_group(2525)
+        assert err.value.errno == errno.EPERM and "another listener holds the group" in str(err.value)
+        bare_lab.smtp_gate("apply")
+        (bare_lab.tmp / "whitelist.csv").write_text(WHITELIST)
+        log = bare_lab.tmp / "watch.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", bare_lab.hv.name, sys.executable, "-m", "smtp_gate",
+                                     "--config", str(bare_lab.config_path), "watch"],
+                                    env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                                    stderr=out, start_new_session=True)
+        try:
+            wait_for(lambda: "checked our table" in log.read_text() or "restored in" in log.read_text(), 15)
+            bare_lab.nft("flush", "ruleset")
+            wait_for(lambda: "table bridge smtp_gate" in bare_lab.nft("list", "tables").stdout)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        assert ("blocked attempts are not followed: cannot bind NFLOG group 2525: Operation not permitted (EPERM) "
+                "(another listener holds the group: pick a free LOG_GROUP)") in log.read_text()
+    finally:
+        holder.close()
