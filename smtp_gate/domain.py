@@ -237,7 +237,13 @@ def _allow(metadata: Optional[Element]) -> Optional[Allow]:
             fields[field] = validate.escape_controls(value)
     macs = None
     nics = [child for child in element if child.tag in ALLOW_NIC_TAGS]
-    if nics:
+    strangers = sorted({str(child.tag) for child in element if child.tag not in ALLOW_NIC_TAGS})
+    if strangers:
+        # an element we do not know (<nics>, <NIC>, a <nic> of another namespace...) was
+        # meant to say something, most likely to narrow the allowance: allow nothing rather
+        # than every NIC, and say why
+        problems.append(f"<allow> has unknown child element(s) {', '.join(strangers)}: expected only <nic mac=...>")
+    if nics or strangers:
         wanted = []
         for nic in nics:
             mac = _checked(_read(nic, {}, ALLOW_NIC_MAC), validate.unicast_mac, "<allow><nic mac>", problems)

@@ -68,3 +68,15 @@ def test_the_rebuild_journal_keeps_the_allowance() -> None:
     again = runstate.domain_from_event(runstate.domain_event("start", dom))
     assert again.allow is not None and again.allow.macs == ("52:54:00:aa:00:01",) and again.allow.by == "a"
     assert runstate.domain_from_event(runstate.domain_event("start", domain.parse(xml()))).allow is None
+
+
+def test_an_unknown_child_never_widens_it() -> None:
+    """<nics>, <NIC>, a <nic> of another namespace: meant to narrow, so they allow nothing
+    (attacker review of issue 11: they allowed every NIC, silently)."""
+    for child in ('<nics mac="52:54:00:aa:00:01"/>', '<NIC mac="52:54:00:aa:00:01"/>',
+                  '<o:nic xmlns:o="urn:other" mac="52:54:00:aa:00:01"/>', '<interface mac="52:54:00:aa:00:01"/>'):
+        verdict = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1">{child}</sg:allow>'))
+        assert verdict.allowed == (), child
+        assert verdict.domain.allow is not None and "unknown child" in verdict.domain.allow.problems[0], child
+    narrowed = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"><sg:nic mac="52:54:00:aa:00:02"/><nics/></sg:allow>'))
+    assert narrowed.allowed == ((11, "52:54:00:aa:00:02"),)
