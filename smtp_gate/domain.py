@@ -13,6 +13,7 @@ dataclass: `dataclasses` pulls in `inspect` and builds its classes with exec(), 
 value itself, for the caller to report with whatever it already uses.
 """
 
+import re
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 from smtp_gate import validate
@@ -56,6 +57,8 @@ ALLOW_TAG = "{%s}allow" % METADATA_NS
 ALLOW_NIC_TAGS = ("nic", "{%s}nic" % METADATA_NS)
 ALLOW_FIELDS = ("by", "at", "reason")  # attributes of <allow>, all optional
 ALLOW_NIC_MAC = _path("@mac")
+# <allow at=...>: a date, or a date and time with an optional zone (audit only: never gates)
+_ISO_8601 = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?)?\Z")
 
 _HEX = frozenset("0123456789abcdef")
 _SOCKET_TYPES = ("mcast", "udp", "server", "client")
@@ -225,6 +228,9 @@ def _allow(metadata: Optional[Element]) -> Optional[Allow]:
         if element.tag == ALLOW_TAG:
             break
     else:
+        ours = [str(e.tag) for e in metadata if str(e.tag).startswith(ALLOW_TAG[: -len("allow")])]
+        if ours:  # a typo (<allowed>, <Allow>) was meant to allow: it allows nothing, said loudly
+            return Allow(macs=(), problems=(f"<metadata> holds {ours[0]} where <allow> of {METADATA_NS} was expected",))
         return None
     problems: list = []
     fields = {}
@@ -235,6 +241,8 @@ def _allow(metadata: Optional[Element]) -> Optional[Allow]:
         except ValidationError as exc:
             problems.append(str(exc))
             fields[field] = validate.escape_controls(value)
+    if fields["at"] and not _ISO_8601.match(fields["at"]):
+        problems.append(f"<allow at> {fields['at']!r} is not an ISO 8601 time such as 2026-12-01T10:00:00+00:00")
     macs = None
     nics = [child for child in element if child.tag in ALLOW_NIC_TAGS]
     strangers = sorted({str(child.tag) for child in element if child.tag not in ALLOW_NIC_TAGS})

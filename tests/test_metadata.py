@@ -80,3 +80,18 @@ def test_an_unknown_child_never_widens_it() -> None:
         assert verdict.domain.allow is not None and "unknown child" in verdict.domain.allow.problems[0], child
     narrowed = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"><sg:nic mac="52:54:00:aa:00:02"/><nics/></sg:allow>'))
     assert narrowed.allowed == ((11, "52:54:00:aa:00:02"),)
+
+
+def test_a_misspelt_element_of_our_namespace_allows_nothing_and_says_so() -> None:
+    verdict = judge(xml('<sg:allowed xmlns:sg="urn:smtp-gate:1" by="panel"/>'))
+    assert verdict.allowed == ()
+    assert verdict.domain.allow is not None and "{urn:smtp-gate:1}allowed" in verdict.domain.allow.problems[0]
+
+
+def test_at_must_be_iso_8601_but_only_warns() -> None:
+    for good in ("2026-12-01", "2026-12-01T10:00:00+00:00", "2026-12-01T10:00Z", "2026-12-01 10:00:00.5"):
+        allow = domain.parse(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" at="{good}"/>')).allow
+        assert allow is not None and allow.problems == (), good
+    verdict = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1" at="yesterday"/>'))
+    assert "'yesterday' is not an ISO 8601 time" in verdict.domain.allow.problems[0]
+    assert len(verdict.allowed) == 2, "an odd audit field does not gate the allowance"
