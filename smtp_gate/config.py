@@ -47,6 +47,9 @@ class Config(NamedTuple):
     run_dir: str = "/run/smtp-gate"
     allowed_destinations: Tuple[validate.Relay, ...] = ()  # relays every guest may reach on blocked ports
     libvirt_timeout: float = 20.0  # seconds one libvirt URI may take to answer (open, list, every XMLDesc)
+    # node_exporter's textfile directory for smtp_gate.prom (metrics.py); "" turns metrics off
+    metrics_dir: str = "/var/lib/prometheus/node-exporter"
+    metrics_max_guests: int = 200  # guests with series of their own; the rest are summed (metrics.py)
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
@@ -193,6 +196,21 @@ def _path(value: str) -> str:
     return value.strip()
 
 
+def _metrics_dir(value: str) -> str:
+    value = value.strip()
+    if value and not os.path.isabs(value):
+        raise ValidationError(
+            f'bad directory {value!r}: expected an absolute path (node_exporter\'s --collector.textfile.directory), or "" for no metrics'
+        )
+    return value
+
+
+def _max_guests(value: str) -> int:
+    if not re.fullmatch(r"[1-9]\d{0,4}", value.strip()):
+        raise ValidationError(f"bad number {value!r}: expected a whole number of guests from 1 to 99999, e.g. 200")
+    return int(value)
+
+
 # key -> (Config field, parser)
 KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "BRIDGE": ("bridges", _bridges),
@@ -211,6 +229,8 @@ KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "RUN_DIR": ("run_dir", _path),
     "ALLOWED_DESTINATIONS": ("allowed_destinations", _destinations),
     "LIBVIRT_TIMEOUT": ("libvirt_timeout", _seconds),
+    "METRICS_DIR": ("metrics_dir", _metrics_dir),
+    "METRICS_MAX_GUESTS": ("metrics_max_guests", _max_guests),
 }
 
 _LINE = re.compile(
