@@ -30,6 +30,7 @@ BENCHES: Dict[str, Tuple[List[str], List[str]]] = {
     "rebuild": ([], ["--runs", "2", "--naive-sample", "3"]),
     "recovery": ([], ["--runs", "3"]),
     "selftest": ([], ["--runs", "2"]),
+    "metrics": ([], ["--runs", "2"]),
 }
 
 

@@ -34,8 +34,9 @@ Import cost: the hooks import this module for count(), so its top level is stdli
 """
 
 import os
+import struct
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 from smtp_gate.errors import SmtpGateError
 
@@ -182,10 +183,155 @@ def owners(records: Iterable["Record"]) -> Dict[str, Tuple[str, str]]:
     return out
 
 
+# The kernel's attempts set, read over netlink: `nft -j list` of a full set (65 536 entries
+# with counters) takes seconds (bench/bench_metrics.py), a GETSETELEM dump a fraction of it.
+# Attribute numbers from linux/netfilter/nf_tables.h.
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 1, 7, 11
+NFTA_DATA_VALUE, NFTA_LIST_ELEM = 1, 1
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+NFTA_COUNTER_PACKETS = 2
+_IFNAMSIZ = 16
+
+
+def _nlattrs(data: bytes) -> Iterator[Tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute in DATA (type without the nested/byte-order bits)."""
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4 or offset + length > len(data):
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _counter_packets(expr: bytes) -> Optional[int]:
+    """The packets of a `counter` expression's attributes; None for another expression."""
+    attrs = dict(_nlattrs(expr))
+    if attrs.get(NFTA_EXPR_NAME, b"").rstrip(b"\0") != b"counter":
+        return None
+    data = dict(_nlattrs(attrs.get(NFTA_EXPR_DATA, b"")))
+    packets = data.get(NFTA_COUNTER_PACKETS, b"")
+    return struct.unpack(">Q", packets)[0] if len(packets) == 8 else None
+
+
+# The layout every element of the attempts set has on the kernels we know: KEY { DATA_VALUE
+# (24 bytes) } then EXPR { NAME "counter", DATA { BYTES, PACKETS } }.  Checked, byte by byte,
+# before it is trusted; anything else takes the general parse.
+_FAST_VALUE = struct.pack("=HH", 28, NFTA_DATA_VALUE)
+_FAST_NAME = struct.pack("=HH", 12, NFTA_EXPR_NAME) + b"counter\0"
+_FAST_PACKETS = struct.pack("=HH", 12, NFTA_COUNTER_PACKETS)
+
+
+def _fast_attempt(element: bytes) -> Optional[Attempt]:
+    if (
+        len(element) >= 76
+        and element[4:8] == _FAST_VALUE
+        and element[36:48] == _FAST_NAME
+        and element[64:68] == _FAST_PACKETS
+        and struct.unpack_from("=H", element, 2)[0] & 0x3FFF == NFTA_SET_ELEM_KEY
+        and struct.unpack_from("=H", element, 34)[0] & 0x3FFF == NFTA_SET_ELEM_EXPR
+    ):
+        port = element[8:24].split(b"\0", 1)[0].decode("utf-8", "replace")
+        return Attempt(port, element[24:30].hex(":"), int.from_bytes(element[68:76], "big"))
+    return None
+
+
+def parse_attempt(element: bytes) -> Optional[Attempt]:
+    """One element of the attempts set (`ifname . ether_addr`, counter) as the kernel sends it:
+    a 24-byte key (the name NUL-padded to IFNAMSIZ, the MAC padded to 8 bytes) and a counter
+    expression, alone (NFTA_SET_ELEM_EXPR) or in a list (NFTA_SET_ELEM_EXPRESSIONS)."""
+    fast = _fast_attempt(element)
+    if fast is not None:
+        return fast
+    key: Optional[bytes] = None
+    packets = 0
+    for kind, value in _nlattrs(element):
+        if kind == NFTA_SET_ELEM_KEY:
+            key = dict(_nlattrs(value)).get(NFTA_DATA_VALUE)
+        elif kind == NFTA_SET_ELEM_EXPR:
+            packets = _counter_packets(value) or packets
+        elif kind == NFTA_SET_ELEM_EXPRESSIONS:
+            for item_kind, item in _nlattrs(value):
+                if item_kind == NFTA_LIST_ELEM:
+                    packets = _counter_packets(item) or packets
+    if key is None or len(key) < _IFNAMSIZ + 6:
+        return None
+    port = key[:_IFNAMSIZ].split(b"\0", 1)[0].decode("utf-8", "replace")
+    mac = key[_IFNAMSIZ : _IFNAMSIZ + 6].hex(":")
+    return Attempt(port, mac, packets)
+
+
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
+NFT_OBJECT_COUNTER = 1
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFTA_IMMEDIATE_DATA, NFTA_DATA_VERDICT, NFTA_VERDICT_CODE = 2, 2, 1
+NF_ACCEPT = 1
+
+
+def _nlattr(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _name(kind: int, name: str) -> bytes:
+    return _nlattr(kind, name.encode() + b"\0")
+
+
+def kernel_counters(timeout: float = 10.0) -> Dict[str, int]:
+    """Packets of each named counter of our table (one GETOBJ dump)."""
+    from smtp_gate import nfnetlink, ruleset
+
+    payload = _name(NFTA_OBJ_TABLE, ruleset.TABLE) + _nlattr(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
+    out: Dict[str, int] = {}
+    for obj in nfnetlink.dump(nfnetlink.NFT_MSG_GETOBJ, payload, f"the counters of {ruleset.T}", timeout=timeout):
+        attrs = dict(_nlattrs(obj))
+        data = dict(_nlattrs(attrs.get(NFTA_OBJ_DATA, b"")))
+        packets = data.get(NFTA_COUNTER_PACKETS, b"")
+        if NFTA_OBJ_NAME in attrs and len(packets) == 8:
+            out[attrs[NFTA_OBJ_NAME].rstrip(b"\0").decode("utf-8", "replace")] = struct.unpack(">Q", packets)[0]
+    return out
+
+
+def _accepts(rule: bytes) -> bool:
+    """Whether RULE (GETRULE attributes) is a lone `accept`: one immediate verdict expression."""
+    exprs = [item for kind, item in _nlattrs(dict(_nlattrs(rule)).get(NFTA_RULE_EXPRESSIONS, b"")) if kind == NFTA_LIST_ELEM]
+    if len(exprs) != 1:
+        return False
+    attrs = dict(_nlattrs(exprs[0]))
+    if attrs.get(NFTA_EXPR_NAME, b"").rstrip(b"\0") != b"immediate":
+        return False
+    data = dict(_nlattrs(dict(_nlattrs(attrs.get(NFTA_EXPR_DATA, b""))).get(NFTA_IMMEDIATE_DATA, b"")))
+    verdict = dict(_nlattrs(data.get(NFTA_DATA_VERDICT, b""))).get(NFTA_VERDICT_CODE, b"")
+    return len(verdict) == 4 and struct.unpack(">i", verdict)[0] == NF_ACCEPT
+
+
+def kernel_audit(timeout: float = 10.0) -> bool:
+    """Audit mode: the blocked-attempt chain smtp4 ends with accept instead of drop (one
+    GETRULE dump of that chain), as status.py reads it from nft's listing."""
+    from smtp_gate import nfnetlink, ruleset
+
+    payload = _name(NFTA_RULE_TABLE, ruleset.TABLE) + _name(NFTA_RULE_CHAIN, "smtp4")
+    rules = nfnetlink.dump(nfnetlink.NFT_MSG_GETRULE, payload, f"chain {ruleset.T} smtp4", timeout=timeout)
+    return any(_accepts(rule) for rule in rules)
+
+
+def kernel_attempts(timeout: float = 10.0) -> Tuple[Attempt, ...]:
+    """The kernel's attempts set, one GETSETELEM dump; () when the set does not exist."""
+    from smtp_gate import nfnetlink, ruleset
+
+    try:
+        elements = nfnetlink.list_raw_elements(ruleset.ATTEMPTS_SET, ruleset.TABLE, timeout=timeout)
+    except nfnetlink.NetlinkError as exc:
+        if exc.missing:
+            return ()
+        raise
+    return tuple(a for a in map(parse_attempt, elements) if a is not None)
+
+
 def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
-    """Read the state: one `nft -j list table` (the kernel's), the off-switch, and RUN_DIR.
-    Takes no lock: every file read here is replaced atomically."""
-    from smtp_gate import nft, offswitch, ruleset
+    """Read the state: the kernel's (over netlink, no `nft` process: whether our base chains
+    exist, the named counters, the mode, the attempts set, the allowances), the off-switch,
+    and RUN_DIR.  Takes no lock: every file read here is replaced atomically."""
+    from smtp_gate import nfnetlink, nft, offswitch, ruleset
     from smtp_gate.runstate import RunState
 
     at = time.time() if at is None else at
@@ -202,19 +348,23 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
         restores=counted(config.run_dir, TABLE_RESTORES),
         rebuild=read_rebuild(config.run_dir),
     )
-    table = nft.read_table()
-    if table is None:
+    if not nft.base_exists():
         return Snapshot(active=False, **common)  # type: ignore[arg-type]
-    attempts = table.sets.get(ruleset.ATTEMPTS_SET)
-    audit = any(expr == [{"accept": None}] for expr in table.chains.get("smtp4", []))
+    try:
+        allowed = len(nfnetlink.list_elements("allowed", ruleset.TABLE))
+    except nfnetlink.NetlinkError as exc:
+        if not exc.missing:
+            raise
+        allowed = 0
+    counters = kernel_counters()
     return Snapshot(
         active=True,
-        mode="audit" if audit else "enforce",
-        blocked={"ipv4": table.counters.get("blocked4", (0, 0))[0], "ipv6": table.counters.get("blocked6", (0, 0))[0]},
-        nonip=table.counters.get("nonip", (0, 0))[0],
-        malformed=table.counters.get("malformed", (0, 0))[0],
-        attempts=tuple(Attempt(p, m, n) for p, m, n, _b in nft.attempt_counters(attempts)) if attempts else (),
-        allowed_nics=len(table.elements.get("allowed", [])),
+        mode="audit" if kernel_audit() else "enforce",
+        blocked={"ipv4": counters.get("blocked4", 0), "ipv6": counters.get("blocked6", 0)},
+        nonip=counters.get("nonip", 0),
+        malformed=counters.get("malformed", 0),
+        attempts=kernel_attempts(),
+        allowed_nics=allowed,
         **common,  # type: ignore[arg-type]
     )
 
@@ -445,8 +595,11 @@ class Refresher:
 
     def run(self) -> None:
         while True:
+            started = time.monotonic()
             self.once()
-            self.wake.wait(self.period)
+            # a refresh that takes long (a full attempts set: ~1 s, bench/bench_metrics.py)
+            # is done less often: at most a tenth of a CPU, whatever fills the kernel's set
+            self.wake.wait(max(self.period, 10 * (time.monotonic() - started)))
             self.wake.clear()
 
     def start(self) -> None:

@@ -9,6 +9,7 @@ collector scrapes the directory.  The example alert rules pass `promtool check r
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -152,6 +153,35 @@ def test_unprotected_nics_per_guest_are_bounded_too() -> None:
     assert samples[("smtp_gate_unprotected_nics", ())] == 6
     per_guest = {dict(k[1])["guest"]: v for k, v in samples.items() if k[0] == "smtp_gate_guest_unprotected_nics"}
     assert per_guest == {"g0": 2, "g1": 1, "_other": 3}
+
+
+def nlattr(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def counter_expr(packets: int) -> bytes:
+    return nlattr(1, b"counter\0") + nlattr(2, nlattr(1, struct.pack(">Q", 999)) + nlattr(2, struct.pack(">Q", packets)))
+
+
+def test_an_attempts_element_is_parsed_as_the_kernel_sends_it() -> None:
+    # the attributes a kernel sent for "vnet0" . 52:54:00:aa:bb:cc (key, counter, expiration)
+    captured = (nlattr(1, bytes.fromhex("1c000100766e6574300000000000000000000000525400aabbcc0000"))
+                + nlattr(7, bytes.fromhex("0c000100636f756e746572001c0002000c0001000000000000000000"
+                                          "0c0002000000000000000000"))
+                + nlattr(5, bytes.fromhex("0000000005265b4c")))
+    assert metrics.parse_attempt(captured) == Attempt("vnet0", "52:54:00:aa:bb:cc", 0)
+    key = bytes.fromhex("766e6574300000000000000000000000525400aabbcc0000")
+    assert metrics.parse_attempt(nlattr(1, nlattr(1, key)) + nlattr(7, counter_expr(42))) == \
+        Attempt("vnet0", "52:54:00:aa:bb:cc", 42)
+    # a set with several expressions sends them as a list
+    listed = nlattr(1, nlattr(1, key)) + nlattr(11, nlattr(1, nlattr(1, b"limit\0")) + nlattr(1, counter_expr(7)))
+    assert metrics.parse_attempt(listed) == Attempt("vnet0", "52:54:00:aa:bb:cc", 7)
+    assert metrics.parse_attempt(nlattr(5, bytes(8))) is None  # no key: skipped
+    # the fast path (the usual layout, with or without NLA_F_NESTED) agrees with the general parse
+    flagged = nlattr(0x8001, nlattr(1, key)) + nlattr(0x8007, counter_expr(5)) + nlattr(5, bytes(8))
+    assert metrics._fast_attempt(flagged) == Attempt("vnet0", "52:54:00:aa:bb:cc", 5)
+    assert metrics._fast_attempt(captured) == metrics.parse_attempt(captured)
+    assert metrics._fast_attempt(listed) is None
 
 
 # ------------------------------------------------------------------ counters and files
