@@ -341,9 +341,14 @@ class NodeExporter:
 
 
 def test_node_exporter_and_promtool_read_the_file_from_a_real_lab(metrics_lab: Tuple[BridgeLab, Path]) -> None:
+    """A guest with a nasty name blocked, a whitelisted guest allowed, a port no hypervisor
+    reported (guest "_unknown"), a hook that failed: the file as the kernel's state says,
+    accepted by promtool, and served unchanged by a real node_exporter."""
     lab, textfiles = metrics_lab
+    (lab.tmp / "whitelist.csv").write_text("# vmname,mac,added_at,added_by,reason\ng2,,2026-01-01T00:00:00+00:00,root,\n")
     assert lab.smtp_gate("apply").returncode == 0
     g1, g2 = lab.guests["g1"], lab.guests["g2"]
+    stranger = lab.add_guest("g3", "vnet2", 4)  # its port is no libvirt guest's
     nasty_uuid = str(uuid_mod.uuid4())
     started = lab.run_hook("start", "begin", domain_xml(NASTY, g1.port, g1.mac, nasty_uuid), name="nasty")
     assert started.returncode == 0 and b"failed" not in started.stderr, started.stderr
@@ -352,7 +357,8 @@ def test_node_exporter_and_promtool_read_the_file_from_a_real_lab(metrics_lab: T
     assert broken.returncode == 0 and b"failed" in broken.stderr
     assert not lab.tcp_connects(g1, lab.INET4, 25, timeout=0.5)
     assert not lab.tcp_connects(g1, lab.INET6, 465, timeout=0.5)
-    assert not lab.tcp_connects(g2, lab.INET4, 25, timeout=0.5)
+    assert not lab.tcp_connects(stranger, lab.INET4, 25, timeout=0.5)
+    assert lab.tcp_connects(g2, lab.INET4, 25)  # allowed: no attempt counted
     rebuilt = lab.smtp_gate("rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     text = (textfiles / "smtp_gate.prom").read_text(encoding="utf-8")
@@ -360,21 +366,23 @@ def test_node_exporter_and_promtool_read_the_file_from_a_real_lab(metrics_lab: T
     samples = ours(parse(text))
 
     expected: Dict[Tuple[str, str, str], float] = {}
-    names = {g1.port: (NASTY, nasty_uuid), g2.port: ("g2", str(uuid_mod.uuid5(uuid_mod.NAMESPACE_DNS, "g2")))}
+    names = {g1.port: (NASTY, nasty_uuid), stranger.port: ("_unknown", "")}
     for port, mac, packets in kernel_attempts(lab):
         guest, guest_uuid = names[port]
         expected[(guest, guest_uuid, mac)] = expected.get((guest, guest_uuid, mac), 0) + packets
     got = {(dict(k[1])["guest"], dict(k[1])["uuid"], dict(k[1])["mac"]): v
            for k, v in samples.items() if k[0] == "smtp_gate_guest_blocked_packets_total"}
-    assert got == expected and set(got) == {(NASTY, nasty_uuid, g1.mac), (*names[g2.port], g2.mac)}
+    assert got == expected and set(got) == {(NASTY, nasty_uuid, g1.mac), ("_unknown", "", stranger.mac)}
     assert got[(NASTY, nasty_uuid, g1.mac)] >= 2
     blocked = {dict(k[1])["family"]: v for k, v in samples.items() if k[0] == "smtp_gate_blocked_packets_total"}
     assert blocked["ipv4"] + blocked["ipv6"] == sum(expected.values()) and blocked["ipv6"] >= 1
     for name, value in (("smtp_gate_enforcement_active", 1), ("smtp_gate_disabled", 0), ("smtp_gate_guests", 2),
-                        ("smtp_gate_allowed_guests", 0), ("smtp_gate_allowed_nics", 0),
+                        ("smtp_gate_allowed_guests", 1), ("smtp_gate_allowed_nics", 1),
+                        ("smtp_gate_attempt_sources", len(expected)),
                         ("smtp_gate_hook_failures_total", 1), ("smtp_gate_table_restores_total", 0)):
         assert samples[(name, ())] == value, name
     assert samples[("smtp_gate_mode", (("mode", "enforce"),))] == 1
+    assert samples[("smtp_gate_mode", (("mode", "audit"),))] == 0
     assert abs(samples[("smtp_gate_last_rebuild_timestamp_seconds", ())] - time.time()) < 60
     assert 0 < samples[("smtp_gate_last_rebuild_duration_seconds", ())] < 60
 
@@ -385,6 +393,12 @@ def test_node_exporter_and_promtool_read_the_file_from_a_real_lab(metrics_lab: T
         exporter.stop()
     assert scraped[("node_textfile_scrape_error", ())] == 0
     assert ours(scraped) == samples  # every series, every label (re-escaped by node_exporter), every value
+
+    lab.write_config(f'UPLINKS="uplink0"\nMETRICS_DIR="{textfiles}"\nMODE="audit"\n')
+    assert lab.smtp_gate("apply").returncode == 0
+    samples = parse((textfiles / "smtp_gate.prom").read_text(encoding="utf-8"))
+    assert samples[("smtp_gate_mode", (("mode", "audit"),))] == 1
+    assert samples[("smtp_gate_mode", (("mode", "enforce"),))] == 0
 
 
 def test_disabled_missing_and_unwritable_metrics_dir(metrics_lab: Tuple[BridgeLab, Path]) -> None:
