@@ -417,10 +417,13 @@ def _count_failure(hook: Optional[Hook]) -> None:
     """One byte appended to RUN_DIR/hook_failures, the counter behind the metric
     smtp_gate_hook_failures_total (metrics.count: never raises, never blocks).  A hook that
     could not read its configuration does not know RUN_DIR: its failure is only logged."""
-    if hook is not None:
+    if hook is None:
+        return
+    try:
         from smtp_gate.metrics import HOOK_FAILURES, count
-
-        count(hook.config.run_dir, HOOK_FAILURES)
+    except ImportError:  # a half-upgraded copy: the hook's exit status matters more than a count
+        return
+    count(hook.config.run_dir, HOOK_FAILURES)
 
 
 def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO] = None) -> int:

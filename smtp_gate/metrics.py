@@ -457,7 +457,7 @@ def families(snap: Snapshot, max_guests: int) -> List[Family]:
 
     out = [
         Family("smtp_gate_build_info", "gauge", "smtp-gate's version, as a label; always 1.",
-               ((( ("version", __version__), ), 1),)),
+               (((("version", __version__),), 1),)),
         Family("smtp_gate_metrics_written_timestamp_seconds", "gauge",
                "When this file was written (Unix time): rebuilds and the watcher rewrite it at least every minute.",
                one(snap.at)),
