@@ -174,6 +174,12 @@ if [ "$LIVE" = 1 ]; then
         rm -rf -- /run/smtp-gate
         did removed "/run/smtp-gate (runtime state: lock and hook records)"
     fi
+    # the metrics file (METRICS_DIR's default): node_exporter would serve it, stale, forever
+    prom=/var/lib/prometheus/node-exporter/smtp_gate.prom
+    if [ -e "$prom" ]; then
+        rm -f -- "$prom"
+        did removed "$prom (metrics for node_exporter; a METRICS_DIR of your own keeps its smtp_gate.prom)"
+    fi
 else
     same skipped "--root: the live nft ruleset is not touched"
 fi

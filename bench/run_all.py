@@ -31,6 +31,7 @@ BENCHES: Dict[str, Tuple[List[str], List[str]]] = {
     "recovery": ([], ["--runs", "3"]),
     "selftest": ([], ["--runs", "2"]),
     "flood": ([], ["--seconds", "2"]),
+    "metrics": ([], ["--runs", "2"]),
 }
 
 

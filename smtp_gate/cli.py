@@ -50,6 +50,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         )
     except EnforcementDisabled as exc:
         warn(str(exc))
+        if not args.dry_run:
+            _write_metrics(config)  # the file says so: disabled, nothing installed
         return EXIT_DISABLED
     outcome = result.outcome
     if result.reenabled is not None:
@@ -77,7 +79,23 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         warn(nic.line())
     if result.unprotected is None and not args.no_libvirt:
         print("smtp-gate: note: no hypervisor answered: UNPROTECTED NICs could not be checked", file=sys.stderr)
-    return EXIT_WARNING if outcome.has_warnings or result.unprotected else EXIT_OK
+    written = args.dry_run or _write_metrics(config)
+    return EXIT_WARNING if outcome.has_warnings or result.unprotected or not written else EXIT_OK
+
+
+def _write_metrics(config: Config) -> bool:
+    """Refresh METRICS_DIR/smtp_gate.prom (metrics.py); False after a warning.  A missing
+    METRICS_DIR (no node_exporter here) is a note: metrics are simply not wanted there."""
+    from smtp_gate import metrics
+
+    try:
+        metrics.refresh(config)
+    except metrics.MetricsDirMissing as exc:
+        print(f"smtp-gate: note: {exc}", file=sys.stderr)
+    except SmtpGateError as exc:
+        warn(f"metrics not written: {exc}")
+        return False
+    return True
 
 
 def _as_dry_run(message: str) -> str:

@@ -62,6 +62,9 @@ class Config(NamedTuple):
     on_blocked_threshold: int = 100  # attempts (logged events) ...
     on_blocked_window: float = 600.0  # ... within this many seconds
     on_blocked_timeout: float = 30.0  # s before a hung ON_BLOCKED command is killed
+    # node_exporter's textfile directory for smtp_gate.prom (metrics.py); "" turns metrics off
+    metrics_dir: str = "/var/lib/prometheus/node-exporter"
+    metrics_max_guests: int = 200  # guests with series of their own; the rest are summed (metrics.py)
     # where each value came from, for `smtp-gate debug`: "default" or "FILE:LINE"
     sources: Dict[str, str] = {}  # never mutated: parse() passes a fresh dict
 
@@ -253,6 +256,21 @@ def _command(value: str) -> Tuple[str, ...]:
     return argv
 
 
+def _metrics_dir(value: str) -> str:
+    value = value.strip()
+    if value and not os.path.isabs(value):
+        raise ValidationError(
+            f'bad directory {value!r}: expected an absolute path (node_exporter\'s --collector.textfile.directory), or "" for no metrics'
+        )
+    return value
+
+
+def _max_guests(value: str) -> int:
+    if not re.fullmatch(r"[1-9]\d{0,4}", value.strip()):
+        raise ValidationError(f"bad number {value!r}: expected a whole number of guests from 1 to 99999, e.g. 200")
+    return int(value)
+
+
 # key -> (Config field, parser)
 KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "BRIDGE": ("bridges", _bridges),
@@ -284,6 +302,8 @@ KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "ON_BLOCKED_THRESHOLD": ("on_blocked_threshold", _whole(1, 10**9, "threshold")),
     "ON_BLOCKED_WINDOW": ("on_blocked_window", _interval(1, 86400 * 7, "window")),
     "ON_BLOCKED_TIMEOUT": ("on_blocked_timeout", _interval(0.5, 3600, "timeout")),
+    "METRICS_DIR": ("metrics_dir", _metrics_dir),
+    "METRICS_MAX_GUESTS": ("metrics_max_guests", _max_guests),
 }
 
 _LINE = re.compile(

@@ -413,6 +413,19 @@ def _show(element: object) -> str:
     return f"{element[0]} . {element[1]}" if isinstance(element, tuple) else str(element)
 
 
+def _count_failure(hook: Optional[Hook]) -> None:
+    """One byte appended to RUN_DIR/hook_failures, the counter behind the metric
+    smtp_gate_hook_failures_total (metrics.count: never raises, never blocks).  A hook that
+    could not read its configuration does not know RUN_DIR: its failure is only logged."""
+    if hook is None:
+        return
+    try:
+        from smtp_gate.metrics import HOOK_FAILURES, count
+    except ImportError:  # a half-upgraded copy: the hook's exit status matters more than a count
+        return
+    count(hook.config.run_dir, HOOK_FAILURES)
+
+
 def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO] = None) -> int:
     """Entry point of hooks/<driver>.  Always returns 0 (see the module docstring)."""
     args = sys.argv[1:] if argv is None else argv
@@ -434,6 +447,7 @@ def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO
             f"and did not {undone}: {exc}",
             error=True,
         )
+        _count_failure(hook)
     except Exception as exc:  # noqa: BLE001 - a hook must never fail a guest
         undone = hook.undone if hook else "anything: it stays blocked until the next rebuild"
         _log(
@@ -441,6 +455,7 @@ def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO
             f"and did not {undone}: {type(exc).__name__}: {exc}",
             error=True,
         )
+        _count_failure(hook)
     finally:
         sys.stdout = real_stdout
     return 0

@@ -451,6 +451,58 @@ def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
                     elements += [elem for _elem_kind, elem in _attrs(value)]
 
 
+NFT_MSG_GETRULE = 7
+NFT_MSG_GETOBJ = 19
+
+
+def dump(
+    get_type: int, payload: bytes, what: str, family: int = NFPROTO_BRIDGE, timeout: float = 10.0
+) -> List[bytes]:
+    """The attributes (after the nfgenmsg header) of each object a GET dump of GET_TYPE
+    (NFT_MSG_GETRULE, NFT_MSG_GETOBJ...) returns, filtered by PAYLOAD's attributes (the
+    table, the chain, the object type); restarted if a change interrupted it.  For reading
+    rules and named counters without `nft`, whose listing (nft 1.0.6) loads every element of
+    every set first: seconds for a full attempts set.  WHAT names the listing in errors."""
+    reply_type = get_type - 1  # nf_tables numbers each NEW* message just before its GET*
+    for _attempt in range(_DUMP_RETRIES):
+        try:
+            sock = _open(timeout, 0, 0)
+        except OSError as exc:
+            raise NetlinkError(f"cannot open a netlink socket to nftables: {exc}", exc.errno or 0) from None
+        try:
+            sock.sendto(_message((NFNL_SUBSYS_NFTABLES << 8) | get_type, NLM_F_REQUEST | NLM_F_DUMP, 1, family, payload),
+                        (0, 0))
+            objects = _read_objects(sock, what, reply_type)
+        except socket.timeout:
+            raise NetlinkError(f"nftables did not answer a listing of {what} within {timeout:g}s") from None
+        except OSError as exc:
+            raise NetlinkError(f"cannot list {what}: {exc}", exc.errno or 0) from None
+        finally:
+            sock.close()
+        if objects is not None:
+            return objects
+    raise NetlinkError(f"the listing of {what} was interrupted by changes {_DUMP_RETRIES} times")
+
+
+def _read_objects(sock: socket.socket, where: str, reply_type: int) -> Optional[List[bytes]]:
+    """Each REPLY_TYPE message's attributes from a multi-part dump, or None when the kernel
+    flagged it inconsistent."""
+    objects: List[bytes] = []
+    interrupted = False
+    while True:
+        for msg_type, flags, _seq, payload in _messages(_receive(sock)):
+            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+            if msg_type == NLMSG_ERROR or msg_type == NLMSG_DONE:
+                code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                if code:
+                    raise NetlinkError(f"cannot list {where}: {_errno_text(code)}", code, refused=True)
+                if msg_type == NLMSG_DONE:
+                    return None if interrupted else objects
+                continue
+            if msg_type & 0xFF == reply_type:
+                objects.append(payload[4:])
+
+
 # -- lookups of exactly what a hook needs (no dump) -------------------------------------------
 
 

@@ -20,13 +20,14 @@ and exit would be a tenth of a rebuild of 1 000 guests).  A dry run writes no fi
 creates neither the run directory nor a lock file, and takes each lock whose file exists.
 """
 
+import time
 from typing import Callable, Collection, ContextManager, Dict, List, NamedTuple, Optional, Tuple
 
-from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, offswitch, ruleset, whitelist
+from smtp_gate import discovery, engine, exposure, guests, hypervisor, lock, metrics, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.engine import Outcome
-from smtp_gate.errors import EnforcementDisabled, WhitelistError
+from smtp_gate.errors import EnforcementDisabled, SmtpGateError, WhitelistError
 from smtp_gate.runstate import Record, RunState, now, replay
 
 # How long a rebuild keeps a record no listing vouches for (its libvirt did not answer, or
@@ -134,6 +135,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
     """REENABLE: an operator's explicit apply, which ends `smtp-gate disable`; every other caller
     (the timer, the boot service, the watcher) honours the off-switch and installs nothing."""
     _off_switch(config, reenable)  # early too: a disabled host is not worth asking libvirt
+    started = time.monotonic()
     state = RunState(config.run_dir)
     # a dry run writes nothing, so it creates neither the run directory nor a lock file: it
     # takes each lock whose file exists (a consistent read of the records and the journal)
@@ -187,5 +189,13 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 outcome.warnings.extend(whitelist_warnings(config))
             if off is not None and not dry_run:
                 offswitch.clear(off.path)  # installed: only now is enforcement back on
+        if not dry_run:  # bookkeeping for metrics.py, under rebuild.lock (one rebuild at a time)
+            try:
+                metrics.note_rebuild(
+                    state.dir, time.time(), time.monotonic() - started,
+                    None if unprotected is None else [(u.guest, u.uuid) for u in unprotected],
+                )
+            except SmtpGateError as exc:  # installed all the same: only the metrics miss it
+                notes.append(f"metrics: {exc}")
     seen = len(listing.domains) if listing is not None and listing.reached else None
     return Result(outcome, batch, seen, notes, None if dry_run else off, unprotected)

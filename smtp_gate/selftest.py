@@ -257,7 +257,8 @@ class Lab:
             f'MODE="{config.mode}"\nNON_IP="{config.non_ip}"\n'
             f'LOG_DROPS="{int(config.log_drops)}"\nLOG_RATE="{config.log_rate}"\nLOG_BURST="{config.log_burst}"\n'
             f'LIBVIRT_URI="test://{node}"\nWHITELIST="{allow_path}"\nRUN_DIR="{self.dir / "run"}"\n'
-            f'ALLOWED_DESTINATIONS="{RELAY4} {RELAY6}"\n',
+            f'ALLOWED_DESTINATIONS="{RELAY4} {RELAY6}"\n'
+            'METRICS_DIR=""\n',  # the lab's state must never replace the host's metrics
             encoding="utf-8",
         )
 

@@ -67,7 +67,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from smtp_gate import config as config_mod
-from smtp_gate import abuse, discovery, engine, lock, nfnetlink, nft, offswitch, ruleset
+from smtp_gate import abuse, discovery, engine, lock, metrics, nfnetlink, nft, offswitch, ruleset
 from smtp_gate.config import Config
 from smtp_gate.errors import EnforcementDisabled, SmtpGateError
 from smtp_gate.runstate import RunState
@@ -216,6 +216,7 @@ class Keeper:
                 # learn how the kernel renders its rules (later changes to them are undone)
                 self.log(f"checked our table against this configuration in {time.monotonic() - started:.3f}s")
             else:
+                metrics.count(config.run_dir, metrics.TABLE_RESTORES)  # smtp_gate_table_restores_total
                 self.log(f"{'; '.join(found)}; restored in {time.monotonic() - started:.3f}s")
             return True
 
@@ -378,12 +379,23 @@ def main_loop(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     keeper = Keeper(config, log)
+    # metrics (metrics.py): a thread of their own rewrites the file every REFRESH seconds,
+    # and at once after a restore; a slow `nft list` there never delays a restore
+    refresher = metrics.Refresher(lambda: keeper.config, log)
+    refresher.start()
+
+    def check() -> bool:
+        restored = keeper.check()
+        if restored:
+            refresher.poke()
+        return restored
+
     sources: List[Source] = list(libvirt_sources(keeper, log))
     desk = abuse.open_desk(config, log)  # blocked attempts (issue 12); None: not followed
     if desk is not None:
         sources.append(desk)
     try:
-        watch(keeper.check, log, lambda: offswitch.read(config.disabled_path), sources=sources)
+        watch(check, log, lambda: offswitch.read(config.disabled_path), sources=sources)
     finally:
         if desk is not None:
             desk.close()

@@ -99,6 +99,8 @@ class BridgeLab:
         """Write the lab's config: TEXT plus a private run directory and, unless TEXT names
         one, a libvirt URI that nothing answers (the tests of the engine run without a hypervisor)."""
         extra = f'RUN_DIR="{self.tmp / "run"}"\n'
+        if "METRICS_DIR" not in text:  # never the host's node_exporter directory
+            extra += 'METRICS_DIR=""\n'
         if "LIBVIRT_URI" not in text:
             extra += f'LIBVIRT_URI="qemu:///system?socket={self.tmp}/no-libvirtd-here"\n'
         self.config_path.write_text(text + extra)

@@ -50,6 +50,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[libvir
         (app / "config" / "smtp-gate.conf").write_text(
             'BRIDGE="br0"\nUPLINKS="uplink"\n'
             f'BLOCKED_PORTS="25,465"\nRUN_DIR="{run_dir}"\nWHITELIST="{tmp / "whitelist.csv"}"\nLIBVIRT_URI="{lab.uri}"\n'
+            'METRICS_DIR=""\n'  # never the host's node_exporter directory
         )
         yield lab, app, run_dir
 

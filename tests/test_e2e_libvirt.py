@@ -148,6 +148,7 @@ class E2E:
             f'RUN_DIR="{self.run_dir}"\n'
             f'WHITELIST="{self.whitelist}"\n'
             f'LIBVIRT_URI="{self.lab.uri}"\n'
+            'METRICS_DIR=""\n'  # never the host's node_exporter directory
         )
 
     # -- the product ----------------------------------------------------------------

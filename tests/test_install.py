@@ -648,7 +648,7 @@ def test_unit_contract() -> None:
         assert "AF_NETLINK" in settings["RestrictAddressFamilies"][0].split(), name
         assert "CAP_NET_ADMIN" in settings["CapabilityBoundingSet"][0].split(), name
         assert settings["ProtectSystem"] == ["strict"], name
-        assert settings["ReadWritePaths"] == ["-/usr/local/smtp-gate/config"], name
+        assert settings["ReadWritePaths"] == ["-/usr/local/smtp-gate/config", "-/var/lib/prometheus/node-exporter"], name
         assert settings["RuntimeDirectory"] == ["smtp-gate"] and settings["RuntimeDirectoryPreserve"] == ["yes"], name
 
 

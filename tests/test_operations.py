@@ -92,6 +92,7 @@ def bad_run_dir(lab: BridgeLab, kind: str) -> str:
 def write_config_with_run_dir(lab: BridgeLab, run_dir: str) -> None:
     lab.config_path.write_text(
         f'UPLINKS="uplink0"\nLIBVIRT_URI="qemu:///system?socket={lab.tmp}/none"\nRUN_DIR="{run_dir}"\n'
+        'METRICS_DIR=""\n'  # never the host's node_exporter directory
     )
 
 
@@ -199,7 +200,7 @@ def test_list_says_when_the_whitelist_file_does_not_exist(tmp_path: Path, capsys
     conf = tmp_path / "smtp-gate.conf"
     missing = tmp_path / "nowhere.csv"
     uri = testdriver.write_node(tmp_path, running=0)  # a libvirt with no guest: no metadata allowance either
-    conf.write_text(f'WHITELIST="{missing}"\nRUN_DIR="{tmp_path / "run"}"\nLIBVIRT_URI="{uri}"\n')
+    conf.write_text(f'WHITELIST="{missing}"\nRUN_DIR="{tmp_path / "run"}"\nLIBVIRT_URI="{uri}"\nMETRICS_DIR=""\n')
     assert main(["--config", str(conf), "list"]) == 0
     out, err = capsys.readouterr()
     assert out == f"# {missing}: the whitelist file does not exist (it allows no guest)\n" and err == ""
@@ -239,7 +240,7 @@ def test_the_top_level_help_lists_every_exit_code() -> None:
 
 def test_guest_bridges_with_a_test_uri_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
     conf = tmp_path / "smtp-gate.conf"
-    conf.write_text(f'RUN_DIR="{tmp_path / "run"}"\n')
+    conf.write_text(f'RUN_DIR="{tmp_path / "run"}"\nMETRICS_DIR=""\n')
     missing = tmp_path / "missing.xml"
     r = subprocess.run(
         [sys.executable, "-m", "smtp_gate", "--config", str(conf), "guest-bridges", "--libvirt-uri", f"test://{missing}"],
