@@ -281,7 +281,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(
             {"whitelist": str(config.whitelist), "exists": exists, "rows": rows, "problems": listed.problems,
-             "metadata": listed.metadata, "metadata_problems": listed.metadata_problems}, indent=2
+             "metadata": listed.metadata, "metadata_problems": listed.metadata_problems, "unread": listed.unread}, indent=2
         ))
     elif not exists:
         # the empty whitelist, as every command reads it; add-vm and add-mac create the file
@@ -321,7 +321,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
         warn(f"whitelist {config.whitelist}: {problem} (row kept, allows nothing)")
     for problem in listed.metadata_problems:
         warn(f"{problem} (that part allows nothing)")
-    return EXIT_WARNING if listed.problems or listed.metadata_problems else EXIT_OK
+    for line in listed.unread:
+        warn(line)
+    return EXIT_WARNING if listed.problems or listed.metadata_problems or listed.unread else EXIT_OK
 
 
 def cmd_export_metadata(args: argparse.Namespace, config: Config) -> int:

@@ -173,11 +173,11 @@ class GuestSync:
                 running = {d.uuid: d for d in listing.domains}
                 problem = listing.unreachable.get(uri) or listing.absent.get(uri)
                 stopped = [u for u in why if u not in running and u not in listing.unread]
-                answer = hypervisor.Guests(running, stopped, list(listing.unread), listing.skipped, problem)
+                answer = hypervisor.Guests(running, stopped, dict(listing.unread), listing.skipped, problem)
             else:
                 answer = hypervisor.read_guests(uri, sorted(why), timeout)
         except SmtpGateError as exc:
-            answer = hypervisor.Guests({}, [], [], [], str(exc))
+            answer = hypervisor.Guests({}, [], {}, [], str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave the URI busy forever
             self.log(f"libvirt {uri}: reading guests failed: {type(exc).__name__}: {exc}")
         finally:
@@ -199,9 +199,16 @@ class GuestSync:
             return False
         config = self.config()
         state = RunState(config.run_dir)
+        unread: List[str] = []  # one line per guest whose XML could not be read
+        missing = self._apply(config, state, usable, unread)
+        for line in unread:
+            self.log(line)
+        return missing
+
+    def _apply(self, config: Config, state: RunState, usable: List[Fetched], unread: List[str]) -> bool:
         with lock.flock(config.lock_path, LOCK_TIMEOUT):
             off = offswitch.read(config.disabled_path)
-            changes = self._changes(config, state, usable)
+            changes = self._changes(config, state, usable, unread)
             if not changes:
                 return False
             add, delete = _difference(changes)
@@ -216,7 +223,7 @@ class GuestSync:
             sent = off is None and not missing and bool(add or delete)
             self._commit(state, changes, ruleset.element_changes(add=delete, delete=add) if sent else None)
         for change in changes:
-            line = _describe(change)
+            line = _describe(change) if change.domain is not None or change.new is None else None  # unread: said above
             if line:
                 self.log(line + (f" (recorded only: {off.describe()})" if off is not None else ""))
         return missing
@@ -231,8 +238,13 @@ class GuestSync:
         self.log(f"libvirt {item.uri} did not answer about {what} ({why}); resyncing it in {delay:g}s")
         self._later(delay, lambda: self.follower.want_resync(item.uri))
 
-    def _changes(self, config: Config, state: RunState, fetched: List[Fetched]) -> List[Change]:
-        """Each guest whose record changes, derived as hooks derive it."""
+    def _changes(
+        self, config: Config, state: RunState, fetched: List[Fetched], unread: Optional[List[str]] = None
+    ) -> List[Change]:
+        """Each guest whose record changes, derived as hooks derive it.  A running guest whose
+        XML could not be read keeps its recorded ports and only the allowed pairs a source
+        still grants (guests.still_allowed: the file, or its metadata read alone), as a
+        rebuild keeps it; one line each in UNREAD."""
         records = state.all_records()
         links = discovery.read_links()
         index_of, master_of = discovery.index_of(links), discovery.master_of(links)
@@ -267,6 +279,25 @@ class GuestSync:
                 old = records.get(uuid)
                 if old is not None:
                     out[uuid] = Change(item.uri, old, None, None, reasons(item.why.get(uuid, {RESYNC})))
+            for uuid, guest in sorted(answer.unread.items()):
+                old = records.get(uuid)
+                if uuid in hooked or uuid in out:
+                    continue
+                if old is None:
+                    if unread is not None:
+                        unread.append(f"guest {guest.name!r} ({uuid}) on {guest.uri}: its XML could not be read "
+                                      f"({guest.why}); {guest.metadata_text()}; no record of it: its NICs stay blocked")
+                    continue
+                alive = {link.ifindex for link in links.values()}
+                if not any(index in alive for _name, index in old.guest_ports + old.foreign_ports):
+                    out[uuid] = Change(item.uri, old, None, None, reasons(item.why.get(uuid, {RESYNC})))
+                    continue  # its devices are gone: it stopped, whatever libvirt said
+                kept = guests.still_allowed(old, matcher, guest.allow, guest.allow_error is None)
+                if unread is not None:
+                    unread.append(guest.outcome(old.guest_ports, old.allowed, kept))
+                if kept != old.allowed:
+                    new = old._replace(allowed=kept)
+                    out[uuid] = Change(item.uri, old, new, None, reasons(item.why.get(uuid, {RESYNC})))
         return list(out.values())
 
     def _commit(self, state: RunState, changes: List[Change], undo: Optional[ruleset.ElementChanges]) -> None:
@@ -283,7 +314,9 @@ class GuestSync:
                     state.drop_record(uuid)
                 done.append(change)
             for change in changes:
-                state.append(_journal_line(change))
+                line = _journal_line(change)
+                if line is not None:
+                    state.append(line)
         except OSError as exc:
             for change in done:
                 try:
@@ -313,8 +346,12 @@ def _difference(changes: List[Change]) -> Tuple[List[Tuple[str, object]], List[T
     return add, delete
 
 
-def _journal_line(change: Change) -> Dict[str, object]:
-    """A start (with the XML's facts, for a rebuild to replay) or a stop, as hooks journal them."""
+def _journal_line(change: Change) -> Optional[Dict[str, object]]:
+    """A start (with the XML's facts, for a rebuild to replay) or a stop, as hooks journal them;
+    None for a guest whose XML could not be read (no facts to replay: a rebuild narrows its
+    record itself, and never widens one)."""
+    if change.new is not None and change.domain is None:
+        return None
     if change.new is not None and change.domain is not None:
         return domain_event("start", change.domain._replace(uri=change.uri))
     record = change.old or change.new

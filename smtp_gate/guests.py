@@ -12,8 +12,8 @@ stays cheap and still answers exactly as the others do.
 
 from typing import Callable, Collection, List, NamedTuple, Optional, Sequence, Tuple
 
-from smtp_gate.domain import Domain, Nic
-from smtp_gate.runstate import Port, Record
+from smtp_gate.domain import Allow, Domain, Nic
+from smtp_gate.runstate import Pair, Port, Record
 from smtp_gate.whitelist import Guest
 
 IndexOf = Callable[[str], Optional[int]]  # interface name -> ifindex, None if it does not exist
@@ -90,6 +90,20 @@ def whitelisted(matcher: Matcher, name: str, uuid: str, macs: Sequence[str]) -> 
     """The MACs among MACS the whitelist allows the guest NAME/UUID: the one way every
     caller asks the whitelist, also about a guest known only from its record."""
     return tuple(matcher(Guest(name, uuid, tuple(macs))))
+
+
+def still_allowed(record: Record, matcher: Matcher, allow: Optional[Allow], allow_known: bool) -> Tuple[Pair, ...]:
+    """The allowed (index, MAC) pairs of RECORD that a source still grants, for a running
+    guest whose domain XML could not be read: the whitelist file (on the record's name,
+    UUID and the pair's MAC, as judge() asks it) or, when ALLOW_KNOWN, its metadata ALLOW
+    read alone (its <nic mac> list, or every MAC the record holds when it has none).
+    Never more than RECORD holds: an unread guest's NICs are unknown, so nothing is added;
+    and when its metadata could not be read either, only the file vouches (fail closed)."""
+    macs = tuple(dict.fromkeys(mac for _index, mac in record.allowed))
+    granted = set(whitelisted(matcher, record.name, record.uuid, macs))
+    if allow_known and allow is not None:
+        granted |= set(allow.allows(macs))
+    return tuple(pair for pair in record.allowed if pair[1] in granted)
 
 
 def _no_device(_name: str) -> Optional[int]:

@@ -36,7 +36,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from smtp_gate.config import uri_driver
-from smtp_gate.domain import METADATA_NS, Allow, Domain, normalise_uuid, parse, text_parser
+from smtp_gate.domain import METADATA_NS, Allow, Domain, normalise_uuid, parse, parse_allow, text_parser
 from smtp_gate.errors import DomainXMLError, SmtpGateError
 
 XmlOrError = Union[str, Exception]  # a domain's live XML, or the libvirt.libvirtError XMLDesc raised
@@ -55,9 +55,59 @@ DRIVER_FILES = {"qemu": ("libvirt_driver_qemu.so", "virtqemud"), "lxc": ("libvir
                 "libxl": ("libvirt_driver_libxl.so", "virtxend")}
 
 
+class Unread(NamedTuple):
+    """A guest whose domain XML could not be read (too big for libvirt's RPC: a description
+    of a megabyte; a driver's error), and its smtp-gate allowance read alone with
+    virDomainGetMetadata (a small reply), so that a revocation in libvirt is not ignored
+    while the guest cannot be seen whole (issue 11, attacker review)."""
+
+    uuid: str
+    name: str
+    uri: str
+    why: str  # why its XML could not be read, one line
+    running: bool = True
+    allow: Optional[Allow] = None  # its allowance, read alone; None: it carries none
+    allow_error: Optional[str] = None  # why even that could not be read: then nothing is known of it
+
+    def metadata_text(self) -> str:
+        """What its metadata, read alone, says: for the one line a caller writes per guest."""
+        if self.allow_error is not None:
+            return f"its smtp-gate metadata could not be read either ({self.allow_error})"
+        if self.allow is None:
+            return "its smtp-gate metadata (read alone) carries no allowance"
+        nics = "every NIC" if self.allow.macs is None else "NIC(s) " + (", ".join(self.allow.macs) or "none usable")
+        return f"its smtp-gate metadata (read alone) allows {nics} (by {self.allow.by or '?'}, at {self.allow.at or '?'})"
+
+    def outcome(self, ports: Sequence[Tuple[str, int]], before: Sequence[Tuple[int, str]], after: Sequence[Tuple[int, str]]) -> str:
+        """The one line said of this guest once its recorded allowance BEFORE was narrowed to
+        AFTER (names from its recorded PORTS)."""
+        names = {index: name for name, index in ports}
+        show = lambda pairs: ", ".join(f"{names.get(i, f'#{i}')}/{m}" for i, m in sorted(pairs))  # noqa: E731
+        revoked = [pair for pair in before if pair not in after]
+        parts = [f"guest {self.name!r} ({self.uuid}) on {self.uri}: its XML could not be read ({self.why})", self.metadata_text()]
+        if after:
+            parts.append(f"still allowed on {show(after)}")
+        if revoked:
+            parts.append(f"allowance revoked on {show(revoked)}")
+        if not before:
+            parts.append("it held no allowance")
+        parts.append("its recorded ports stay guest ports (blocked unless allowed) until it can be read, at most an hour")
+        return "; ".join(parts)
+
+
+class UnreadGuest(SmtpGateError):
+    """find(): the guest exists and is known by name and UUID, but its XML cannot be read."""
+
+    def __init__(self, guest: Unread) -> None:
+        super().__init__(
+            f"guest {guest.name!r} ({guest.uuid}) on {guest.uri}: its XML could not be read: {guest.why}"
+        )
+        self.guest = guest
+
+
 class Listing(NamedTuple):
     """What list_running saw.  DOMAINS hold every running guest of each URI in REACHED
-    but those whose XML could not be read (SKIPPED, one line each; their UUIDs in UNREAD);
+    but those whose XML could not be read (SKIPPED, one line each; UNREAD by UUID);
     a URI in UNREACHABLE contributed nothing, so a caller can tell "no guests" from "no
     answer" and keep what it knew for that URI.  A URI in ABSENT has no guests: its driver
     does not exist on this host."""
@@ -67,7 +117,7 @@ class Listing(NamedTuple):
     unreachable: Dict[str, str]  # uri -> one-line reason
     skipped: List[str]  # one line per running guest whose XML could not be read
     absent: Dict[str, str] = {}  # uri -> why its driver does not exist here (never mutated)
-    unread: List[str] = []  # UUIDs of the guests in SKIPPED (never mutated)
+    unread: Dict[str, Unread] = {}  # uuid -> each running guest in SKIPPED (never mutated)
 
 
 def installed(driver: str, root: str = "/") -> bool:
@@ -273,11 +323,13 @@ def _read_domain(
     skipped: List[str],
     parser: Optional[_SharedParser] = None,
     xml: Optional[XmlOrError] = None,
-    unread: Optional[List[str]] = None,
+    unread: Optional[Dict[str, Unread]] = None,
+    running_only: bool = True,
 ) -> Optional[Domain]:
     """DOM's live XML (XML if already fetched) as a Domain tagged with URI; None if the
     guest vanished meanwhile (normal: guests stop while we list) or its XML is unreadable
-    (noted in SKIPPED, its UUID in UNREAD: a rebuild keeps what it knew of that guest)."""
+    (noted in SKIPPED and UNREAD with its allowance read alone, see _note_unread; with
+    RUNNING_ONLY, a guest found not running then is neither: it stopped)."""
     if xml is None:
         xml = _xml_of(libvirt, dom)
     if isinstance(xml, libvirt.libvirtError):
@@ -285,14 +337,12 @@ def _read_domain(
             return None
         if not _alive(libvirt, conn):
             raise _ConnectionLost(_one_line(xml)) from None
-        skipped.append(f"{uri}: {_dom_name(libvirt, dom)}: {_one_line(xml)}")
-        _note_unread(libvirt, dom, unread)
+        _note_unread(libvirt, conn, dom, uri, _one_line(xml), skipped, unread, running_only)
         return None
     try:
         return (parser.parse(xml) if parser is not None else parse(xml))._replace(uri=uri)
     except DomainXMLError as exc:
-        skipped.append(f"{uri}: {_dom_name(libvirt, dom)}: {exc}")
-        _note_unread(libvirt, dom, unread)
+        _note_unread(libvirt, conn, dom, uri, str(exc), skipped, unread, running_only)
         return None
 
 
@@ -316,17 +366,51 @@ def _alive(libvirt: Any, conn: Any) -> bool:
         return False
 
 
-def _note_unread(libvirt: Any, dom: Any, unread: Optional[List[str]]) -> None:
-    """The UUID of a guest whose XML could not be read (libvirt keeps it in the domain
-    handle: no call to the daemon)."""
-    if unread is None:
-        return
+def _note_unread(
+    libvirt: Any,
+    conn: Any,
+    dom: Any,
+    uri: str,
+    why: str,
+    skipped: List[str],
+    unread: Optional[Dict[str, Unread]],
+    running_only: bool,
+) -> None:
+    """Note a guest whose XML could not be read (WHY) in SKIPPED and UNREAD, with its smtp-gate
+    element asked alone (virDomainGetMetadata: a small reply where the whole XML was too
+    big), so that callers keep only the allowance a source still grants.  A guest gone
+    meanwhile is not noted, nor with RUNNING_ONLY one that is not running (it stopped)."""
     try:
-        uuid = normalise_uuid(str(dom.UUIDString()))
+        uuid = normalise_uuid(str(dom.UUIDString())) or ""  # kept in the handle: no call to the daemon
     except libvirt.libvirtError:
+        uuid = ""
+    try:
+        running = bool(dom.isActive())
+    except libvirt.libvirtError as exc:
+        if _no_domain(libvirt, exc):
+            return
+        if not _alive(libvirt, conn):
+            raise _ConnectionLost(_one_line(exc)) from None
+        running = True  # unknown: as listed (a running guest's allowance is narrowed below, never widened)
+    if running_only and not running:
         return
-    if uuid:
-        unread.append(uuid)
+    allow: Optional[Allow] = None
+    error: Optional[str] = None
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if running else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    try:
+        allow = parse_allow(str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, flags)))
+    except libvirt.libvirtError as exc:
+        code = exc.get_error_code()
+        if _no_domain(libvirt, exc) or (running_only and code == libvirt.VIR_ERR_OPERATION_INVALID):
+            return  # gone, or stopped meanwhile (libvirt refuses a live read of a stopped guest)
+        if code != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            error = _one_line(exc)
+    except DomainXMLError as exc:
+        error = str(exc)
+    name = _dom_name(libvirt, dom)
+    skipped.append(f"{uri}: {name}: {why}")
+    if unread is not None and uuid:
+        unread[uuid] = Unread(uuid, name, uri, why, running, allow, error)
 
 
 def _dom_name(libvirt: Any, dom: Any) -> str:
@@ -350,11 +434,11 @@ def list_running(uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT, root: st
     `absent`."""
     libvirt = _libvirt()
 
-    def work(conn: Any, uri: str) -> Tuple[List[Domain], List[str], List[str]]:
+    def work(conn: Any, uri: str) -> Tuple[List[Domain], List[str], Dict[str, Unread]]:
         parser = _SharedParser()  # one per URI: the threads run at once
         found: List[Domain] = []
         skipped: List[str] = []
-        unread: List[str] = []
+        unread: Dict[str, Unread] = {}
         for dom, xml in _xml_ahead(libvirt, conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)):
             domain = _read_domain(libvirt, conn, dom, uri, skipped, parser, xml, unread)
             # no id: inactive XML, so the guest stopped between listing and XMLDesc
@@ -363,38 +447,45 @@ def list_running(uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT, root: st
         return found, skipped, unread
 
     answers, unreachable, absent = _each_uri(libvirt, uris, work, timeout, root)
-    listing = Listing([], [], unreachable, [], absent, [])
+    listing = Listing([], [], unreachable, [], absent, {})
     for uri, (found, skipped, unread) in answers.items():
         listing.domains.extend(found)
         listing.skipped.extend(skipped)
-        listing.unread.extend(unread)
+        listing.unread.update(unread)
         listing.reached.append(uri)
     listing.domains.sort(key=_order(uris))
     return listing
 
 
-def list_all(uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> List[Tuple[Domain, bool]]:
+def list_all(
+    uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT, unread: Optional[Dict[str, Unread]] = None
+) -> List[Tuple[Domain, bool]]:
     """Every guest, running or defined but off, with its running state: for the picker
     and status.  A running guest's XML is its live XML (targets included).  URIs that do
     not answer (within TIMEOUT) are left out; if none answers, raises SmtpGateError rather
-    than claim the host has no guests."""
+    than claim the host has no guests.  Guests whose XML could not be read are added to
+    UNREAD (when given), so that list and status name them rather than drop them."""
     libvirt = _libvirt()
 
-    def work(conn: Any, uri: str) -> List[Tuple[Domain, bool]]:
+    def work(conn: Any, uri: str) -> Tuple[List[Tuple[Domain, bool]], Dict[str, Unread]]:
         parser = _SharedParser()
         found: List[Tuple[Domain, bool]] = []
+        missed: Dict[str, Unread] = {}
         for dom, xml in _xml_ahead(libvirt, conn.listAllDomains(0)):
-            domain = _read_domain(libvirt, conn, dom, uri, [], parser, xml)
+            domain = _read_domain(libvirt, conn, dom, uri, [], parser, xml, missed, running_only=False)
             running = None if domain is None else _running(libvirt, conn, dom, domain)
             if domain is not None and running is not None:
                 found.append((domain, running))
-        return found
+        return found, missed
 
     answers, unreachable, absent = _each_uri(libvirt, uris, work, timeout)
     if not answers and unreachable:
         raise SmtpGateError(f"no libvirt URI answered: {_reasons(unreachable)}")
     key = _order(uris)
-    result = [pair for found in answers.values() for pair in found]
+    result = [pair for found, _missed in answers.values() for pair in found]
+    if unread is not None:
+        for uri in _unique(uris):
+            unread.update(answers[uri][1] if uri in answers else {})
     return sorted(result, key=lambda pair: key(pair[0]))
 
 
@@ -403,25 +494,33 @@ def find(uris: Sequence[str], name_or_uuid: str, timeout: float = DEFAULT_TIMEOU
 
     None only if every URI answered (within TIMEOUT) and none has it.  Raises
     SmtpGateError when the guest is on several URIs (an allowance for the wrong one would
-    be wrong), or when it was not found but some URI did not answer.
+    be wrong), or when it was not found but some URI did not answer; UnreadGuest (with its
+    name, UUID and allowance read alone) when libvirt has it but its XML cannot be read.
     """
     libvirt = _libvirt()
     key = name_or_uuid.strip()
     uuid = normalise_uuid(key)
 
-    def work(conn: Any, uri: str) -> Optional[Tuple[Domain, bool]]:
+    def work(conn: Any, uri: str) -> Union[None, Tuple[Domain, bool], Unread]:
         dom = _lookup(libvirt, conn, key, uuid)
-        domain = None if dom is None else _read_domain(libvirt, conn, dom, uri, [])
+        missed: Dict[str, Unread] = {}
+        domain = None if dom is None else _read_domain(libvirt, conn, dom, uri, [], None, None, missed, False)
+        if missed:
+            return next(iter(missed.values()))
         running = None if domain is None else _running(libvirt, conn, dom, domain)
         return (domain, running) if domain is not None and running is not None else None
 
     answers, unreachable, _absent = _each_uri(libvirt, uris, work, timeout)
     hits = [answers[uri] for uri in _unique(uris) if answers.get(uri) is not None]
     if len(hits) > 1:
-        where = ", ".join(f"{d.uri} ({d.name} {d.uuid})" for d, _ in hits)
+        where = ", ".join(
+            f"{h.uri} ({h.name} {h.uuid})" if isinstance(h, Unread) else f"{h[0].uri} ({h[0].name} {h[0].uuid})" for h in hits
+        )
         raise SmtpGateError(f"guest {key!r} exists on several libvirt URIs: {where}; limit the URIs")
+    if hits and isinstance(hits[0], Unread):
+        raise UnreadGuest(hits[0])
     if hits:
-        return hits[0]
+        return hits[0]  # type: ignore[return-value]
     if unreachable:
         raise SmtpGateError(f"guest {key!r} not found, and some libvirt URIs did not answer: {_reasons(unreachable)}")
     return None
@@ -570,6 +669,45 @@ def put_back(uri: str, uuid: str, raw: Dict[str, Optional[str]], timeout: float 
         raise SmtpGateError(unreachable.get(uri) or absent.get(uri, "no answer"))
 
 
+def remove_allow_unread(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -> AllowWrite:
+    """write_allow(URI, UUID, None) for a guest whose domain XML cannot be read (find()
+    raised UnreadGuest): our element is read, removed and checked gone with the metadata
+    calls alone (small replies), in the definitions the guest's state allows (_scopes).
+    AllowWrite.domain then knows only the name, UUID and URI (no NICs: the caller revokes
+    from the guest's record); RAW is what put_back() writes back."""
+    libvirt = _libvirt()
+
+    def work(conn: Any, _uri: str) -> AllowWrite:
+        for attempt in (1, 2):
+            dom = conn.lookupByUUIDString(uuid)
+            running = bool(dom.isActive())
+            flags, scopes = _scopes(libvirt, running, bool(dom.isPersistent()))
+            raw = {scope: _raw_allow(libvirt, dom, scope) for scope in scopes}
+            before = {scope: None if text is None else parse_allow(text) for scope, text in raw.items()}
+            domain = Domain(name=str(dom.name()), uuid=uuid, type="", nics=(), uri=uri)
+            if all(text is None for text in raw.values()):
+                return AllowWrite(domain, running, scopes, before, False, raw)
+            try:
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, METADATA_NS, flags)
+            except libvirt.libvirtError as exc:
+                if attempt == 1 and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    continue  # it started or stopped meanwhile: choose the flags again
+                raise
+            left = [scope for scope in scopes if _raw_allow(libvirt, dom, scope) is not None]
+            if left:
+                raise SmtpGateError(f"libvirt still shows the smtp-gate metadata in the {'+'.join(left)} definition after removing it")
+            return AllowWrite(domain, running, scopes, before, True, raw)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
+    if uri in answers:
+        return answers[uri]  # type: ignore[no-any-return]
+    why = unreachable.get(uri) or absent.get(uri, "no answer")
+    if why.startswith("no answer within"):
+        why += "; the metadata may or may not have been removed: check it with `virsh metadata`"
+    raise SmtpGateError(f"cannot remove the smtp-gate metadata of guest {uuid} on {uri}: {why}")
+
+
 # -- for the watcher (libvirt_events.py, guest_sync.py) ----------------------------------------
 
 
@@ -584,7 +722,7 @@ class Guests(NamedTuple):
 
     running: Dict[str, Domain]  # uuid -> its live XML, tagged with the URI
     stopped: List[str]  # UUIDs libvirt does not know, or knows as not running
-    unread: List[str]  # UUIDs whose XML could not be read (one line each in SKIPPED)
+    unread: Dict[str, Unread]  # uuid -> each running guest whose XML could not be read (a line in SKIPPED)
     skipped: List[str]
     unreachable: Optional[str] = None  # why the URI did not answer: then nothing above is known
 
@@ -595,7 +733,7 @@ def read_guests(uri: str, uuids: Sequence[str], timeout: float = DEFAULT_TIMEOUT
     libvirt = _libvirt()
 
     def work(conn: Any, uri: str) -> Guests:
-        found = Guests({}, [], [], [])
+        found = Guests({}, [], {}, [])
         for uuid in uuids:
             dom = _lookup(libvirt, conn, uuid, uuid)
             domain = None if dom is None else _read_domain(libvirt, conn, dom, uri, found.skipped, None, None, found.unread)
@@ -608,4 +746,4 @@ def read_guests(uri: str, uuids: Sequence[str], timeout: float = DEFAULT_TIMEOUT
     answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout)
     if uri in answers:
         return answers[uri]
-    return Guests({}, [], [], [], {**unreachable, **absent}.get(uri, "no answer"))
+    return Guests({}, [], {}, [], {**unreachable, **absent}.get(uri, "no answer"))

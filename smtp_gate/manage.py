@@ -236,18 +236,26 @@ def del_vm(config: Config, name: str) -> Change:
     the records its start hooks left give the UUIDs that ran under NAME.
     """
     if config.allow_store == config_mod.STORE_METADATA:
-        return revoke_by_metadata(config, *_find(config, name))
+        try:
+            found_meta = _find(config, name)
+        except hypervisor.UnreadGuest as exc:  # its XML cannot be read: the metadata calls alone
+            return revoke_unread(config, exc.guest)
+        return revoke_by_metadata(config, *found_meta)
     warnings: List[str] = []
+    unread: Optional[hypervisor.Unread] = None
     try:
         found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
     except SmtpGateError as exc:
         found = None
+        unread = exc.guest if isinstance(exc, hypervisor.UnreadGuest) else None
         warnings.append(f"{exc}; removing the whitelist rows of {name!r} anyway")
     dom = found[0] if found else None
-    key = dom.name if dom else name
+    key = dom.name if dom else unread.name if unread else name
     records = list(RunState(config.run_dir).all_records().values())
     if dom is not None:
         uuids = [dom.uuid]
+    elif unread is not None:
+        uuids = [unread.uuid]
     elif normalise_uuid(name):
         uuids = [normalise_uuid(name) or ""]
     else:
@@ -462,6 +470,7 @@ class Listed(NamedTuple):
     notes: List[str]
     metadata: List[Dict[str, object]]  # metadata_rows(): guests whose own definition allows them
     metadata_problems: List[str]  # one line per bad part of a metadata allowance
+    unread: List[str] = []  # one line per guest whose XML could not be read: exit 3 (never mutated)
 
 
 def list_rows(config: Config) -> Listed:
@@ -473,9 +482,10 @@ def list_rows(config: Config) -> Listed:
     names: Dict[str, str] = {}
     notes: List[str] = []
     pairs: List[Tuple[Domain, bool]] = []
+    unread: Dict[str, hypervisor.Unread] = {}
     try:
-        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)
-        names = {dom.uuid: dom.name for dom, _running in pairs}
+        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout, unread)
+        names = {**{u.uuid: u.name for u in unread.values()}, **{dom.uuid: dom.name for dom, _running in pairs}}
     except SmtpGateError as exc:
         uuids = " and guest names of UUID rows" if any(e.bound == "uuid" for e in model.entries()) else ""
         notes.append(f"allowances in libvirt metadata{uuids} not shown: {exc}")
@@ -492,7 +502,11 @@ def list_rows(config: Config) -> Listed:
         rows.append({"line": number, **entry._asdict(), "source": "file", "bound": entry.bound, "guest": guest})
     metadata = metadata_rows(pairs)
     bad = [f"libvirt metadata of guest {r['guest']!r} ({r['uuid']}): {p}" for r in metadata for p in r["problems"]]  # type: ignore[union-attr]
-    return Listed(rows, [str(p) for p in model.problems()], notes, metadata, bad)
+    missed = [
+        f"guest {u.name!r} ({u.uuid}) on {u.uri}, {'running' if u.running else 'shut off'}: its XML could not be read: "
+        f"{u.why}; {u.metadata_text()}" for u in unread.values()
+    ]
+    return Listed(rows, [str(p) for p in model.problems()], notes, metadata, bad, missed)
 
 
 # -- ALLOW_STORE="metadata": the allowance in the guest's own libvirt definition (issue 11) --
@@ -607,6 +621,28 @@ def revoke_by_metadata(config: Config, dom: Domain, running: bool) -> Change:
     model, applied = _apply_guest(config, result, macs)
     still = _allowed_by(model, whitelist.Guest(after.name, after.uuid, tuple(macs)), "is still allowed by the whitelist file's")
     return Change(lines + applied, [], (), tuple(still))
+
+
+def revoke_unread(config: Config, guest: hypervisor.Unread) -> Change:
+    """del-vm (ALLOW_STORE=metadata) of a guest whose domain XML cannot be read: its
+    allowance is removed with the metadata calls alone (hypervisor.remove_allow_unread),
+    then revoked in the kernel for the MACs its record holds (its NICs cannot be read),
+    unless the whitelist file still allows them."""
+    result = hypervisor.remove_allow_unread(guest.uri, guest.uuid, config.libvirt_timeout)
+    record = RunState(config.run_dir).read_record(guest.uuid)
+    macs = list(dict.fromkeys(mac for _index, mac in record.allowed)) if record is not None else []
+    if result.written:
+        lines = [f"removed the allowance from the libvirt metadata of guest {guest.name!r} ({_scope_text(result.scopes)})"]
+    else:
+        lines = [f"nothing to remove: the libvirt metadata of guest {guest.name!r} carries no allowance"]
+    model, applied = _apply_guest(config, result, macs)
+    warnings = [
+        f"guest {guest.name!r} ({guest.uuid}): its XML could not be read ({guest.why}): its metadata was changed "
+        "through the metadata calls alone, and the kernel follows "
+        + ("what its record held" if record is not None else "nothing: no record of it here names its NICs")
+    ]
+    still = _allowed_by(model, whitelist.Guest(guest.name, guest.uuid, tuple(macs)), "is still allowed by the whitelist file's")
+    return Change(lines + applied, warnings, (), tuple(still))
 
 
 class Export(NamedTuple):

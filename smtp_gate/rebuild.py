@@ -62,9 +62,11 @@ def keep_unverified(
     alive: Collection[int],
     at: float,
     bound: float = KEEP_UNVERIFIED,
+    matcher: Optional[guests.Matcher] = None,
 ) -> Tuple[List[Record], List[str]]:
-    """(records to keep, one note per record dropped for an unverified reason) among the
-    RECORDED guests that are not in LISTED (the amended listing's UUIDs).
+    """(records to keep, notes: one per record dropped for an unverified reason and one per
+    guest whose XML could not be read) among the RECORDED guests that are not in LISTED
+    (the amended listing's UUIDs).
 
     A record is kept only when no answer could check it: its URI did not answer, or the
     guest's XML could not be read (an older record without a URI: when any URI did not
@@ -72,15 +74,23 @@ def keep_unverified(
     running there, so its record goes.  A kept record holds only its ports that still
     exist (ALIVE interface indexes; a device re-created under the name has a new index),
     goes at once when none does, and goes BOUND seconds after the first rebuild that could
-    not check it (AT: runstate.now())."""
+    not check it (AT: runstate.now()).
+
+    A guest whose XML could not be read keeps its ports, but only the allowed pairs a source
+    still grants (guests.still_allowed): the whitelist file (MATCHER; None: no row) or its
+    metadata as libvirt gave it alone (hypervisor.Unread), never what its metadata no longer
+    says: a revocation must not wait an hour because a description grew too big."""
     keep: List[Record] = []
     notes: List[str] = []
+    no_rows: guests.Matcher = lambda _guest: ()  # noqa: E731
     for uuid, record in sorted(recorded.items()):
         if uuid in listed:
             continue
+        unread = listing.unread.get(uuid)
         if record.uri and record.uri in listing.unreachable:
+            unread = None
             why = f"libvirt {record.uri} did not answer"
-        elif uuid in listing.unread:
+        elif unread is not None:
             why = "its XML could not be read"
         elif not record.uri and listing.unreachable:
             why = "a libvirt URI did not answer (record of an older version, URI unknown)"
@@ -89,6 +99,9 @@ def keep_unverified(
         ports = tuple(p for p in record.guest_ports if p[1] in alive)
         foreign = tuple(p for p in record.foreign_ports if p[1] in alive)
         if not ports and not foreign:
+            if unread is not None:
+                notes.append(f"guest {record.name!r} ({uuid}): its XML could not be read ({unread.why}) and its "
+                             "recorded ports are gone: record dropped")
             continue  # its devices are gone: the guest is not running, whatever libvirt says
         since = record.unverified_since if record.unverified_since is not None else at
         if at - since > bound:
@@ -97,14 +110,20 @@ def keep_unverified(
                 "its NICs are blocked until a rebuild can read it"
             )
             continue
-        keep.append(
-            record._replace(
-                guest_ports=ports,
-                foreign_ports=foreign,
-                allowed=tuple(p for p in record.allowed if p[0] in alive),
-                unverified_since=since,
+        allowed = tuple(p for p in record.allowed if p[0] in alive)
+        if unread is not None:
+            narrowed = guests.still_allowed(
+                record._replace(allowed=allowed), matcher or no_rows, unread.allow, unread.allow_error is None
             )
-        )
+            notes.append(unread.outcome(record.guest_ports, allowed, narrowed))
+            allowed = narrowed
+        keep.append(record._replace(guest_ports=ports, foreign_ports=foreign, allowed=allowed, unverified_since=since))
+    for uuid, unread in sorted(listing.unread.items()):
+        if uuid not in recorded and uuid not in listed:
+            notes.append(
+                f"guest {unread.name!r} ({uuid}) on {unread.uri}: its XML could not be read ({unread.why}); "
+                f"{unread.metadata_text()}; no record of it here: its NICs stay blocked until it can be read"
+            )
     return keep, notes
 
 
@@ -149,7 +168,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
         notes: List[str] = []
         unprotected: Optional[List[exposure.Unprotected]] = None
         if listing is not None:
-            notes += [f"guest skipped, its XML could not be read: {line}" for line in listing.skipped]
+            # a guest whose XML could not be read (listing.skipped) is said by keep_unverified, once
             explicit = bool(config.hypervisor or config.libvirt_uris)
             if not listing.reached:
                 notes.append(
@@ -173,7 +192,9 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 records = records_for(config, list(amended.values()), links, model)
                 unprotected = exposure.all_unprotected(amended.values(), config.bridges, discovery.master_of(links))
                 alive = {link.ifindex for link in links.values()}
-                kept, dropped = keep_unverified(state.all_records(), amended, listing, alive, now())
+                kept, dropped = keep_unverified(
+                    state.all_records(), amended, listing, alive, now(), matcher=model.index().allowed_macs
+                )
                 records += kept
                 notes += dropped
                 outcome, batch = engine.apply(config, records, dry_run=dry_run, links=links)

@@ -36,6 +36,8 @@ class Report:
     guests: List[Dict[str, object]] = field(default_factory=list)
     # running guest NICs no rule sees (exposure.Unprotected.to_json); any of them: exit code 3
     unprotected: List[Dict[str, object]] = field(default_factory=list)
+    # guests whose domain XML could not be read (hypervisor.Unread): name, uuid, uri, why, metadata; exit code 3
+    unread: List[Dict[str, object]] = field(default_factory=list)
     # the operator's off-switch (`smtp-gate disable`): path, by, at, reason; exit code 5
     disabled: Optional[Dict[str, str]] = None
 
@@ -173,11 +175,20 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     from smtp_gate.errors import SmtpGateError
 
     links = discovery.read_links() if links is None else links
+    unread: Dict[str, hypervisor.Unread] = {}
     try:
-        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)
+        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout, unread)
     except SmtpGateError as exc:
         report.notes.append(f"guests not shown, and UNPROTECTED NICs could not be checked: {exc}")
         return
+    for guest in unread.values():
+        # named, never dropped: its NICs, and whether they are protected, cannot be told
+        report.unread.append({**guest._asdict(), "allow": None if guest.allow is None else guest.allow._asdict()})
+        report.warnings.append(
+            f"guest {guest.name!r} ({guest.uuid}) on {guest.uri}, {'running' if guest.running else 'shut off'}: "
+            f"its XML could not be read: {guest.why}; {guest.metadata_text()}; its NICs cannot be shown "
+            "(a rebuild keeps its recorded ports, and only the allowance a source still grants)"
+        )
     model = whitelist.load(config.whitelist).index()
     held = {(a["port"], a["mac"]) for a in report.allowed}
     attempts: Dict[str, int] = {}

@@ -20,6 +20,7 @@ from typing import Dict, Set, Tuple
 import pytest
 
 from smtp_gate import hypervisor, rebuild
+from smtp_gate.domain import Allow
 from smtp_gate.runstate import Record, RunState
 from tests import testdriver
 from tests.netlab import BridgeLab
@@ -31,7 +32,7 @@ A = Record("aaaaaaaa-0000-4000-8000-000000000001", "a", (("vnet0", 7),), (), ((7
 
 
 def _listing(unreachable=(), unread=(), absent=()) -> hypervisor.Listing:
-    return hypervisor.Listing([], ["test:///x"], {u: "down" for u in unreachable}, [], {u: "-" for u in absent}, list(unread))
+    return hypervisor.Listing([], ["test:///x"], {u: "down" for u in unreachable}, [], {u: "-" for u in absent}, {u: hypervisor.Unread(u, "a", QEMU, "too big", allow=Allow()) for u in unread})
 
 
 # --- keep_unverified ---------------------------------------------------------------------
@@ -49,6 +50,38 @@ def test_only_records_no_answer_could_check_are_kept() -> None:
     assert keep(_listing(), older) == []
     listed = rebuild.keep_unverified({A.uuid: A}, {A.uuid}, _listing(unreachable=[QEMU]), {7}, 100.0)
     assert listed == ([], []), "a listed guest gets a fresh record, not a kept one"
+
+
+def test_an_unread_guest_keeps_its_ports_and_only_the_allowance_a_source_still_grants() -> None:
+    """XMLDesc failed (a description too big for libvirt's RPC), but its metadata was read
+    alone: the record keeps its ports, and only the (index, MAC) pairs the whitelist file or
+    that metadata still grants (attacker review of issue 11: a revocation was ignored for an hour)."""
+    mac = "52:54:00:00:00:01"
+    two = A._replace(guest_ports=(("vnet0", 7), ("vnet1", 8)), allowed=((7, mac), (8, "52:54:00:00:00:02")))
+
+    def keep(unread: hypervisor.Unread, record: Record = A, matcher=None):  # type: ignore[no-untyped-def]
+        listing = hypervisor.Listing([], [QEMU], {}, [], {}, {unread.uuid: unread})
+        return rebuild.keep_unverified({record.uuid: record}, set(), listing, {7, 8}, 100.0, matcher=matcher)
+
+    big = hypervisor.Unread(A.uuid, "a", QEMU, "Unable to encode message payload")
+    kept, notes = keep(big)  # the panel removed the allowance: the metadata carries none
+    assert kept == [A._replace(allowed=(), unverified_since=100.0)], "ports kept, allowance gone"
+    assert len(notes) == 1 and notes[0].startswith(f"guest 'a' ({A.uuid}) on {QEMU}: its XML could not be read "
+                                                   "(Unable to encode message payload); its smtp-gate metadata (read alone) "
+                                                   f"carries no allowance; allowance revoked on vnet0/{mac}"), notes
+    kept, notes = keep(big._replace(allow=Allow(by="panel")))
+    assert kept == [A._replace(unverified_since=100.0)] and f"still allowed on vnet0/{mac}" in notes[0]
+    kept, notes = keep(big._replace(allow=Allow(macs=("52:54:00:00:00:02",))), two)
+    assert kept[0].allowed == ((8, "52:54:00:00:00:02"),), "its <nic mac> list narrows it"
+    assert f"allowance revoked on vnet0/{mac}" in notes[0] and "still allowed on vnet1/52:54:00:00:00:02" in notes[0]
+    failed = big._replace(allow=Allow(), allow_error="internal error: boom")
+    kept, notes = keep(failed)
+    assert kept[0].allowed == () and "could not be read either (internal error: boom)" in notes[0], "fail closed"
+    by_file = lambda guest: (mac,) if guest.uuid == A.uuid and mac in guest.macs else ()  # noqa: E731
+    kept, _ = keep(failed, two, by_file)
+    assert kept[0].allowed == ((7, mac),), "the whitelist file still vouches for its row, and only for it"
+    kept, notes = keep(big._replace(uuid="bbbbbbbb-0000-4000-8000-000000000002"))
+    assert kept == [] and "no record of it here: its NICs stay blocked" in notes[-1]
 
 
 def test_a_kept_record_ends_with_its_ports_or_after_the_bound() -> None:
