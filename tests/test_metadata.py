@@ -80,3 +80,28 @@ def test_an_unknown_child_never_widens_it() -> None:
         assert verdict.domain.allow is not None and "unknown child" in verdict.domain.allow.problems[0], child
     narrowed = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"><sg:nic mac="52:54:00:aa:00:02"/><nics/></sg:allow>'))
     assert narrowed.allowed == ((11, "52:54:00:aa:00:02"),)
+
+
+def test_an_allowance_written_for_another_guest_allows_nothing() -> None:
+    """A clone (virt-clone) or a dumpxml/define template copies the whole <metadata>: an
+    allowance bound to its guest's UUID must not allow the copy (attacker review of issue 11)."""
+    mine = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" by="ops" uuid="{UUID.upper().replace("-", "")}"/>'))
+    assert len(mine.allowed) == 2 and mine.domain.allow is not None and mine.domain.allow.uuid == UUID
+    assert mine.domain.allow.problems == ()
+    other = "0f5e0c3e-6c55-4d7c-9b7e-000000000001"
+    copied = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" by="ops" uuid="{other}"/>'))
+    assert copied.allowed == ()
+    assert copied.domain.allow is not None and copied.domain.allow.problems == (
+        f"<allow> belongs to guest {other}, not to this one ({UUID}): a clone or a copied definition? "
+        "remove it, or set it anew for this guest",
+    )
+    narrowed = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" uuid="{other}"><sg:nic mac="52:54:00:aa:00:01"/></sg:allow>'))
+    assert narrowed.allowed == (), "a copy allows none of the NICs it names either"
+    bad = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1" uuid="clone-me"/>'))
+    assert bad.allowed == () and bad.domain.allow.problems == (  # type: ignore[union-attr]
+        "<allow uuid>: bad UUID 'clone-me': expected the guest's own UUID, 32 hex digits",)
+    # the journal a rebuild replays keeps "allows nothing"
+    again = runstate.domain_from_event(runstate.domain_event("start", copied.domain))
+    assert again.allow is not None and again.allow.allows(["52:54:00:aa:00:01"]) == ()
+    # without uuid=, as before (the contract stays backward compatible)
+    assert len(judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"/>')).allowed) == 2
