@@ -6,6 +6,7 @@ writes to a guest's metadata the next command does not see: each test here makes
 change per command and checks the kernel right after it (tests/test_fleet_cli.py checks
 the written XML, on the shared test:///default)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -125,6 +126,10 @@ def test_a_rebuild_that_listed_before_del_vm_does_not_bring_the_allowance_back(b
     r = lab.smtp_gate("del-vm", "vm00000", check=False)
     assert r.returncode == 0 and f"ok: revoked guest 'vm00000' NIC {testdriver.mac(0, 0)}" in r.stdout, r
     assert not can_mail(lab, "vm0")
+    # journaled as a hook journals a start, with the XML read back: what a rebuild replays, and
+    # what makes a watcher's round that asked libvirt before the write leave the guest alone
+    journal = [json.loads(line) for line in (lab.tmp / "run" / "journal").read_text().splitlines()]
+    assert [(e["op"], e["name"], e["allow"]) for e in journal] == [("start", "vm00000", None)]
     _set_node_allow(lab, "")
     go.touch()
     out, err = proc.communicate(timeout=60)

@@ -105,3 +105,24 @@ def test_an_allowance_written_for_another_guest_allows_nothing() -> None:
     assert again.allow is not None and again.allow.allows(["52:54:00:aa:00:01"]) == ()
     # without uuid=, as before (the contract stays backward compatible)
     assert len(judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"/>')).allowed) == 2
+
+
+def test_with_allow_edits_only_our_element_as_set_metadata_would() -> None:
+    """hypervisor.with_allow() rewrites a managed save image's definition (setMetadata cannot
+    reach it): our <allow> set, replaced or removed, everything else kept."""
+    from smtp_gate import hypervisor
+
+    other = '<o:thing xmlns:o="urn:other:1">kept</o:thing>'
+    old = '<sg:allow xmlns:sg="urn:smtp-gate:1" by="old"/>'
+    base = xml(other + old)
+    removed = hypervisor.with_allow(base, None)
+    assert domain.parse(removed).allow is None and "urn:other:1" in removed and "kept" in removed
+    assert domain.parse(removed)._replace(allow=None) == domain.parse(base)._replace(allow=None)
+    # as write_allow gives it (no namespace) and as _raw_allow gives it back (namespaced)
+    for element in (f'<allow by="new" uuid="{UUID}"><nic mac="52:54:00:aa:00:02"/></allow>',
+                    f'<smtpgate:allow xmlns:smtpgate="urn:smtp-gate:1" by="new" uuid="{UUID}"><nic mac="52:54:00:aa:00:02"/></smtpgate:allow>'):
+        allow = domain.parse(hypervisor.with_allow(base, element)).allow
+        assert allow is not None and (allow.by, allow.macs, allow.uuid, allow.problems) == ("new", ("52:54:00:aa:00:02",), UUID, ())
+        assert hypervisor.with_allow(base, element).count("urn:smtp-gate:1") == 1, "the old one is gone"
+    bare = f"<domain type='kvm'><name>g</name><uuid>{UUID}</uuid>{NICS}</domain>"  # no <metadata> yet
+    assert domain.parse(hypervisor.with_allow(bare, '<allow by="x"/>')).allow.by == "x"  # type: ignore[union-attr]
