@@ -8,13 +8,13 @@ are revoked from even while our table is absent (`smtp-gate disable`): an instal
 does not ask libvirt would otherwise put the allowance back from them.
 """
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from smtp_gate import discovery, engine, guests, nft, offswitch, ruleset, whitelist
 from smtp_gate.config import Config
 from smtp_gate.domain import Domain
 from smtp_gate.errors import NftError, PartialChange, RunStateError
-from smtp_gate.runstate import Pair, Record, RunState
+from smtp_gate.runstate import Pair, Record, RunState, domain_event
 
 
 def reconcile(
@@ -22,9 +22,16 @@ def reconcile(
     model: whitelist.Whitelist,
     running: Iterable[Domain],
     affected_macs: Iterable[str] = (),
+    journal: bool = False,
 ) -> List[str]:
     """Bring the kernel in line with MODEL for the RUNNING guests the caller knows about and
-    for every kernel allowance of AFFECTED_MACS.  Returns one line per change."""
+    for every kernel allowance of AFFECTED_MACS.  Returns one line per change.
+
+    JOURNAL (the metadata store's commands, whose change is in the guest's XML, not in the
+    whitelist): journal a start with each running guest's XML, as hooks do, so that a
+    rebuild or a watcher's round that read libvirt before the caller's write replays it
+    (docs/protocol.md)."""
+    running = list(running)
     state = RunState(config.run_dir)
     links = discovery.read_links()
     names = {link.ifindex: link.name for link in links.values()}
@@ -46,6 +53,7 @@ def reconcile(
         for _name, index in record.guest_ports:
             add.append(("guest_ifaces", index))
         new_records[dom.uuid] = record
+    starts = [domain_event("start", dom) for dom in running if dom.uuid in new_records] if journal else []
 
     held = engine.kernel_pairs(nft.read_table(), links, keep_gone=True)
     revocation = _revocations(model, records, new_records, set(affected_macs), held, names)
@@ -58,6 +66,8 @@ def reconcile(
             # libvirt puts back what the records hold
             for record in revocation.records.values():
                 state.write_record(record)
+            for event in starts:
+                state.append(event)
             messages.append(not_in_force(config))
             return messages
         if add or delete:
@@ -65,7 +75,7 @@ def reconcile(
             absent = set(nft.missing_elements(changes.add))  # what the batch really adds, to undo it exactly
             nft.run_elements(changes)
             applied = ruleset.ElementChanges(add=changes.delete, delete=tuple(e for e in changes.add if e in absent))
-    _commit(state, records, {**revocation.records, **new_records}, applied, messages)
+    _commit(state, records, {**revocation.records, **new_records}, applied, messages, starts)
     return messages
 
 
@@ -75,8 +85,9 @@ def _commit(
     new_records: Dict[str, Record],
     undo: Optional[ruleset.ElementChanges],
     messages: List[str],
+    starts: Sequence[Dict[str, object]] = (),
 ) -> None:
-    """Write NEW_RECORDS.  If that fails after the kernel took the change (a full or read-only
+    """Write NEW_RECORDS, then journal STARTS.  If that fails after the kernel took the change (a full or read-only
     run directory), put back the records already written and send UNDO, so that exit 1 keeps
     its promise: a kernel allowance no record names is one a stop hook cannot find, and
     the whitelist is restored by the caller.  What cannot be put back is a PartialChange
@@ -86,6 +97,8 @@ def _commit(
         for record in new_records.values():
             state.write_record(record)
             written.append(record.uuid)
+        for event in starts:
+            state.append(event)
     except OSError as exc:
         if undo is None:
             raise  # the kernel did not change: the caller restores the whitelist

@@ -56,6 +56,10 @@ METADATA = "metadata"
 ALLOW_TAG = "{%s}allow" % METADATA_NS
 ALLOW_NIC_TAGS = ("nic", "{%s}nic" % METADATA_NS)
 ALLOW_FIELDS = ("by", "at", "reason")  # attributes of <allow>, all optional
+# optional too: the UUID of the guest the allowance was written for.  A definition copied
+# to another guest (virt-clone, a dumpxml/define template) carries it along, and must not
+# allow the copy: an allowance naming another guest allows nothing (with a problem line)
+ALLOW_UUID = "uuid"
 ALLOW_NIC_MAC = _path("@mac")
 # <allow at=...>: a date, or a date and time with an optional zone (audit only: never gates)
 _ISO_8601 = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)?)?\Z")
@@ -166,6 +170,7 @@ class Allow(NamedTuple):
     reason: str = ""
     macs: Optional[Tuple[str, ...]] = None
     problems: Tuple[str, ...] = ()
+    uuid: str = ""  # the guest it was written for (normalised), "" when it does not say
 
     def allows(self, macs: Sequence[str]) -> Tuple[str, ...]:
         """Which of MACS (a guest's NIC MACs) this allowance covers."""
@@ -220,8 +225,9 @@ def _nic(element: Element) -> Nic:
     )
 
 
-def _allow(metadata: Optional[Element]) -> Optional[Allow]:
-    """The first <allow> of our namespace in <metadata>, or None."""
+def _allow(metadata: Optional[Element], guest_uuid: str) -> Optional[Allow]:
+    """The first <allow> of our namespace in <metadata>, or None.  One whose uuid= is not
+    GUEST_UUID (or no UUID at all) was written for another guest: it allows nothing."""
     if metadata is None:
         return None
     for element in metadata:
@@ -260,7 +266,23 @@ def _allow(metadata: Optional[Element]) -> Optional[Allow]:
             if mac is not None and mac not in wanted:
                 wanted.append(mac)
         macs = tuple(wanted)
-    return Allow(macs=macs, problems=tuple(problems), **fields)
+    owner = ""
+    raw_owner = element.get(ALLOW_UUID)
+    if raw_owner is not None:
+        owner = normalise_uuid(raw_owner) or ""
+        if not owner:
+            problems.append(
+                f"<allow uuid>: bad UUID {validate.escape_controls(raw_owner)!r}: expected the guest's own UUID, "
+                "32 hex digits"
+            )
+            macs = ()
+        elif owner != guest_uuid:
+            problems.append(
+                f"<allow> belongs to guest {owner}, not to this one ({guest_uuid}): a clone or a copied definition? "
+                "remove it, or set it anew for this guest"
+            )
+            macs = ()
+    return Allow(macs=macs, problems=tuple(problems), uuid=owner, **fields)
 
 
 def from_element(root: Element) -> Domain:
@@ -293,7 +315,7 @@ def from_element(root: Element) -> Domain:
         type=_read(root, children, DOMAIN_TYPE) or "",
         nics=tuple(_nic(nic) for parent in root if parent.tag == devices for nic in parent if nic.tag == interface),
         id=int(raw_id) if raw_id is not None and raw_id.isascii() and raw_id.isdigit() else None,
-        allow=_allow(children.get(METADATA)),
+        allow=_allow(children.get(METADATA), uuid),
     )
 
 

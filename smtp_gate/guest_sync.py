@@ -57,6 +57,7 @@ class Fetched(NamedTuple):
     resync: bool  # the whole URI was listed: its records not listed are of stopped guests
     offset: int  # the journal's end when the question began
     answer: Optional[hypervisor.Guests]  # None: a bug in the asking thread (said in the log)
+    generation: str = ""  # the journal's generation then (RunState.journal_mark)
 
 
 class Change(NamedTuple):
@@ -162,10 +163,10 @@ class GuestSync:
         self.busy.add(uri)
         self.asked[uri] = time.monotonic()
         config = self.config()
-        offset = RunState(config.run_dir).journal_end()  # no lock: an append is one write()
-        libvirt_events.spawn(self._fetch, uri, why, resync, offset, config.libvirt_timeout, name="smtp-gate-libvirt-read")
+        mark = RunState(config.run_dir).journal_mark()  # no lock: an append is one write()
+        libvirt_events.spawn(self._fetch, uri, why, resync, mark, config.libvirt_timeout, name="smtp-gate-libvirt-read")
 
-    def _fetch(self, uri: str, why: Dict[str, Set[str]], resync: bool, offset: int, timeout: float) -> None:
+    def _fetch(self, uri: str, why: Dict[str, Set[str]], resync: bool, mark: Tuple[str, int], timeout: float) -> None:
         answer: Optional[hypervisor.Guests] = None
         try:
             if resync:
@@ -181,7 +182,7 @@ class GuestSync:
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave the URI busy forever
             self.log(f"libvirt {uri}: reading guests failed: {type(exc).__name__}: {exc}")
         finally:
-            self.answers.put(Fetched(uri, why, resync, offset, answer))
+            self.answers.put(Fetched(uri, why, resync, mark[1], answer, mark[0]))
             self.follower.wake()
 
     # -- under the lock -------------------------------------------------------------------
@@ -250,10 +251,12 @@ class GuestSync:
         index_of, master_of = discovery.index_of(links), discovery.master_of(links)
         text = whitelist.read_text(config.whitelist)
         matcher = lambda guest: whitelist.fast_allowed_macs(text, guest)  # noqa: E731
-        end = state.journal_end()
+        generation, end = state.journal_mark()
         out: Dict[str, Change] = {}
         for item in fetched:
-            if end < item.offset:  # a rebuild truncated the journal: what happened since is unknown
+            # a rebuild truncated the journal (a new generation: also when appends grew it
+            # back past the noted end since): what happened since is unknown
+            if generation != item.generation or end < item.offset:
                 self._again(item)
                 self.follower.wake()
                 continue

@@ -546,6 +546,9 @@ def _reasons(unreachable: Dict[str, str]) -> str:
 
 ALLOW_KEY = "smtpgate"  # the prefix libvirt gives our element; readers match the URI (METADATA_NS)
 LIVE, CONFIG = "live", "config"
+# a shut-off guest's managed save image (`virsh managedsave`): `virsh start` resumes from the
+# definition saved in it, not from CONFIG, so an allowance must be written (or removed) there too
+IMAGE = "image"
 
 
 class AllowWrite(NamedTuple):
@@ -553,10 +556,14 @@ class AllowWrite(NamedTuple):
 
     domain: Domain  # as libvirt holds it after the write: the live XML while it runs
     running: bool
-    scopes: Tuple[str, ...]  # the definitions written: (LIVE, CONFIG), (LIVE,) or (CONFIG,)
+    scopes: Tuple[str, ...]  # the definitions written: (LIVE, CONFIG), (LIVE,), (CONFIG,) or (CONFIG, IMAGE)
     before: Dict[str, Optional[Allow]]  # scope -> the allowance it carried before (None: none)
     written: bool = True  # False: a removal that found nothing to remove, so nothing was sent
     raw: Dict[str, Optional[str]] = {}  # scope -> that element as libvirt gave it: what put_back() writes
+    # after a removal: the guest's snapshots whose definition still carries an allowance
+    # (reverting to one brings it back: libvirt restores the metadata a snapshot holds)
+    snapshots: Tuple[str, ...] = ()
+    snapshots_unknown: str = ""  # why the snapshots could not be listed ("" when they were)
 
 
 _SCOPE_FLAGS = {LIVE: "VIR_DOMAIN_AFFECT_LIVE", CONFIG: "VIR_DOMAIN_AFFECT_CONFIG"}
@@ -564,6 +571,13 @@ _SCOPE_FLAGS = {LIVE: "VIR_DOMAIN_AFFECT_LIVE", CONFIG: "VIR_DOMAIN_AFFECT_CONFI
 
 def _raw_allow(libvirt: Any, dom: Any, scope: str) -> Optional[str]:
     """Our element in the guest's SCOPE definition, verbatim (bad parts included), or None."""
+    if scope == IMAGE:
+        found = _allow_in(_image_xml(libvirt, dom))
+        if found is None:
+            return None
+        from lxml import etree
+
+        return str(etree.tostring(found, encoding="unicode", with_tail=False))
     try:
         return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, getattr(libvirt, _SCOPE_FLAGS[scope])))
     except libvirt.libvirtError as exc:
@@ -572,28 +586,141 @@ def _raw_allow(libvirt: Any, dom: Any, scope: str) -> Optional[str]:
         raise
 
 
-def _scopes(libvirt: Any, running: bool, persistent: bool) -> Tuple[int, Tuple[str, ...]]:
+def _has_image(libvirt: Any, dom: Any) -> bool:
+    try:
+        return bool(dom.hasManagedSaveImage(0))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return False  # a driver without managed save has no image
+        raise
+
+
+def _image_xml(libvirt: Any, dom: Any, secure: bool = True) -> str:
+    """The definition in DOM's managed save image (SECURE: with its secure parts, for a
+    definition written back whole; that needs a read-write connection).  SmtpGateError when this libvirt cannot read it (libvirt < 3.7): the caller
+    refuses rather than promise what the resumed guest would not do."""
+    getter = getattr(dom, "managedSaveGetXMLDesc", None)
+    try:
+        if getter is None or not hasattr(dom, "managedSaveDefineXML"):
+            raise SmtpGateError("libvirt-python has no managedSaveGetXMLDesc/managedSaveDefineXML (libvirt >= 3.7)")
+        return str(getter(getattr(libvirt, "VIR_DOMAIN_SAVE_IMAGE_XML_SECURE", 1) if secure else 0))
+    except (libvirt.libvirtError, SmtpGateError) as exc:
+        raise SmtpGateError(
+            f"guest {_dom_name(libvirt, dom)!r} has a managed save image (`virsh managedsave`) whose definition cannot "
+            f"be read or rewritten here ({_one_line(exc)}): `virsh start` would resume it with the allowance it saved; "
+            "nothing was written (start the guest and run the command again, or discard the image with "
+            "`virsh managedsave-remove`)"
+        ) from None
+
+
+def _xml_root(xml: str) -> Any:
+    from lxml import etree
+
+    return etree.fromstring(xml.encode("utf-8"), text_parser())
+
+
+def _allow_in(xml: str) -> Any:
+    """Our <allow> element in the domain XML's <metadata>, or None."""
+    metadata = _xml_root(xml).find("metadata")
+    return None if metadata is None else metadata.find(f"{{{METADATA_NS}}}allow")
+
+
+def with_allow(xml: str, element: Optional[str]) -> str:
+    """The domain XML with ELEMENT as our allowance in its <metadata> (None: without one),
+    as virDomainSetMetadata would leave it: every <allow> of our namespace goes, ELEMENT (with
+    or without our namespace, as write_allow and _raw_allow give it) is put in with prefix
+    ALLOW_KEY.  For a managed save image, which setMetadata cannot reach."""
+    from lxml import etree
+
+    root = _xml_root(xml)
+    metadata = root.find("metadata")
+    if metadata is not None:
+        for old in metadata.findall(f"{{{METADATA_NS}}}allow"):
+            metadata.remove(old)
+    if element is not None:
+        given = etree.fromstring(element.encode("utf-8"), text_parser())
+        allow = etree.Element(f"{{{METADATA_NS}}}allow", nsmap={ALLOW_KEY: METADATA_NS})
+        for key, value in given.attrib.items():
+            allow.set(key, value)
+        allow.text = given.text
+        allow.extend(list(given))
+        if metadata is None:
+            metadata = etree.Element("metadata")
+            after = root.find("uuid")
+            root.insert(root.index(after) + 1 if after is not None else 0, metadata)
+        metadata.append(allow)
+    return str(etree.tostring(root, encoding="unicode"))
+
+
+def _write_image(libvirt: Any, dom: Any, element: Optional[str]) -> None:
+    """Set (or remove) our allowance in DOM's managed save image's definition."""
+    try:
+        dom.managedSaveDefineXML(with_allow(_image_xml(libvirt, dom), element), 0)
+    except libvirt.libvirtError as exc:
+        raise SmtpGateError(
+            f"guest {_dom_name(libvirt, dom)!r} has a managed save image (`virsh managedsave`) whose definition libvirt "
+            f"refused to rewrite ({_one_line(exc)}): `virsh start` would resume it with the allowance it saved; start the "
+            "guest and run the command again, or discard the image with `virsh managedsave-remove`"
+        ) from None
+
+
+def _scopes(libvirt: Any, running: bool, persistent: bool, image: bool = False) -> Tuple[int, Tuple[str, ...]]:
     """The flags for the guest's state: a running persistent guest's live and saved
     definitions (live metadata travels with a migration, the saved one is what a
     `--persistent` destination and the next boot get), a transient guest's live one, a
-    shut-off guest's saved one."""
+    shut-off guest's saved one, and its managed save image's if it has one (IMAGE has no
+    flag: write_allow rewrites the image's definition)."""
     if running and persistent:
         return libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG, (LIVE, CONFIG)
     if running:
         return libvirt.VIR_DOMAIN_AFFECT_LIVE, (LIVE,)
-    return libvirt.VIR_DOMAIN_AFFECT_CONFIG, (CONFIG,)
+    return libvirt.VIR_DOMAIN_AFFECT_CONFIG, (CONFIG, IMAGE) if image else (CONFIG,)
 
 
-def _state(libvirt: Any, dom: Any) -> Tuple[bool, int, Tuple[str, ...], Dict[str, Optional[Allow]]]:
-    """(running, flags, scopes, the allowance each definition carries) of the guest DOM."""
+def _state(libvirt: Any, dom: Any, secure: bool = True) -> Tuple[bool, int, Tuple[str, ...], Dict[str, Optional[Allow]]]:
+    """(running, flags, scopes, the allowance each definition carries) of the guest DOM
+    (SECURE: read-write connections only, see _image_xml)."""
     running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-    flags, scopes = _scopes(libvirt, running, persistent)
+    image = not running and _has_image(libvirt, dom)
+    flags, scopes = _scopes(libvirt, running, persistent, image)
     before: Dict[str, Optional[Allow]] = {}
     if running:
         before[LIVE] = parse(str(dom.XMLDesc(0))).allow
     if persistent:
         before[CONFIG] = parse(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))).allow
+    if image:
+        before[IMAGE] = parse(_image_xml(libvirt, dom, secure)).allow
     return running, flags, scopes, before
+
+
+def _snapshots_allowing(libvirt: Any, dom: Any) -> Tuple[Tuple[str, ...], str]:
+    """(names of DOM's snapshots whose saved definition carries an allowance that allows
+    something, why they could not be listed or "")."""
+    from lxml import etree
+
+    from smtp_gate.domain import from_element
+
+    try:
+        snapshots = dom.listAllSnapshots(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return (), ""  # a driver without snapshots
+        return (), _one_line(exc)
+    found = []
+    try:
+        for snapshot in snapshots:
+            root = etree.fromstring(str(snapshot.getXMLDesc(0)).encode("utf-8"), text_parser())
+            for saved in (root.find("domain"), root.find("inactiveDomain")):
+                try:
+                    allow = None if saved is None else from_element(saved).allow
+                except DomainXMLError:
+                    allow = None
+                if allow is not None and allow.macs != ():
+                    found.append(str(snapshot.getName()))
+                    break
+    except (libvirt.libvirtError, etree.XMLSyntaxError) as exc:
+        return tuple(found), _one_line(exc)
+    return tuple(sorted(found)), ""
 
 
 def read_allow(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -> Tuple[Tuple[str, ...], Dict[str, Optional[Allow]]]:
@@ -603,7 +730,7 @@ def read_allow(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -> Tuple[T
     libvirt = _libvirt()
 
     def work(conn: Any, _uri: str) -> Tuple[Tuple[str, ...], Dict[str, Optional[Allow]]]:
-        _running, _flags, scopes, before = _state(libvirt, conn.lookupByUUIDString(uuid))
+        _running, _flags, scopes, before = _state(libvirt, conn.lookupByUUIDString(uuid), secure=False)
         return scopes, before
 
     answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout)
@@ -617,6 +744,10 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
     prefix ALLOW_KEY) as the guest UUID's allowance on URI, or remove it (ELEMENT None), in
     the definitions its state allows (_scopes), then read the guest back.
 
+    A shut-off guest with a managed save image resumes from the image's own definition: it
+    is rewritten too (first: if libvirt cannot, SmtpGateError and nothing is written).  A
+    removal also lists the snapshots that still carry an allowance (AllowWrite.snapshots).
+
     A read-write connection, in a thread within TIMEOUT like every other call here; the
     caller holds no lock of ours (DESIGN §2).  A guest that starts or stops between the
     state check and the write makes libvirt refuse the flags: asked once more.  A removal
@@ -628,17 +759,24 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
             dom = conn.lookupByUUIDString(uuid)
             running, flags, scopes, before = _state(libvirt, dom)
             raw = {scope: _raw_allow(libvirt, dom, scope) for scope in scopes}
+            snapshots, unknown = _snapshots_allowing(libvirt, dom) if element is None else ((), "")
             if element is None and all(before.get(scope) is None for scope in scopes):
-                return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, False, raw)
+                return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, False, raw,
+                                  snapshots, unknown)
+            if IMAGE in scopes:
+                _write_image(libvirt, dom, element)
             try:
                 dom.setMetadata(
                     libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, ALLOW_KEY if element else None, METADATA_NS, flags
                 )
             except libvirt.libvirtError as exc:
+                if IMAGE in scopes:
+                    _write_image(libvirt, dom, raw[IMAGE])  # as it was: nothing written
                 if attempt == 1 and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
                     continue  # it started or stopped meanwhile: choose the flags again
                 raise
-            return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, True, raw)
+            return AllowWrite(parse(str(dom.XMLDesc(0)))._replace(uri=uri), running, scopes, before, True, raw,
+                              snapshots, unknown)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
@@ -653,13 +791,18 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
 def put_back(uri: str, uuid: str, raw: Dict[str, Optional[str]], timeout: float = DEFAULT_TIMEOUT) -> None:
     """Write back, scope by scope, the elements write_allow() found (AllowWrite.raw): for a
     command whose kernel change failed after its metadata write, so that exit 1 keeps its
-    promise.  A live definition that is gone (the guest stopped meanwhile) needs nothing."""
+    promise.  A live definition that is gone (the guest stopped meanwhile), or a managed
+    save image that is gone (the guest resumed from it), needs nothing."""
     libvirt = _libvirt()
 
     def work(conn: Any, _uri: str) -> None:
         dom = conn.lookupByUUIDString(uuid)
         for scope, element in raw.items():
             if scope == LIVE and not dom.isActive():
+                continue
+            if scope == IMAGE:
+                if _has_image(libvirt, dom):
+                    _write_image(libvirt, dom, element)
                 continue
             flags = getattr(libvirt, _SCOPE_FLAGS[scope])
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, ALLOW_KEY if element else None, METADATA_NS, flags)

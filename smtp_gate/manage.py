@@ -522,12 +522,15 @@ def _find(config: Config, name: str) -> Tuple[Domain, bool]:
     return found
 
 
-def allow_element(by: str, at: str, reason: str, macs: Sequence[str] = ()) -> str:
+def allow_element(by: str, at: str, reason: str, macs: Sequence[str] = (), uuid: str = "") -> str:
     """The <allow> element of the contract (README "Fleets"), without namespace: libvirt
-    puts it in urn:smtp-gate:1.  Empty attributes are left out; MACS limit it to those NICs."""
+    puts it in urn:smtp-gate:1.  Empty attributes are left out; MACS limit it to those NICs.
+    UUID (the guest's own; our writers always give it) makes a copy of the definition, a
+    clone's or a template's, allow nothing."""
     import xml.etree.ElementTree as ET  # here: only the metadata store needs it
 
-    element = ET.Element("allow", {k: v for k, v in (("by", by), ("at", at), ("reason", reason)) if v})
+    fields = (("by", by), ("at", at), ("reason", reason), ("uuid", uuid))
+    element = ET.Element("allow", {k: v for k, v in fields if v})
     for mac in macs:
         ET.SubElement(element, "nic", {"mac": mac})
     return ET.tostring(element, encoding="unicode")
@@ -545,7 +548,12 @@ def describe_allow(allow: Allow) -> str:
 
 def _scope_text(scopes: Sequence[str]) -> str:
     return {("live", "config"): "live and saved definition", ("live",): "live definition only: a transient guest",
-            ("config",): "saved definition: the guest is shut off"}.get(tuple(scopes), "+".join(scopes))
+            ("config",): "saved definition: the guest is shut off",
+            ("config", "image"): "saved definition and managed save image: the guest is shut off and resumes from "
+            "that image"}.get(tuple(scopes), "+".join(scopes))
+
+
+_SCOPE_NAMES = {"live": "live definition", "config": "saved definition", "image": "managed save image"}
 
 
 def _apply_guest(config: Config, written: hypervisor.AllowWrite, affected: Sequence[str]) -> Tuple[whitelist.Whitelist, List[str]]:
@@ -558,7 +566,10 @@ def _apply_guest(config: Config, written: hypervisor.AllowWrite, affected: Seque
     try:
         with lock.command_lock(config.lock_path):
             model = whitelist.load(config.whitelist)
-            return model, allowances.reconcile(config, model, [dom] if written.running else [], affected)
+            # journaled with the XML read back, as hooks journal theirs: a rebuild or a
+            # watcher's round that asked libvirt before the write replays it instead of
+            # putting back what the metadata said then
+            return model, allowances.reconcile(config, model, [dom] if written.running else [], affected, journal=True)
     except PartialChange:
         raise
     except (SmtpGateError, OSError) as exc:  # OSError: the run directory's lock, which cli.py words itself
@@ -590,12 +601,12 @@ def _metadata_still_allows(dom: Domain) -> List[str]:
 def allow_by_metadata(config: Config, dom: Domain, running: bool, reason: str, user: str, when: datetime) -> Change:
     """Allow every NIC of DOM by its metadata (by USER, at WHEN, REASON): written through
     libvirt first, the guest read back, then its kernel change under the lock."""
-    element = allow_element(user, when.isoformat(timespec="seconds"), reason)
+    element = allow_element(user, when.isoformat(timespec="seconds"), reason, uuid=dom.uuid)
     result = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, element, config.libvirt_timeout)
     after = result.domain
     lines = [f"allowed guest {after.name!r} (UUID {after.uuid}, every NIC) in its libvirt metadata ({_scope_text(result.scopes)})"]
     notes = [
-        f"it replaces the allowance its {'live' if scope == 'live' else 'saved'} definition carried ({describe_allow(old)})"
+        f"it replaces the allowance its {_SCOPE_NAMES.get(scope, scope)} carried ({describe_allow(old)})"
         for scope, old in result.before.items()
         if old is not None and scope in result.scopes
     ]
@@ -620,7 +631,20 @@ def revoke_by_metadata(config: Config, dom: Domain, running: bool) -> Change:
     macs = guests.nic_macs(after)
     model, applied = _apply_guest(config, result, macs)
     still = _allowed_by(model, whitelist.Guest(after.name, after.uuid, tuple(macs)), "is still allowed by the whitelist file's")
-    return Change(lines + applied, [], (), tuple(still))
+    still += [
+        f"snapshot {name!r} of guest {after.name!r} still carries an allowance in its saved definition: reverting to it "
+        f"(`virsh snapshot-revert`) brings the allowance back; delete the snapshot (`virsh snapshot-delete {after.name} "
+        f"{name}`) or redefine it without the allowance (`virsh snapshot-dumpxml`, edit, `virsh snapshot-create "
+        "--redefine`)"
+        for name in result.snapshots
+    ]
+    warnings = []
+    if result.snapshots_unknown:
+        warnings.append(
+            f"the snapshots of guest {after.name!r} could not be checked ({result.snapshots_unknown}): reverting to one "
+            "taken while it was allowed brings the allowance back"
+        )
+    return Change(lines + applied, warnings, (), tuple(still))
 
 
 def revoke_unread(config: Config, guest: hypervisor.Unread) -> Change:
@@ -702,12 +726,12 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
             continue
         current = next((before[scope] for scope in scopes if before.get(scope) is not None), None)
         at = entry.added_at if _iso(entry.added_at) else when.isoformat(timespec="seconds")
-        element = allow_element(entry.added_by or user, at, entry.reason)
+        element = allow_element(entry.added_by or user, at, entry.reason, uuid=dom.uuid)
         replaced = f", replacing ({describe_allow(current)})" if current is not None else ""
         if dry_run:
             lines.append(
                 f"guest {dom.name!r} (line {number}): would write <allow by={entry.added_by or user!r} at={at!r} "
-                f"reason={entry.reason!r}/> into its {_scope_text(scopes)}{replaced}"
+                f"reason={entry.reason!r} uuid={dom.uuid!r}/> into its {_scope_text(scopes)}{replaced}"
             )
             continue
         try:
@@ -721,6 +745,8 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
             ) from None
         done.append(dom.name)
         lines.append(f"guest {dom.name!r} (line {number}): wrote its allowance into its {_scope_text(result.scopes)}{replaced}")
+        if result.running:  # the file allows it already: journaled only, for a rebuild racing this write
+            lines += _apply_guest(config, result, [])[1]
     notes = [
         f"the whitelist file {config.whitelist} was not changed: "
         + ("nothing was written (dry run)" if dry_run else "each guest is now allowed by both")

@@ -11,6 +11,10 @@
   guest), notes where the journal ended first, and replays what hooks recorded in
   between onto its snapshot: it neither loses their additions nor brings back what they
   removed.
+- journal.gen: a random token each truncation of the journal writes anew.  A reader that
+  noted the journal's end without a lock (the watcher's rounds, guest_sync.py) compares
+  it with its end and token later: a truncation followed by appends past the noted end
+  would otherwise go unseen (the end alone shrinks and grows back).
 - rebuild.lock: rebuilds run one at a time, so the one that truncates the journal is
   the only one reading it.
 
@@ -154,6 +158,7 @@ class RunState:
         self.dir = os.fspath(run_dir)
         self.records = os.path.join(self.dir, "records")
         self.journal = os.path.join(self.dir, "journal")
+        self.generation = os.path.join(self.dir, "journal.gen")
         self.rebuild_lock = os.path.join(self.dir, "rebuild.lock")
         self.stamp = os.path.join(self.dir, "boot_id")
         self._boot: Optional[str] = None
@@ -196,6 +201,7 @@ class RunState:
             os.unlink(self.journal)
         except FileNotFoundError:
             pass
+        _write(self.generation, _token())  # the journal went: whoever noted a mark of it must ask again
         _write(self.stamp, f"{self._boot}\n")  # last: a writer interrupted before it wipes again
         self._current = True
 
@@ -262,6 +268,18 @@ class RunState:
         except FileNotFoundError:
             return 0
 
+    def journal_mark(self) -> Tuple[str, int]:
+        """(the journal's generation, its end): a position that a truncation changes even when
+        appends grow the journal past the old end again.  No lock needed: the generation is
+        read first, and truncate_journal() writes it after truncating, so a mark never pairs
+        a new generation with an end from before the truncation."""
+        try:
+            with open(self.generation, "rb") as handle:
+                generation = handle.read(64).strip().decode("ascii", "replace")
+        except FileNotFoundError:
+            generation = ""
+        return generation, self.journal_end()
+
     def append(self, event: Dict[str, object]) -> None:
         self.claim()
         line = (json.dumps(event, sort_keys=True) + "\n").encode("utf-8")
@@ -287,11 +305,17 @@ class RunState:
                 continue
 
     def truncate_journal(self) -> None:
+        """Empty the journal, then give it a new generation (journal_mark())."""
         self.claim()
         try:
             os.truncate(self.journal, 0)
         except FileNotFoundError:
             pass
+        _write(self.generation, _token())
+
+
+def _token() -> str:
+    return os.urandom(8).hex() + "\n"
 
 
 def domain_event(op: str, domain: Domain) -> Dict[str, object]:

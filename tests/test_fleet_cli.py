@@ -64,7 +64,7 @@ class Guests:
             if dom.isActive():
                 dom.destroy()  # a transient guest is gone with it
             if persistent:
-                dom.undefine()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)  # a failed test's snapshots too
         self.conn.close()
 
 
@@ -269,13 +269,13 @@ def test_export_metadata_dry_run_then_for_real(
     assert code == 3, err
     lines = out.splitlines()
     assert lines[0] == (f"dry run: guest '{running}' (line 2): would write <allow by='alice' at='2026-01-01T00:00:00+00:00' "
-                        "reason='KYC 1'/> into its live and saved definition")
+                        f"reason='KYC 1' uuid='{testdriver.uuid(r)}'/> into its live and saved definition")
     assert lines[1].startswith(f"dry run: guest '{stopped}' (line 3): would write <allow by='carol' at='")
-    assert lines[1].endswith("' reason='by name'/> into its saved definition: the guest is shut off")
+    assert lines[1].endswith(f"' reason='by name' uuid='{testdriver.uuid(s)}'/> into its saved definition: the guest is shut off")
     assert lines[2] == (f"dry run: guest '{kept}' (line 4): its metadata already allows every NIC (by panel, at ?; "
                         "live definition only: a transient guest): kept")
     assert lines[3] == (f"dry run: guest '{half}' (line 7): would write <allow by='alice' at='2026-01-01T00:00:00+00:00' "
-                        "reason='half'/> into its live and saved definition, replacing (by panel, at ?)")
+                        f"reason='half' uuid='{testdriver.uuid(h)}'/> into its live and saved definition, replacing (by panel, at ?)")
     assert len(lines) == 4
     assert err.splitlines() == [
         "smtp-gate: warning: line 5: MAC 52:54:00:ab:cd:ef (spare) is not exported: a MAC row names no guest (it stays in "
@@ -300,6 +300,7 @@ def test_export_metadata_dry_run_then_for_real(
         assert fleet.allow(name, inactive) is not None, (name, inactive)
     allow = fleet.allow(running)
     assert (allow.by, allow.at, allow.reason) == ("alice", "2026-01-01T00:00:00+00:00", "KYC 1")  # type: ignore[union-attr]
+    assert allow.uuid == testdriver.uuid(r) and not allow.problems, "bound to the guest: a clone's copy allows nothing"  # type: ignore[union-attr]
     stopped_allow = fleet.allow(stopped, inactive=True)
     assert stopped_allow.by == "carol" and datetime.fromisoformat(stopped_allow.at)  # type: ignore[union-attr]
     assert path.read_text() == HEADER + rows, "export never changes the file"
@@ -360,3 +361,96 @@ def test_when_the_change_cannot_be_applied_the_metadata_is_put_back_verbatim(
         assert err.startswith("smtp-gate: error: ") and err.count("\n") == 1, err
         assert "is a directory" in err and err.endswith(f"; the metadata of guest '{name}' was put back as it was\n"), err
         assert {inactive: fleet.allow(name, inactive) for inactive in (False, True)} == before, args
+
+
+def test_a_clone_of_an_allowed_guest_is_not_allowed_and_list_and_status_say_why(
+    fleet: Guests, conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """virt-clone and dumpxml/define templates copy <metadata> whole: add-vm binds the
+    allowance to the guest's UUID, so the copy allows nothing (attacker review of issue 11)."""
+    original, o = fleet.make("stopped")
+    code, _out, err = run(conf, capsys, "add-vm", original, "KYC 7")
+    assert code == 0, err
+    assert fleet.allow(original, inactive=True).uuid == testdriver.uuid(o)  # type: ignore[union-attr]
+    # what virt-clone does: the same definition under a new name, UUID and MAC
+    c = next(_numbers)
+    clone = f"fleet-clone-{c}"
+    text = fleet.conn.lookupByName(original).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    text = text.replace(f"<name>{original}</name>", f"<name>{clone}</name>").replace(
+        f"<uuid>{testdriver.uuid(o)}</uuid>", f"<uuid>{testdriver.uuid(c)}</uuid>").replace(testdriver.mac(o, 0), testdriver.mac(c, 0))
+    fleet.made.append(clone)
+    fleet.conn.defineXML(text).create()
+    copied = fleet.allow(clone)
+    assert copied is not None and copied.allows([testdriver.mac(c, 0)]) == ()
+    code, out, err = run(conf, capsys, "list")
+    assert code == 3
+    why = (f"<allow> belongs to guest {testdriver.uuid(o)}, not to this one ({testdriver.uuid(c)}): a clone or a copied "
+           "definition? remove it, or set it anew for this guest")
+    assert f"smtp-gate: warning: libvirt metadata of guest '{clone}' ({testdriver.uuid(c)}): {why}" in err
+    assert f"libvirt metadata of guest '{original}'" not in err
+    config = config_mod.load(str(conf))
+    report = status.Report(active=True, mode="enforce", counters={"blocked4": 0, "blocked6": 0, "nonip": 0, "malformed": 0})
+    status.add_guests(report, config, links={})
+    shown = {g["name"]: g for g in report.guests}
+    assert shown[clone]["allowed_macs"] == [] and shown[clone]["allowances"][0]["problems"] == [why]
+    assert shown[original]["allowed_macs"] == [testdriver.mac(o, 0)]
+    assert any(clone in w and why in w for w in report.warnings)
+
+
+def test_del_vm_names_the_snapshots_that_would_bring_the_allowance_back(
+    fleet: Guests, conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """libvirt restores a snapshot's metadata on revert: del-vm cannot claim a clean revocation
+    while a snapshot carries the allowance (attacker review of issue 11)."""
+    name, i = fleet.make("running")
+    dom = fleet.conn.lookupByName(name)
+    dom.snapshotCreateXML("<domainsnapshot><name>clean</name></domainsnapshot>", 0)
+    code, _out, err = run(conf, capsys, "add-vm", name, "KYC 8")
+    assert code == 0, err
+    dom.snapshotCreateXML("<domainsnapshot><name>before-abuse</name></domainsnapshot>", 0)
+    code, out, err = run(conf, capsys, "del-vm", name)
+    assert code == 3, err
+    assert out.splitlines()[0] == f"ok: removed the allowance from the libvirt metadata of guest '{name}' (live and saved definition)"
+    assert err == (
+        f"smtp-gate: note: snapshot 'before-abuse' of guest '{name}' still carries an allowance in its saved definition: "
+        f"reverting to it (`virsh snapshot-revert`) brings the allowance back; delete the snapshot (`virsh snapshot-delete "
+        f"{name} before-abuse`) or redefine it without the allowance (`virsh snapshot-dumpxml`, edit, `virsh "
+        "snapshot-create --redefine`)\n"
+    )
+    assert fleet.allow(name) is None
+    dom.revertToSnapshot(dom.snapshotLookupByName("before-abuse"), 0)
+    assert fleet.allow(name) is not None, "what the note warns of: the revert brings it back"
+    # once the snapshot is gone, del-vm says the plain truth again
+    dom.snapshotLookupByName("before-abuse").delete(0)
+    code, out, err = run(conf, capsys, "del-vm", name)
+    assert (code, err) == (0, ""), err
+    code, out, err = run(conf, capsys, "del-vm", name)
+    assert (code, err) == (0, "") and "nothing to remove" in out
+    for snapshot in dom.listAllSnapshots(0):
+        snapshot.delete(0)
+
+
+def test_a_managed_save_image_that_cannot_be_rewritten_is_refused_and_nothing_is_written(
+    fleet: Guests, conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`virsh start` resumes a managed-saved guest from its image's definition: a libvirt that
+    cannot rewrite it (the test driver has no virDomainManagedSaveDefineXML) gets a refusal,
+    not a "removed" that the resumed guest would belie (tests/test_managedsave.py rewrites
+    it on a real libvirtd)."""
+    name, _i = fleet.make("running", metadata=lambda _i: f'<x:allow xmlns:x="{NS}" by="panel" reason="KYC"/>')
+    dom = fleet.conn.lookupByName(name)
+    dom.managedSave(0)
+    assert dom.hasManagedSaveImage(0) and not dom.isActive()
+    for args in (("del-vm", name), ("add-vm", name, "again")):
+        code, out, err = run(conf, capsys, *args)
+        assert (code, out) == (1, ""), (args, out, err)
+        assert err.startswith(
+            f"smtp-gate: error: guest '{name}' has a managed save image (`virsh managedsave`) whose definition cannot be "
+            "read or rewritten here (this function is not supported by the connection driver: "
+            "virDomainManagedSaveGetXMLDesc): `virsh start` would resume it with the allowance it saved; nothing was "
+            "written (start the guest and run the command again, or discard the image with `virsh managedsave-remove`)"), err
+        assert err.count("\n") == 1, err
+        assert fleet.allow(name, inactive=True).reason == "KYC", "nothing written"  # type: ignore[union-attr]
+    dom.managedSaveRemove(0)
+    code, out, err = run(conf, capsys, "del-vm", name)
+    assert code == 0 and "(saved definition: the guest is shut off)" in out, err

@@ -6,12 +6,18 @@ writes to a guest's metadata the next command does not see: each test here makes
 change per command and checks the kernel right after it (tests/test_fleet_cli.py checks
 the written XML, on the shared test:///default)."""
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
 from tests import testdriver
-from tests.netlab import BridgeLab
+from tests.netlab import REPO, BridgeLab
 
 pytestmark = pytest.mark.kernel
 
@@ -78,3 +84,69 @@ def test_removing_the_file_row_keeps_the_metadata_allowance_and_says_so(bare_lab
     assert r.stdout == f"ok: removed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) from line 2\n"
     assert "is still allowed by its libvirt metadata (by panel, at ?)" in r.stderr
     assert can_mail(lab, "vm0"), "the metadata still allows it"
+
+
+def _held_rebuild(lab: BridgeLab) -> "Tuple[subprocess.Popen, Path]":
+    """A rebuild that has listed libvirt and waits (tests/stale_rebuild.py) until the file
+    returned is created: it then commits what it listed."""
+    listed, go = lab.tmp / "listed", lab.tmp / "go"
+    for path in (listed, go):
+        if path.exists():
+            path.unlink()
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.hv.name, sys.executable, "-m", "tests.stale_rebuild", str(lab.config_path),
+         str(listed), str(go)],
+        cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not listed.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert listed.exists(), proc.communicate()
+    return proc, go
+
+
+def _set_node_allow(lab: BridgeLab, element: str) -> None:
+    """libvirt's truth from now on (each connection re-reads the node file): vm00000's
+    <metadata> holds ELEMENT (or nothing)."""
+    node = Path(lab.config_path.read_text().split('LIBVIRT_URI="test://')[1].split('"')[0])
+    text = node.read_text()
+    start = text.index("<metadata>") if "<metadata>" in text else -1
+    if start >= 0:
+        text = text[:start] + text[text.index("</metadata>") + len("</metadata>"):]
+    first = text.index("<devices>")
+    node.write_text(text[:first] + (f"<metadata>{element}</metadata>" if element else "") + text[first:])
+
+
+def test_a_rebuild_that_listed_before_del_vm_does_not_bring_the_allowance_back(bare_lab: BridgeLab) -> None:
+    """Attacker review of issue 11: del-vm (metadata store) journals the XML it read back, as
+    hooks do, so a rebuild that listed libvirt before it replays the revocation."""
+    allow = f'<sg:allow xmlns:sg="{NS}" by="panel" reason="KYC 2"/>'
+    lab = fleet(bare_lab, "metadata", allow)
+    assert can_mail(lab, "vm0")
+    proc, go = _held_rebuild(lab)
+    r = lab.smtp_gate("del-vm", "vm00000", check=False)
+    assert r.returncode == 0 and f"ok: revoked guest 'vm00000' NIC {testdriver.mac(0, 0)}" in r.stdout, r
+    assert not can_mail(lab, "vm0")
+    # journaled as a hook journals a start, with the XML read back: what a rebuild replays, and
+    # what makes a watcher's round that asked libvirt before the write leave the guest alone
+    journal = [json.loads(line) for line in (lab.tmp / "run" / "journal").read_text().splitlines()]
+    assert [(e["op"], e["name"], e["allow"]) for e in journal] == [("start", "vm00000", None)]
+    _set_node_allow(lab, "")
+    go.touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert not can_mail(lab, "vm0"), "the rebuild's stale listing put the revoked allowance back"
+
+
+def test_a_metadata_add_vm_during_a_rebuild_is_not_lost(bare_lab: BridgeLab) -> None:
+    lab = fleet(bare_lab, "metadata")
+    assert not can_mail(lab, "vm0")
+    proc, go = _held_rebuild(lab)
+    r = lab.smtp_gate("add-vm", "vm00000", "KYC 3", check=False)
+    assert r.returncode == 0 and f"ok: allowed guest 'vm00000' NIC {testdriver.mac(0, 0)}" in r.stdout, r
+    assert can_mail(lab, "vm0")
+    _set_node_allow(lab, f'<sg:allow xmlns:sg="{NS}" by="root" reason="KYC 3" uuid="{testdriver.uuid(0)}"/>')
+    go.touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert can_mail(lab, "vm0"), "the rebuild's stale listing dropped the allowance add-vm made"
+    assert not can_mail(lab, "vm1")

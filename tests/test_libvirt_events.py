@@ -163,3 +163,41 @@ def test_the_watch_loop_serves_a_source_and_checks_when_it_asks(monkeypatch) -> 
     assert checks[1] - checks[0] > 0.4, "the first source wake-up asked for no check"
     for fd in (events_r, events_w, src_r, src_w):
         os.close(fd)
+
+
+def test_a_round_asks_again_after_a_truncation_even_when_the_journal_grew_back(tmp_path: Path) -> None:
+    """guest_sync: a rebuild truncated the journal while a round asked libvirt, then hooks
+    journaled past the noted end (attacker review of issue 11): the round must not take its
+    answer for newer than theirs; it asks again."""
+    from smtp_gate import config as config_mod, guest_sync
+    from smtp_gate.domain import Domain, Nic
+    from smtp_gate.runstate import RunState, domain_event
+
+    conf = tmp_path / "smtp-gate.conf"
+    conf.write_text(f'BRIDGE="br0"\nRUN_DIR="{tmp_path / "run"}"\nWHITELIST="{tmp_path / "whitelist.csv"}"\n'
+                    f'LIBVIRT_URI="{DEFAULT}"\n')
+    (tmp_path / "whitelist.csv").write_text("# vmname,mac,added_at,added_by,reason\n")
+    config = config_mod.load(str(conf))
+    state = RunState(config.run_dir)
+    nic = Nic("bridge", testdriver.mac(FIRST + 1, 0), "br0", None, None, None)
+    victim = Domain("victim", testdriver.uuid(FIRST + 1), "test", (nic,), uri=DEFAULT)
+    others = [Domain(f"other{n}", testdriver.uuid(FIRST + 2 + n), "test", (), uri=DEFAULT) for n in range(3)]
+    for dom in others:
+        state.append(domain_event("start", dom))
+    follower = libvirt_events.Follower([DEFAULT], lambda _line: None)  # not started: only its wake-up pipe
+    sync = guest_sync.GuestSync(follower, lambda: config, lambda _line: None)
+    generation, offset = state.journal_mark()  # as _ask notes it
+    state.truncate_journal()  # a rebuild commits meanwhile
+    state.append(domain_event("stop", victim))  # the victim's hooks: stop, start with newer XML
+    state.append(domain_event("start", victim))
+    for dom in others:
+        state.append(domain_event("start", dom))
+    assert state.journal_end() > offset
+    answer = hypervisor.Guests({victim.uuid: victim}, [], [], [])  # libvirt's (older) answer
+    item = guest_sync.Fetched(DEFAULT, {victim.uuid: {libvirt_events.METADATA}}, False, offset, answer, generation)
+    assert sync._changes(config, state, [item]) == []
+    assert sync.waiting == {DEFAULT: {victim.uuid: {libvirt_events.METADATA}}}, "asked again in the next round"
+    # a round that noted the position after the truncation goes ahead
+    generation, offset = state.journal_mark()
+    fresh = guest_sync.Fetched(DEFAULT, {victim.uuid: {libvirt_events.METADATA}}, False, offset, answer, generation)
+    assert [c.domain for c in sync._changes(config, state, [fresh])] == [victim]

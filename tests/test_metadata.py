@@ -95,3 +95,49 @@ def test_at_must_be_iso_8601_but_only_warns() -> None:
     verdict = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1" at="yesterday"/>'))
     assert "'yesterday' is not an ISO 8601 time" in verdict.domain.allow.problems[0]
     assert len(verdict.allowed) == 2, "an odd audit field does not gate the allowance"
+
+
+def test_an_allowance_written_for_another_guest_allows_nothing() -> None:
+    """A clone (virt-clone) or a dumpxml/define template copies the whole <metadata>: an
+    allowance bound to its guest's UUID must not allow the copy (attacker review of issue 11)."""
+    mine = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" by="ops" uuid="{UUID.upper().replace("-", "")}"/>'))
+    assert len(mine.allowed) == 2 and mine.domain.allow is not None and mine.domain.allow.uuid == UUID
+    assert mine.domain.allow.problems == ()
+    other = "0f5e0c3e-6c55-4d7c-9b7e-000000000001"
+    copied = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" by="ops" uuid="{other}"/>'))
+    assert copied.allowed == ()
+    assert copied.domain.allow is not None and copied.domain.allow.problems == (
+        f"<allow> belongs to guest {other}, not to this one ({UUID}): a clone or a copied definition? "
+        "remove it, or set it anew for this guest",
+    )
+    narrowed = judge(xml(f'<sg:allow xmlns:sg="urn:smtp-gate:1" uuid="{other}"><sg:nic mac="52:54:00:aa:00:01"/></sg:allow>'))
+    assert narrowed.allowed == (), "a copy allows none of the NICs it names either"
+    bad = judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1" uuid="clone-me"/>'))
+    assert bad.allowed == () and bad.domain.allow.problems == (  # type: ignore[union-attr]
+        "<allow uuid>: bad UUID 'clone-me': expected the guest's own UUID, 32 hex digits",)
+    # the journal a rebuild replays keeps "allows nothing"
+    again = runstate.domain_from_event(runstate.domain_event("start", copied.domain))
+    assert again.allow is not None and again.allow.allows(["52:54:00:aa:00:01"]) == ()
+    # without uuid=, as before (the contract stays backward compatible)
+    assert len(judge(xml('<sg:allow xmlns:sg="urn:smtp-gate:1"/>')).allowed) == 2
+
+
+def test_with_allow_edits_only_our_element_as_set_metadata_would() -> None:
+    """hypervisor.with_allow() rewrites a managed save image's definition (setMetadata cannot
+    reach it): our <allow> set, replaced or removed, everything else kept."""
+    from smtp_gate import hypervisor
+
+    other = '<o:thing xmlns:o="urn:other:1">kept</o:thing>'
+    old = '<sg:allow xmlns:sg="urn:smtp-gate:1" by="old"/>'
+    base = xml(other + old)
+    removed = hypervisor.with_allow(base, None)
+    assert domain.parse(removed).allow is None and "urn:other:1" in removed and "kept" in removed
+    assert domain.parse(removed)._replace(allow=None) == domain.parse(base)._replace(allow=None)
+    # as write_allow gives it (no namespace) and as _raw_allow gives it back (namespaced)
+    for element in (f'<allow by="new" uuid="{UUID}"><nic mac="52:54:00:aa:00:02"/></allow>',
+                    f'<smtpgate:allow xmlns:smtpgate="urn:smtp-gate:1" by="new" uuid="{UUID}"><nic mac="52:54:00:aa:00:02"/></smtpgate:allow>'):
+        allow = domain.parse(hypervisor.with_allow(base, element)).allow
+        assert allow is not None and (allow.by, allow.macs, allow.uuid, allow.problems) == ("new", ("52:54:00:aa:00:02",), UUID, ())
+        assert hypervisor.with_allow(base, element).count("urn:smtp-gate:1") == 1, "the old one is gone"
+    bare = f"<domain type='kvm'><name>g</name><uuid>{UUID}</uuid>{NICS}</domain>"  # no <metadata> yet
+    assert domain.parse(hypervisor.with_allow(bare, '<allow by="x"/>')).allow.by == "x"  # type: ignore[union-attr]

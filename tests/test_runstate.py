@@ -133,3 +133,25 @@ def test_after_a_reboot_a_reused_interface_index_inherits_no_allowance(tmp_path:
         assert not lab.tcp_connects(b, lab.INET4, 25, timeout=0.5), "B with A's MAC on A's old index got through"
     finally:
         lab.close()
+
+
+def test_a_journal_mark_sees_a_truncation_even_after_the_journal_grew_back(tmp_path: Path) -> None:
+    """The watcher notes the journal's position without a lock and compares later: a rebuild's
+    truncation followed by appends past the noted end must not look like "nothing happened"
+    (attacker review of issue 11)."""
+    state = RunState(tmp_path)
+    for name in ("a", "b", "c"):
+        state.append(domain_event("start", Domain(name, A.uuid, "kvm", ())))
+    generation, end = state.journal_mark()
+    assert end == state.journal_end() > 0
+    assert state.journal_mark() == (generation, end), "nothing happened: the same mark"
+    state.append(domain_event("stop", Domain("a", A.uuid, "kvm", ())))
+    assert state.journal_mark()[0] == generation, "an append keeps the generation"
+    state.truncate_journal()
+    for name in ("victim", "victim", "d", "e", "f"):
+        state.append(domain_event("start", Domain(name, B.uuid, "kvm", ())))
+    after, grown = state.journal_mark()
+    assert grown > end, "regrown past the old end: the end alone cannot tell"
+    assert after != generation
+    state.truncate_journal()
+    assert state.journal_mark()[0] not in (generation, after)
