@@ -366,13 +366,14 @@ def parse(xml: Union[str, bytes], parser: Any = None) -> Domain:
     return from_element(root)
 
 
-def parse_allow(xml: str) -> Optional[Allow]:
+def parse_allow(xml: str, guest_uuid: str) -> Optional[Allow]:
     """Our element alone, as virDomainGetMetadata(ELEMENT, METADATA_NS) returns it, read as
     _allow reads it inside a whole domain XML: for a running guest whose domain XML cannot
     be read (too big for libvirt's RPC), whose allowance must still be known.  libvirt
     matched the namespace already and returns the element without it (libvirt 9.0:
-    `<allow by="p">`), so an <allow> in no namespace counts here, and only here.  None
-    when the element is not <allow>; DomainXMLError when it is not XML."""
+    `<allow by="p">`), so an <allow> in no namespace counts here, and only here.  GUEST_UUID:
+    the guest it was read from (an allowance bound to another allows nothing).  None when
+    the element is not <allow>; DomainXMLError when it is not XML."""
     from lxml import etree
 
     try:
@@ -382,4 +383,4 @@ def parse_allow(xml: str) -> Optional[Allow]:
     if root.tag not in ("allow", ALLOW_TAG):
         return None
     root.tag = ALLOW_TAG
-    return _allow([root])
+    return _allow([root], normalise_uuid(guest_uuid) or guest_uuid)

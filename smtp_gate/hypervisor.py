@@ -398,7 +398,7 @@ def _note_unread(
     error: Optional[str] = None
     flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if running else libvirt.VIR_DOMAIN_AFFECT_CONFIG
     try:
-        allow = parse_allow(str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, flags)))
+        allow = parse_allow(str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, flags)), uuid)
     except libvirt.libvirtError as exc:
         code = exc.get_error_code()
         if _no_domain(libvirt, exc) or (running_only and code == libvirt.VIR_ERR_OPERATION_INVALID):
@@ -826,7 +826,7 @@ def remove_allow_unread(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -
             running = bool(dom.isActive())
             flags, scopes = _scopes(libvirt, running, bool(dom.isPersistent()))
             raw = {scope: _raw_allow(libvirt, dom, scope) for scope in scopes}
-            before = {scope: None if text is None else parse_allow(text) for scope, text in raw.items()}
+            before = {scope: None if text is None else parse_allow(text, uuid) for scope, text in raw.items()}
             domain = Domain(name=str(dom.name()), uuid=uuid, type="", nics=(), uri=uri)
             if all(text is None for text in raw.values()):
                 return AllowWrite(domain, running, scopes, before, False, raw)

@@ -193,7 +193,7 @@ def test_a_round_asks_again_after_a_truncation_even_when_the_journal_grew_back(t
     for dom in others:
         state.append(domain_event("start", dom))
     assert state.journal_end() > offset
-    answer = hypervisor.Guests({victim.uuid: victim}, [], [], [])  # libvirt's (older) answer
+    answer = hypervisor.Guests({victim.uuid: victim}, [], {}, [])  # libvirt's (older) answer
     item = guest_sync.Fetched(DEFAULT, {victim.uuid: {libvirt_events.METADATA}}, False, offset, answer, generation)
     assert sync._changes(config, state, [item]) == []
     assert sync.waiting == {DEFAULT: {victim.uuid: {libvirt_events.METADATA}}}, "asked again in the next round"

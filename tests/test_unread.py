@@ -157,7 +157,8 @@ def test_the_watchers_round_keeps_the_ports_and_only_what_a_source_still_grants(
     unread = hypervisor.Unread(uuid, "g", URI, TOO_BIG)
     answer = hypervisor.Guests({}, [], {uuid: unread}, [f"{URI}: g: {TOO_BIG}"])
     sync = guest_sync.GuestSync(None, lambda: config, print)  # type: ignore[arg-type]
-    fetched = guest_sync.Fetched(URI, {uuid: {"metadata"}}, False, state.journal_end(), answer)
+    generation, offset = state.journal_mark()
+    fetched = guest_sync.Fetched(URI, {uuid: {"metadata"}}, False, offset, answer, generation)
     lines: list = []
     (change,) = sync._changes(config, state, [fetched], lines)
     assert change.new == old._replace(allowed=())
@@ -174,10 +175,14 @@ def test_the_element_read_alone_is_read_as_in_a_whole_domain_xml() -> None:
     from smtp_gate.domain import parse_allow
     from smtp_gate.errors import DomainXMLError
 
-    assert parse_allow('<allow by="p" reason="r">\n  <nic mac="52:54:00:00:00:01"/>\n</allow>') == Allow(
+    me = "0f5e0c3e-6c55-4d7c-9b7e-6a1b2c3d4e5f"
+    assert parse_allow('<allow by="p" reason="r">\n  <nic mac="52:54:00:00:00:01"/>\n</allow>', me) == Allow(
         by="p", reason="r", macs=("52:54:00:00:00:01",))
-    assert parse_allow(f'<x:allow xmlns:x="{NS}"/>') == Allow()
-    assert parse_allow('<allow><nics/></allow>').macs == (), "an unknown child allows nothing, as in the XML"
-    assert parse_allow("<other/>") is None
+    assert parse_allow(f'<x:allow xmlns:x="{NS}"/>', me) == Allow()
+    assert parse_allow('<allow><nics/></allow>', me).macs == (), "an unknown child allows nothing, as in the XML"
+    copied = parse_allow('<allow uuid="0f5e0c3e-6c55-4d7c-9b7e-000000000001"/>', me)
+    assert copied is not None and copied.macs == (), "an allowance bound to another guest allows nothing here too"
+    assert parse_allow(f'<allow uuid="{me.upper()}"/>', me).macs is None
+    assert parse_allow("<other/>", me) is None
     with pytest.raises(DomainXMLError, match="not well-formed"):
-        parse_allow("<allow")
+        parse_allow("<allow", me)
