@@ -528,9 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(
         "add-vm",
-        "allow a guest (name or UUID) and its NICs now: a whitelist file row, or with ALLOW_STORE=metadata the "
-        "guest's own libvirt metadata (live and saved definition, as its state allows)",
-        'smtp-gate add-vm web1 "ID verified, ticket 4711"',
+        "allow a guest (name or UUID) and its NICs now: a whitelist file row, or with --store metadata (or "
+        "ALLOW_STORE=metadata) the guest's own libvirt metadata (live and saved definition, as its state allows); "
+        "then says where each NIC stands in the kernel",
+        'smtp-gate add-vm web1 "ID verified, ticket 4711"   |   smtp-gate add-vm web1 "KYC 123" --store metadata',
     )
     p.add_argument("name", metavar="NAME", help="guest name or UUID, as `virsh list --all` shows it")
     p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored with the allowance)")

@@ -190,6 +190,22 @@ def test_list_says_when_libvirt_was_not_reached_and_exits_3(conf: Path, capsys: 
     assert (code, json.loads(out)["libvirt"]) == (0, {"unreachable": {}})
 
 
+def test_del_vm_with_libvirt_silent_removes_the_rows_and_says_the_metadata_was_not_checked(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    node = (conf.parent / "node.xml").as_uri().replace("file://", "test://")
+    missing = f"test://{conf.parent / 'missing.xml'}"
+    conf.write_text(conf.read_text().replace(f'LIBVIRT_URI="{node}"', f'LIBVIRT_URI="{missing}"'))
+    uuid = testdriver.uuid(0)
+    (conf.parent / "whitelist.csv").write_text(HEADER + f"{uuid},,t,u,r\n")
+    code, out, err = run(conf, capsys, "del-vm", uuid)
+    assert code == 3, err
+    assert out == f"ok: removed guest '{uuid}' (every NIC) from line 2\n"
+    assert err.endswith(f"smtp-gate: note: the libvirt metadata of guest '{uuid}' could not be checked, and may still allow "
+                        f"it: `smtp-gate del-vm {uuid} --source metadata` removes it once libvirt answers\n"), err
+    assert (conf.parent / "whitelist.csv").read_text() == HEADER
+
+
 def test_add_vm_binds_the_uuid_and_a_guest_reusing_the_name_inherits_nothing(
     conf: Path, capsys: pytest.CaptureFixture
 ) -> None:
