@@ -251,14 +251,10 @@ def kernel_state(config: Config, dom: Domain) -> List[str]:
     master_of = discovery.master_of(links)
     lines = []
     for nic in dom.nics:
-        if not nic.target or nic.target not in links:
-            continue
-        if not exposure.on_protected_bridge(nic, config.bridges, master_of):
-            state = "UNPROTECTED (on no protected bridge: no rule sees it)"
-        else:
+        # an UNPROTECTED NIC has its own warning (allow_warnings): no rule sees it either way
+        if nic.target in links and exposure.on_protected_bridge(nic, config.bridges, master_of):
             state = "allowed" if (links[nic.target].ifindex, nic.mac) in held else "blocked"
-            state += " in the kernel"
-        lines.append(f"guest {dom.name!r} NIC {nic.mac or '?'} on {nic.target}: {state}")
+            lines.append(f"guest {dom.name!r} NIC {nic.mac or '?'} on {nic.target}: {state} in the kernel")
     return lines
 
 
