@@ -7,6 +7,7 @@ libvirt is always asked before the lock is taken, never while it is held (DESIGN
 
 import getpass
 import os
+import shlex
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Dict, Iterator, List, NamedTuple, NoReturn, Optional, Sequence, Tuple, Type
@@ -209,7 +210,6 @@ def _write_and_apply(
 
 
 SOURCE_ALL = "all"  # del-vm --source: every source that allows the guest
-SOURCES = (config_mod.STORE_FILE, config_mod.STORE_METADATA, SOURCE_ALL)
 
 
 def add_vm(config: Config, name: str, reason: str, user: str, when: datetime, store: Optional[str] = None) -> Change:
@@ -280,7 +280,7 @@ def del_vm(config: Config, name: str, source: str = SOURCE_ALL) -> Change:
         if source == SOURCE_ALL:  # exit 3: "removed" must not suggest the guest is blocked
             unchecked.append(
                 f"the libvirt metadata of guest {name!r} could not be checked, and may still allow it: "
-                f"`smtp-gate del-vm {name} --source metadata` removes it once libvirt answers"
+                f"`smtp-gate del-vm {shlex.quote(name)} --source metadata` removes it once libvirt answers"
             )
     dom, running = found if found else (None, False)
     key = dom.name if dom else name
@@ -662,7 +662,7 @@ def _metadata_still_allows(dom: Domain) -> List[str]:
         return []
     return [
         f"NIC {mac} of guest {dom.name!r} ({dom.uuid}) is still allowed by its libvirt metadata "
-        f"({describe_allow(dom.allow)}); `smtp-gate del-vm {dom.name} --source metadata` (or the panel that set it) "
+        f"({describe_allow(dom.allow)}); `smtp-gate del-vm {shlex.quote(dom.name)} --source metadata` (or the panel that set it) "
         "removes it"
         for mac in dom.allow.allows(guests.nic_macs(dom))
     ]

@@ -1,5 +1,6 @@
 """What the kernel enforces right now, as data, and its text and JSON renderings."""
 
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -279,12 +280,13 @@ def drift_warnings(config: Config, pairs: "List[Tuple[Domain, bool]]") -> List[s
 
         live_text, saved_text = (describe_allow(a) if a is not None else "none" for a in held)
         name = names[uuid]
+        shown = shlex.quote(name)
         warnings.append(
             f"guest {name!r} ({uuid}): its live and saved definitions carry different smtp-gate allowances (live: "
             f"{live_text}; saved: {saved_text}): a live-only allowance is lost at its next cold boot and at a "
             "`--persistent` migration's destination, a saved-only one is not in force now; "
-            f"`smtp-gate add-vm {name} --store metadata` writes one into both, "
-            f"`smtp-gate del-vm {name} --source metadata` removes both"
+            f"`smtp-gate add-vm {shown} --store metadata` writes one into both, "
+            f"`smtp-gate del-vm {shown} --source metadata` removes both"
         )
     return warnings
 
