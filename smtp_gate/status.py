@@ -2,7 +2,7 @@
 
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 from smtp_gate import discovery, guests as guests_mod, nft, offswitch, ruleset, validate, whitelist
 from smtp_gate.config import Config
@@ -188,8 +188,8 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     for item in report.attempts:
         attempts[item.mac] = attempts.get(item.mac, 0) + item.packets
     index_of, master_of = discovery.index_of(links), discovery.master_of(links)
-    accounted: set = set()  # (port, MAC) the allowed guests account for
-    seen_ports: set = set()  # ports of the running guests libvirt showed: what can be judged
+    accounted: Set[Tuple[str, str]] = set()  # (port, MAC) the allowed guests account for
+    seen_ports: Set[str] = set()  # ports of the running guests libvirt showed: what can be judged
     for dom, running in pairs:
         if running:
             seen_ports.update(nic.target for nic in dom.nics if nic.target)
