@@ -4,7 +4,9 @@ Exit codes: 0 success; 1 error (nothing was changed: a file written before the k
 refused the change is put back); 2 usage; 3 done, with a warning the operator must read
 (a protected bridge is missing or has no uplink; a running guest NIC is UNPROTECTED:
 `apply`, `rebuild`, `status`; `list`: a whitelist row cannot be used; `list`, `status`: a
-part of a guest's metadata allowance cannot be used; `del-vm`, `del-mac`, the picker: a
+part of a guest's metadata allowance cannot be used, or a running guest's live and saved
+allowances differ; `list`: a libvirt URI did not answer; `status`: the kernel holds an
+allowance nothing grants, or lacks one; `del-vm`, `del-mac`, the picker: a
 NIC of the guest is still allowed by another row or by the other source, file or
 metadata; `export-metadata`: a row was not exported, a MAC row or one whose guest libvirt
 does not know); 4 `status`: enforcement is not active; 5 the operator switched
@@ -249,13 +251,13 @@ def _report(change) -> int:  # type: ignore[no-untyped-def]
 def cmd_add_vm(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
-    return _report(manage.add_vm(config, args.name, args.reason, manage.invoking_user(), manage.now()))
+    return _report(manage.add_vm(config, args.name, args.reason, manage.invoking_user(), manage.now(), args.store))
 
 
 def cmd_del_vm(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import manage
 
-    return _report(manage.del_vm(config, args.name))
+    return _report(manage.del_vm(config, args.name, args.source))
 
 
 def cmd_add_mac(args: argparse.Namespace, config: Config) -> int:
@@ -281,7 +283,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(
             {"whitelist": str(config.whitelist), "exists": exists, "rows": rows, "problems": listed.problems,
-             "metadata": listed.metadata, "metadata_problems": listed.metadata_problems, "unread": listed.unread}, indent=2
+             "metadata": listed.metadata, "metadata_problems": listed.metadata_problems, "unread": listed.unread,
+             # "metadata" lists only what the URIs that answered hold
+             "libvirt": {"unreachable": listed.unreachable}, "warnings": listed.drift}, indent=2
         ))
     elif not exists:
         # the empty whitelist, as every command reads it; add-vm and add-mac create the file
@@ -304,33 +308,40 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
         if any(row["bound"] == "name" for row in rows):
             print(
                 "# (name-bound): allows whichever guest has that name, also a later one that reuses it; "
-                "`smtp-gate add-vm NAME` adds a row bound to the guest's UUID, then delete the name-bound line"
+                "`smtp-gate add-vm NAME --store file` adds a row bound to the guest's UUID, then delete the name-bound line"
             )
     if listed.metadata and not args.json:
         print(f"# libvirt metadata ({METADATA_NS}): {len(listed.metadata)} guest(s)")
+        print("# guest (UUID, state)  NICs  at  by  reason")
         for meta in listed.metadata:
             macs = meta["macs"]
             nics = "(all NICs)" if macs is None else ",".join(macs) or "(no usable NIC)"  # type: ignore[arg-type]
-            print(validate.escape_controls(
-                f"  {meta['guest']} ({meta['uuid']}, {meta['state']}) {nics}  {meta['at'] or '-'}  "
-                f"{meta['by'] or '-'}  {meta['reason']}"
+            print(validate.escape_controls(  # "?" for an absent field, as status and the notes show it
+                f"  {meta['guest']} ({meta['uuid']}, {meta['state']}) {nics}  {meta['at'] or '?'}  "
+                f"{meta['by'] or '?'}  {meta['reason']}"
             ))
     for note in notes:
-        print(f"smtp-gate: note: {note}", file=sys.stderr)
+        if listed.unreachable:  # a URI that did not answer hides its guests' allowances: exit 3
+            warn(note)
+        else:
+            print(f"smtp-gate: note: {note}", file=sys.stderr)
     for problem in listed.problems:
         warn(f"whitelist {config.whitelist}: {problem} (row kept, allows nothing)")
     for problem in listed.metadata_problems:
         warn(f"{problem} (that part allows nothing)")
     for line in listed.unread:
         warn(line)
-    return EXIT_WARNING if listed.problems or listed.metadata_problems or listed.unread else EXIT_OK
+    for problem in listed.drift:
+        warn(problem)
+    warned = listed.problems or listed.metadata_problems or listed.unread or listed.unreachable or listed.drift
+    return EXIT_WARNING if warned else EXIT_OK
 
 
 def cmd_export_metadata(args: argparse.Namespace, config: Config) -> int:
     """Copy the whitelist file's guest rows into the guests' own metadata (the way to fleets)."""
     from smtp_gate import manage
 
-    result = manage.export_metadata(config, args.dry_run, manage.invoking_user(), manage.now())
+    result = manage.export_metadata(config, args.dry_run, manage.invoking_user(), manage.now(), args.replace)
     for line in result.lines:
         print(f"{'dry run: ' if args.dry_run else 'ok: '}{line}")
     if not result.lines:
@@ -537,19 +548,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(
         "add-vm",
-        "allow a guest (name or UUID) and its NICs now: a whitelist file row, or with ALLOW_STORE=metadata the "
-        "guest's own libvirt metadata (live and saved definition, as its state allows)",
-        'smtp-gate add-vm web1 "ID verified, ticket 4711"',
+        "allow a guest (name or UUID) and its NICs now: a whitelist file row, or with --store metadata (or "
+        "ALLOW_STORE=metadata) the guest's own libvirt metadata (live and saved definition, as its state allows); "
+        "then says where each NIC stands in the kernel",
+        'smtp-gate add-vm web1 "ID verified, ticket 4711"   |   smtp-gate add-vm web1 "KYC 123" --store metadata',
     )
     p.add_argument("name", metavar="NAME", help="guest name or UUID, as `virsh list --all` shows it")
     p.add_argument("reason", metavar="REASON", nargs="?", default="", help="why (stored with the allowance)")
+    p.add_argument(
+        "--store", choices=config_mod.ALLOW_STORES, default=None,
+        help="where to write the allowance: the whitelist file or the guest's libvirt metadata (default: ALLOW_STORE)",
+    )
     p = add(
         "del-vm",
-        "remove a guest's whitelist rows (ALLOW_STORE=metadata: its metadata allowance) and revoke its allowances "
-        "now; says (exit 3) when the other source still allows it",
-        "smtp-gate del-vm web1",
+        "block a guest now: remove its whitelist rows and its libvirt metadata allowance (--source limits it to "
+        "one), and revoke its allowances; says which sources were removed, and (exit 3) what still allows it",
+        "smtp-gate del-vm web1   |   smtp-gate del-vm web1 --source file",
     )
     p.add_argument("name", metavar="NAME", help="guest name or UUID")
+    p.add_argument(
+        "--source", choices=("file", "metadata", "all"), default="all",
+        help="remove the allowance from the whitelist file, the guest's libvirt metadata, or both (default: all, "
+        "whatever ALLOW_STORE says)",
+    )
     p = add(
         "add-mac",
         "whitelist one NIC by MAC and allow it now (always the whitelist file, whatever ALLOW_STORE)",
@@ -579,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
         "smtp-gate export-metadata --dry-run   |   sudo smtp-gate export-metadata",
     )
     p.add_argument("--dry-run", action="store_true", help="say what would be written; write nothing")
+    p.add_argument(
+        "--replace", action="store_true",
+        help="write the row's allowance over one the guest's metadata already carries (default: keep that one)",
+    )
     p = add("ports-set", "set the blocked TCP ports, store them in the config and enforce them now", 'smtp-gate ports-set "25,465,587"')
     p.add_argument("ports", metavar="PORTS", help="comma-separated ports 1-65535, ranges like 2525-2530")
     add("whitelist", "pick guests to whitelist interactively (needs a terminal)", "sudo smtp-gate whitelist")

@@ -458,12 +458,16 @@ def list_running(uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT, root: st
 
 
 def list_all(
-    uris: Sequence[str], timeout: float = DEFAULT_TIMEOUT, unread: Optional[Dict[str, Unread]] = None
+    uris: Sequence[str],
+    timeout: float = DEFAULT_TIMEOUT,
+    unread: Optional[Dict[str, Unread]] = None,
+    unreachable_out: Optional[Dict[str, str]] = None,
 ) -> List[Tuple[Domain, bool]]:
     """Every guest, running or defined but off, with its running state: for the picker
     and status.  A running guest's XML is its live XML (targets included).  URIs that do
-    not answer (within TIMEOUT) are left out; if none answers, raises SmtpGateError rather
-    than claim the host has no guests.  Guests whose XML could not be read are added to
+    not answer (within TIMEOUT) are left out, and put in UNREACHABLE_OUT (uri -> why) when
+    given, so that `list` can say so; if none answers, raises SmtpGateError rather than
+    claim the host has no guests.  Guests whose XML could not be read are added to
     UNREAD (when given), so that list and status name them rather than drop them."""
     libvirt = _libvirt()
 
@@ -479,6 +483,8 @@ def list_all(
         return found, missed
 
     answers, unreachable, absent = _each_uri(libvirt, uris, work, timeout)
+    if unreachable_out is not None:
+        unreachable_out.update(unreachable)
     if not answers and unreachable:
         raise SmtpGateError(f"no libvirt URI answered: {_reasons(unreachable)}")
     key = _order(uris)
@@ -849,6 +855,33 @@ def remove_allow_unread(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -
     if why.startswith("no answer within"):
         why += "; the metadata may or may not have been removed: check it with `virsh metadata`"
     raise SmtpGateError(f"cannot remove the smtp-gate metadata of guest {uuid} on {uri}: {why}")
+
+
+def live_and_saved_allows(
+    uris: Dict[str, Sequence[str]], timeout: float = DEFAULT_TIMEOUT
+) -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+    """uuid -> (live, saved) <allow> element, verbatim (None: none), of the running persistent
+    guests URIS names (uri -> UUIDs), read-only: for `list` and `status`, which warn when the
+    two differ (a live-only allowance is lost at the next cold boot and at a `--persistent`
+    migration's destination; a saved-only one is not in force).  dom.metadata() per
+    definition, not the inactive XML: cheap.  A URI that does not answer, or a guest that
+    stopped or went away meanwhile, is left out: nothing is claimed about it."""
+    libvirt = _libvirt()
+
+    def work(conn: Any, uri: str) -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+        found: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
+        for uuid in uris[uri]:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if dom.isActive() and dom.isPersistent():
+                    found[uuid] = (_raw_allow(libvirt, dom, LIVE), _raw_allow(libvirt, dom, CONFIG))
+            except libvirt.libvirtError as exc:
+                if not _no_domain(libvirt, exc) and exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+        return found
+
+    answers, _unreachable, _absent = _each_uri(libvirt, list(uris), work, timeout)
+    return {uuid: pair for found in answers.values() for uuid, pair in found.items()}
 
 
 # -- for the watcher (libvirt_events.py, guest_sync.py) ----------------------------------------

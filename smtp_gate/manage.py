@@ -7,14 +7,16 @@ libvirt is always asked before the lock is taken, never while it is held (DESIGN
 
 import getpass
 import os
+import shlex
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterator, List, NamedTuple, NoReturn, Optional, Sequence, Tuple, Type
 
 from smtp_gate import (
     allowances,
     config as config_mod,
     discovery,
+    engine,
     exposure,
     files,
     guests,
@@ -22,6 +24,7 @@ from smtp_gate import (
     lock,
     nft,
     ruleset,
+    status,
     validate,
     whitelist,
 )
@@ -206,13 +209,18 @@ def _write_and_apply(
     return Change(lines, warnings), model
 
 
-def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) -> Change:
+SOURCE_ALL = "all"  # del-vm --source: every source that allows the guest
+
+
+def add_vm(config: Config, name: str, reason: str, user: str, when: datetime, store: Optional[str] = None) -> Change:
     """Whitelist the guest NAME (a name or a UUID) by a row bound to its UUID: control panels
-    reuse names, and a later guest given this name must not inherit the allowance."""
+    reuse names, and a later guest given this name must not inherit the allowance.  STORE
+    (add-vm --store) chooses the file or the guest's metadata; None: ALLOW_STORE."""
     validate.one_line("reason", reason)  # before asking libvirt: a bad value is refused at once
     dom, running = _find(config, name)
-    if config.allow_store == config_mod.STORE_METADATA:
-        return allow_by_metadata(config, dom, running, reason, user, when)
+    if (store or config.allow_store) == config_mod.STORE_METADATA:
+        change = allow_by_metadata(config, dom, running, reason, user, when)
+        return change._replace(lines=change.lines + kernel_state(config, dom))
     row = whitelist.uuid_row(dom.uuid)
     change, _model = _write_and_apply(
         config,
@@ -225,23 +233,48 @@ def add_vm(config: Config, name: str, reason: str, user: str, when: datetime) ->
     if not running:
         change.lines.append(f"guest {dom.name!r} is not running: its NICs are allowed when it starts")
     return change._replace(
-        warnings=change.warnings + allow_warnings(config, dom, running, guest_unprotected(config, dom, running))
+        lines=change.lines + kernel_state(config, dom),
+        warnings=change.warnings + allow_warnings(config, dom, running, guest_unprotected(config, dom, running)),
     )
 
 
-def del_vm(config: Config, name: str) -> Change:
-    """Remove the guest's rows, bound to its name or to its UUID, and revoke its allowances.
+def kernel_state(config: Config, dom: Domain) -> List[str]:
+    """What the kernel holds for DOM's NICs now, read after the command: its own change lines
+    say only what this command did, and `smtp-gate watch` may have applied a metadata change
+    first, so this is the line that tells the operator where the guest stands.  Nothing for
+    a guest not running here (no tap) or while our table is absent (not_in_force says so)."""
+    links = discovery.read_links()
+    table = nft.read_table()
+    if table is None:
+        return []
+    held = engine.kernel_pairs(table, links)
+    master_of = discovery.master_of(links)
+    lines = []
+    for nic in dom.nics:
+        # an UNPROTECTED NIC has its own warning (allow_warnings): no rule sees it either way
+        if nic.target in links and exposure.on_protected_bridge(nic, config.bridges, master_of):
+            state = "allowed" if (links[nic.target].ifindex, nic.mac) in held else "blocked"
+            lines.append(f"guest {dom.name!r} NIC {nic.mac or '?'} on {nic.target}: {state} in the kernel")
+    return lines
+
+
+def del_vm(config: Config, name: str, source: str = SOURCE_ALL) -> Change:
+    """Revoke the guest's allowance from SOURCE (del-vm --source): its whitelist rows, bound to
+    its name or to its UUID ("file"), its libvirt metadata ("metadata"), or both ("all", the
+    default: "block this guest" must block it whatever allowed it).
 
     libvirt tells a name's UUID and a UUID's name.  For a guest libvirt no longer knows,
     the records its start hooks left give the UUIDs that ran under NAME.
     """
-    if config.allow_store == config_mod.STORE_METADATA:
+    if source == config_mod.STORE_METADATA:
         try:
-            found_meta = _find(config, name)
+            dom, running = _find(config, name)
         except hypervisor.UnreadGuest as exc:  # its XML cannot be read: the metadata calls alone
             return revoke_unread(config, exc.guest)
-        return revoke_by_metadata(config, *found_meta)
+        change = revoke_by_metadata(config, dom, running)
+        return change._replace(lines=change.lines + kernel_state(config, dom))
     warnings: List[str] = []
+    unchecked: List[str] = []
     unread: Optional[hypervisor.Unread] = None
     try:
         found = hypervisor.find(config.uris(), name, config.libvirt_timeout)
@@ -249,7 +282,12 @@ def del_vm(config: Config, name: str) -> Change:
         found = None
         unread = exc.guest if isinstance(exc, hypervisor.UnreadGuest) else None
         warnings.append(f"{exc}; removing the whitelist rows of {name!r} anyway")
-    dom = found[0] if found else None
+        if source == SOURCE_ALL and unread is None:  # exit 3: "removed" must not suggest the guest is blocked
+            unchecked.append(
+                f"the libvirt metadata of guest {name!r} could not be checked, and may still allow it: "
+                f"`smtp-gate del-vm {shlex.quote(name)} --source metadata` removes it once libvirt answers"
+            )
+    dom, running = found if found else (None, False)
     key = dom.name if dom else unread.name if unread else name
     records = list(RunState(config.run_dir).all_records().values())
     if dom is not None:
@@ -273,19 +311,61 @@ def del_vm(config: Config, name: str) -> Change:
             effects += model.remove_guest(key, uuid, shown=key)
         return [e for e in effects if e.changed] or effects[:1]
 
-    change, model = _write_and_apply(
-        config,
-        edit,
-        [dom] if found and found[1] else [],
-        (guests.nic_macs(dom) if dom else []) + recorded,
-    )
+    change, model, dom = _remove_everywhere(config, dom, running, edit, recorded, source == SOURCE_ALL)
+    if unread is not None and source == SOURCE_ALL:  # its XML cannot be read: the metadata calls alone
+        removed = revoke_unread(config, unread)
+        change = change._replace(lines=change.lines + removed.lines, warnings=change.warnings + removed.warnings)
     if dom is not None:
         concerned = [whitelist.Guest(dom.name, dom.uuid, tuple(guests.nic_macs(dom)))]
     else:
         concerned = _recorded_guests([r for r in records if r.uuid in uuids or r.name == key])
     still = [note for guest in concerned for note in _allowed_by(model, guest, "is still allowed by")]
     still += _metadata_still_allows(dom) if dom is not None else []
-    return change._replace(warnings=warnings + change.warnings, still_allowed=tuple(still))
+    lines = change.lines + (kernel_state(config, dom) if dom is not None else [])
+    return change._replace(lines=lines, warnings=warnings + change.warnings, still_allowed=tuple(still + unchecked))
+
+
+def _remove_everywhere(
+    config: Config,
+    dom: Optional[Domain],
+    running: bool,
+    edit,  # type: ignore[no-untyped-def]
+    affected: Sequence[str],
+    metadata: bool,
+) -> Tuple[Change, whitelist.Whitelist, Optional[Domain]]:
+    """Revoke DOM from the whitelist file (EDIT, under the lock) and, if METADATA, from its
+    libvirt metadata too: that is written first (libvirt is never asked under our lock), the
+    guest read back, and then one kernel change judged from both, so that no source left
+    behind keeps the guest allowed.  If the file or kernel step fails, the metadata is put
+    back as it was.  Returns the change (a line per source), the whitelist as written and
+    the guest as read back."""
+    written = None
+    if metadata and dom is not None:
+        written = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, None, config.libvirt_timeout)
+        dom, running = written.domain, written.running
+    shown: List[int] = []
+
+    def counted(model: whitelist.Whitelist) -> List[whitelist.Effect]:
+        effects = edit(model)
+        shown.append(len(effects))
+        return effects  # type: ignore[no-any-return]
+
+    macs = (guests.nic_macs(dom) if dom is not None else []) + list(affected)
+    try:
+        change, model = _write_and_apply(config, counted, [dom] if dom is not None and running else [], macs)
+    except PartialChange:
+        raise
+    except (SmtpGateError, OSError) as exc:
+        if written is None or not written.written:
+            raise
+        _put_back_metadata(config, written, exc)
+    if written is not None and dom is not None:
+        if written.written:
+            line = f"removed the allowance from the libvirt metadata of guest {dom.name!r} ({_scope_text(written.scopes)})"
+        else:
+            line = f"nothing to remove: the libvirt metadata of guest {dom.name!r} carries no allowance"
+        change.lines.insert(shown[0] if shown else 0, line)
+    return change, model, dom
 
 
 def add_mac(config: Config, mac: str, label: str, reason: str, user: str, when: datetime) -> Change:
@@ -406,14 +486,11 @@ def picker_rows(config: Config) -> List[Row]:
 
 
 def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
-    """Whitelist a guest that is not, or remove every row that allows it (its MAC rows too)."""
+    """Allowed <-> blocked: a guest some source allows is revoked from every source that allows
+    it (its whitelist rows, its MAC rows too, and its metadata), whatever ALLOW_STORE says; a
+    blocked guest is allowed in ALLOW_STORE."""
     dom = row.domain
-    if config.allow_store == config_mod.STORE_METADATA:
-        if dom.allow is not None:
-            return revoke_by_metadata(config, dom, row.running)
-        return allow_by_metadata(config, dom, row.running, "picker", user, when)
-    running = [dom] if row.running else []
-    if row.whitelisted:
+    if row.whitelisted or dom.allow is not None:
         macs = guests.nic_macs(dom)
 
         def edit(model: whitelist.Whitelist) -> List[whitelist.Effect]:
@@ -422,9 +499,13 @@ def toggle(config: Config, row: Row, user: str, when: datetime) -> Change:
                 effects += [e for e in model.remove_mac(mac) if e.changed]
             return [e for e in effects if e.changed] or effects
 
-        change, model = _write_and_apply(config, edit, running, macs)
-        still = _allowed_by(model, whitelist.Guest(dom.name, dom.uuid, tuple(macs)), "is still allowed by")
-        return change._replace(still_allowed=tuple(still + _metadata_still_allows(dom)))
+        change, model, after = _remove_everywhere(config, dom, row.running, edit, macs, True)
+        after = after or dom
+        still = _allowed_by(model, whitelist.Guest(after.name, after.uuid, tuple(macs)), "is still allowed by")
+        return change._replace(still_allowed=tuple(still + _metadata_still_allows(after)))
+    if config.allow_store == config_mod.STORE_METADATA:
+        return allow_by_metadata(config, dom, row.running, "picker", user, when)
+    running = [dom] if row.running else []
     key = whitelist.uuid_row(dom.uuid)  # bound to the UUID, as add-vm does
     change, _model = _write_and_apply(
         config,
@@ -471,6 +552,8 @@ class Listed(NamedTuple):
     metadata: List[Dict[str, object]]  # metadata_rows(): guests whose own definition allows them
     metadata_problems: List[str]  # one line per bad part of a metadata allowance
     unread: List[str] = []  # one line per guest whose XML could not be read: exit 3 (never mutated)
+    unreachable: Dict[str, str] = {}  # libvirt URIs that did not answer -> why: their allowances are not shown
+    drift: List[str] = []  # status.drift_warnings(): live and saved allowances differ
 
 
 def list_rows(config: Config) -> Listed:
@@ -483,12 +566,18 @@ def list_rows(config: Config) -> Listed:
     notes: List[str] = []
     pairs: List[Tuple[Domain, bool]] = []
     unread: Dict[str, hypervisor.Unread] = {}
+    unreachable: Dict[str, str] = {}
+    drift: List[str] = []
+    uuids = " and guest names of UUID rows" if any(e.bound == "uuid" for e in model.entries()) else ""
     try:
-        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout, unread)
+        pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout, unread, unreachable)
         names = {**{u.uuid: u.name for u in unread.values()}, **{dom.uuid: dom.name for dom, _running in pairs}}
+        drift = status.drift_warnings(config, pairs)
     except SmtpGateError as exc:
-        uuids = " and guest names of UUID rows" if any(e.bound == "uuid" for e in model.entries()) else ""
         notes.append(f"allowances in libvirt metadata{uuids} not shown: {exc}")
+    else:
+        notes += [f"allowances in libvirt metadata{uuids} of {uri} not shown: it did not answer ({why})"
+                  for uri, why in unreachable.items()]
     rows = []
     for number, line in model.numbered():
         entry = line.entry
@@ -506,7 +595,7 @@ def list_rows(config: Config) -> Listed:
         f"guest {u.name!r} ({u.uuid}) on {u.uri}, {'running' if u.running else 'shut off'}: its XML could not be read: "
         f"{u.why}; {u.metadata_text()}" for u in unread.values()
     ]
-    return Listed(rows, [str(p) for p in model.problems()], notes, metadata, bad, missed)
+    return Listed(rows, [str(p) for p in model.problems()], notes, metadata, bad, missed, unreachable, drift)
 
 
 # -- ALLOW_STORE="metadata": the allowance in the guest's own libvirt definition (issue 11) --
@@ -575,16 +664,23 @@ def _apply_guest(config: Config, written: hypervisor.AllowWrite, affected: Seque
     except (SmtpGateError, OSError) as exc:  # OSError: the run directory's lock, which cli.py words itself
         if not written.written:
             raise
-        try:
-            hypervisor.put_back(dom.uri or config.uris()[0], dom.uuid, written.raw, config.libvirt_timeout)
-        except SmtpGateError as back:
-            raise PartialChange(
-                f"{_one_line(exc)}; putting back the metadata of guest {dom.name!r} failed too ({back}): its metadata "
-                "holds the change and the kernel does not; `smtp-gate rebuild` applies it, or undo it with `virsh metadata`"
-            ) from None
-        if isinstance(exc, OSError):
-            raise
-        raise SmtpGateError(f"{exc}; the metadata of guest {dom.name!r} was put back as it was") from None
+        _put_back_metadata(config, written, exc)
+
+
+def _put_back_metadata(config: Config, written: hypervisor.AllowWrite, exc: BaseException) -> NoReturn:
+    """EXC failed a command after its metadata write: put the metadata back as it was (no
+    lock held) and raise what exit 1 (or 6, if that fails too) must say."""
+    dom = written.domain
+    try:
+        hypervisor.put_back(dom.uri or config.uris()[0], dom.uuid, written.raw, config.libvirt_timeout)
+    except SmtpGateError as back:
+        raise PartialChange(
+            f"{_one_line(exc)}; putting back the metadata of guest {dom.name!r} failed too ({back}): its metadata "
+            "holds the change and the kernel does not; `smtp-gate rebuild` applies it, or undo it with `virsh metadata`"
+        ) from None
+    if isinstance(exc, OSError):
+        raise exc
+    raise SmtpGateError(f"{exc}; the metadata of guest {dom.name!r} was put back as it was") from None
 
 
 def _metadata_still_allows(dom: Domain) -> List[str]:
@@ -593,7 +689,8 @@ def _metadata_still_allows(dom: Domain) -> List[str]:
         return []
     return [
         f"NIC {mac} of guest {dom.name!r} ({dom.uuid}) is still allowed by its libvirt metadata "
-        f"({describe_allow(dom.allow)}); `ALLOW_STORE=metadata smtp-gate del-vm` or the panel that set it removes it"
+        f"({describe_allow(dom.allow)}); `smtp-gate del-vm {shlex.quote(dom.name)} --source metadata` (or the panel that set it) "
+        "removes it"
         for mac in dom.allow.allows(guests.nic_macs(dom))
     ]
 
@@ -601,8 +698,18 @@ def _metadata_still_allows(dom: Domain) -> List[str]:
 def allow_by_metadata(config: Config, dom: Domain, running: bool, reason: str, user: str, when: datetime) -> Change:
     """Allow every NIC of DOM by its metadata (by USER, at WHEN, REASON): written through
     libvirt first, the guest read back, then its kernel change under the lock."""
+    uri = dom.uri or config.uris()[0]
+    scopes, before = hypervisor.read_allow(uri, dom.uuid, config.libvirt_timeout)
+    if all(_whole(before.get(scope)) for scope in scopes):
+        # as the file's "already there": the allowance (and its who, when and why) is kept
+        current = before[scopes[0]]
+        kept = hypervisor.AllowWrite(dom, running, scopes, before, False)
+        _model, applied = _apply_guest(config, kept, [])
+        line = (f"guest {dom.name!r} (UUID {dom.uuid}, every NIC) is already allowed by its libvirt metadata "
+                f"({describe_allow(current)}; {_scope_text(scopes)}): already there")  # type: ignore[arg-type]
+        return Change([line] + applied, [])
     element = allow_element(user, when.isoformat(timespec="seconds"), reason, uuid=dom.uuid)
-    result = hypervisor.write_allow(dom.uri or config.uris()[0], dom.uuid, element, config.libvirt_timeout)
+    result = hypervisor.write_allow(uri, dom.uuid, element, config.libvirt_timeout)
     after = result.domain
     lines = [f"allowed guest {after.name!r} (UUID {after.uuid}, every NIC) in its libvirt metadata ({_scope_text(result.scopes)})"]
     notes = [
@@ -669,18 +776,23 @@ def revoke_unread(config: Config, guest: hypervisor.Unread) -> Change:
     return Change(lines + applied, warnings, (), tuple(still))
 
 
+LIVE_SCOPE, CONFIG_SCOPE = hypervisor.LIVE, hypervisor.CONFIG
+
+
 class Export(NamedTuple):
     lines: List[str]  # one per guest: what was (or would be) written
     skipped: List[str]  # one per row that cannot be exported: exit 3
     notes: List[str]
 
 
-def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) -> Export:
+def export_metadata(config: Config, dry_run: bool, user: str, when: datetime, replace: bool = False) -> Export:
     """Write each whitelist-file row that names a guest (by UUID or name) into that guest's
     metadata, one write per guest, with the row's own audit fields (so the record of who
     allowed it and why travels with the guest).  The file is never changed, and the kernel
     needs no change: the file still allows those guests here.  MAC rows name no guest and
-    rows whose guest libvirt does not know are reported, not exported."""
+    rows whose guest libvirt does not know are reported, not exported.  A guest whose metadata
+    already allows it (a panel's allowance, perhaps narrower on purpose) is left as it is,
+    unless REPLACE."""
     model = whitelist.load(config.whitelist)
     pairs = hypervisor.list_all(config.uris(), config.libvirt_timeout)  # raises if no URI answered
     by_uuid = {dom.uuid: dom for dom, _running in pairs}
@@ -696,7 +808,7 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
         if entry.bound == "mac":
             skipped.append(
                 f"line {number}: {entry.describe()} is not exported: a MAC row names no guest (it stays in the file; "
-                "`smtp-gate add-vm` the guest, or set <nic mac> in its metadata, to make it follow the guest)"
+                "`smtp-gate add-vm NAME --store metadata` the guest, or set <nic mac> in its metadata, to make it follow the guest)"
             )
             continue
         if entry.bound == "uuid":
@@ -718,13 +830,11 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
             if not done:
                 raise
             raise PartialChange(f"{exc}; written before it: {', '.join(map(repr, done))} (run export-metadata again)") from None
-        if all(_whole(before.get(scope)) for scope in scopes):  # every definition it would write already allows it all
-            lines.append(
-                f"guest {dom.name!r} (line {number}): its metadata already allows every NIC "
-                f"({describe_allow(before[scopes[0]])}; {_scope_text(scopes)}): kept"  # type: ignore[arg-type]
-            )
-            continue
         current = next((before[scope] for scope in scopes if before.get(scope) is not None), None)
+        if current is not None and not replace:
+            lines.append(f"guest {dom.name!r} (line {number}): already allowed by its metadata ({_held_text(scopes, before)}): "
+                         "kept (`--replace` writes the row's allowance over it)")
+            continue
         at = entry.added_at if _iso(entry.added_at) else when.isoformat(timespec="seconds")
         element = allow_element(entry.added_by or user, at, entry.reason, uuid=dom.uuid)
         replaced = f", replacing ({describe_allow(current)})" if current is not None else ""
@@ -747,13 +857,25 @@ def export_metadata(config: Config, dry_run: bool, user: str, when: datetime) ->
         lines.append(f"guest {dom.name!r} (line {number}): wrote its allowance into its {_scope_text(result.scopes)}{replaced}")
         if result.running:  # the file allows it already: journaled only, for a rebuild racing this write
             lines += _apply_guest(config, result, [])[1]
-    notes = [
-        f"the whitelist file {config.whitelist} was not changed: "
-        + ("nothing was written (dry run)" if dry_run else "each guest is now allowed by both")
-        + "; once `smtp-gate list` shows each guest's metadata allowance, remove its file rows with "
-        "`smtp-gate del-vm NAME` (ALLOW_STORE=file) or by editing the file"
-    ]
+    notes = []
+    if wanted:  # there is a file row to remove later: say how, and only what is true
+        done_text = "nothing was written (dry run)" if dry_run else (
+            "each guest written is now allowed by both" if done else "no guest's metadata was written")
+        notes.append(
+            f"the whitelist file {config.whitelist} was not changed: {done_text}; once `smtp-gate list` shows each "
+            "guest's metadata allowance, remove its file rows with `smtp-gate del-vm NAME --source file` or by "
+            "editing the file"
+        )
     return Export(lines, skipped, notes)
+
+
+def _held_text(scopes: Sequence[str], before: Dict[str, Optional[Allow]]) -> str:
+    """The allowance each definition carries, in one phrase: one description when they agree."""
+    held = [before.get(scope) for scope in scopes]
+    if all(allow == held[0] for allow in held):
+        return f"{describe_allow(held[0])}; {_scope_text(scopes)}" if held[0] else _scope_text(scopes)
+    names = {LIVE_SCOPE: "live definition", CONFIG_SCOPE: "saved definition"}
+    return "; ".join(f"{names.get(s, s)}: {describe_allow(a) if a else 'none'}" for s, a in zip(scopes, held))
 
 
 def _whole(allow: Optional[Allow]) -> bool:

@@ -1,12 +1,16 @@
 """What the kernel enforces right now, as data, and its text and JSON renderings."""
 
+import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 from smtp_gate import discovery, guests as guests_mod, nft, offswitch, ruleset, validate, whitelist
 from smtp_gate.config import Config
 from smtp_gate.discovery import Link
 from smtp_gate.errors import SmtpGateError
+
+if TYPE_CHECKING:
+    from smtp_gate.domain import Domain
 
 
 @dataclass
@@ -195,7 +199,11 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
     for item in report.attempts:
         attempts[item.mac] = attempts.get(item.mac, 0) + item.packets
     index_of, master_of = discovery.index_of(links), discovery.master_of(links)
+    accounted: Set[Tuple[str, str]] = set()  # (port, MAC) the allowed guests account for
+    seen_ports: Set[str] = set()  # ports of the running guests libvirt showed: what can be judged
     for dom, running in pairs:
+        if running:
+            seen_ports.update(nic.target for nic in dom.nics if nic.target)
         macs = tuple(guests_mod.nic_macs(dom))
         verdict = guests_mod.judge(dom, config.bridges, model.allowed_macs, index_of, master_of, running)
         allowed = verdict.allowed_macs
@@ -212,6 +220,8 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
             continue
         filtered = [n for n in dom.nics if exposure.on_protected_bridge(n, config.bridges, master_of)]
         expected = [(v.nic.target, v.nic.mac) for v in verdict.nics if v.state == guests_mod.ALLOWED]
+        if running:
+            accounted.update(expected)
         held_all = all(pair in held for pair in expected)
         if not running:
             state = "-"
@@ -238,6 +248,58 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
             report.warnings.append(
                 f"whitelisted guest {dom.name!r} runs but the kernel does not hold its allowance: run `smtp-gate rebuild`"
             )
+    # the other way round: an allowance the kernel holds on a running guest's port that no
+    # source grants (its metadata removed with no watcher running, a row edited out by hand)
+    # lets that NIC send mail; a port of a guest libvirt did not show is not judged here
+    for port, mac in sorted(held - accounted):
+        if port in seen_ports:
+            owner = next((d.name for d, r in pairs if r and any(n.target == port for n in d.nics)), "?")
+            report.warnings.append(
+                f"the kernel allows MAC {mac} on port {port} (guest {owner!r}), which nothing allows any more: "
+                "that NIC can send mail; run `smtp-gate rebuild` to revoke it"
+            )
+    report.warnings += drift_warnings(config, pairs)
+
+
+def drift_warnings(config: Config, pairs: "List[Tuple[Domain, bool]]") -> List[str]:
+    """One warning per running persistent guest of PAIRS whose live and saved definitions carry
+    different allowances: a live-only one is lost at the guest's next cold boot and at a
+    `--persistent` migration's destination (whose saved definition is the source's), a
+    saved-only one is not in force now.  For `list` and `status` only: one cheap
+    virDomainGetMetadata per definition, which a rebuild need not pay."""
+    from smtp_gate import domain as domain_mod, hypervisor
+
+    wanted: Dict[str, List[str]] = {}
+    names: Dict[str, str] = {}
+    for dom, running in pairs:
+        if running:
+            wanted.setdefault(dom.uri or config.uris()[0], []).append(dom.uuid)
+            names[dom.uuid] = dom.name
+    if not wanted:
+        return []
+    warnings = []
+    for uuid, (live, saved) in sorted(hypervisor.live_and_saved_allows(wanted, config.libvirt_timeout).items()):
+        if live == saved:
+            continue
+        try:
+            held = [domain_mod.allow_of(raw) if raw is not None else None for raw in (live, saved)]
+        except SmtpGateError:
+            continue  # not readable XML: the listing reports the live one
+        if held[0] == held[1]:
+            continue
+        from smtp_gate.manage import describe_allow  # here: status is imported by commands that never manage
+
+        live_text, saved_text = (describe_allow(a) if a is not None else "none" for a in held)
+        name = names[uuid]
+        shown = shlex.quote(name)
+        warnings.append(
+            f"guest {name!r} ({uuid}): its live and saved definitions carry different smtp-gate allowances (live: "
+            f"{live_text}; saved: {saved_text}): a live-only allowance is lost at its next cold boot and at a "
+            "`--persistent` migration's destination, a saved-only one is not in force now; "
+            f"`smtp-gate add-vm {shown} --store metadata` writes one into both, "
+            f"`smtp-gate del-vm {shown} --source metadata` removes both"
+        )
+    return warnings
 
 
 def _allowances(verdict: "guests_mod.Verdict") -> List[Dict[str, object]]:

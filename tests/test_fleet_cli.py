@@ -112,11 +112,18 @@ def test_add_vm_writes_live_and_saved_definition_of_a_running_persistent_guest(
     assert raw.startswith("<allow ") and 'by="carol"' in raw
     assert (conf.parent / "whitelist.csv").read_bytes() == before, "the metadata store leaves the file alone"
 
-    code, out, err = run(conf, capsys, "del-vm", name)
+    code, out, err = run(conf, capsys, "add-vm", name)
+    assert (code, err) == (0, ""), "an allowance of every NIC is already there, as the file says of its row"
+    assert out == (f"ok: guest '{name}' (UUID {testdriver.uuid(i)}, every NIC) is already allowed by its libvirt metadata "
+                   f"(by carol, at {allow.at}, reason 'KYC 123'; live and saved definition): already there\n")
+    assert fleet.allow(name).reason == "KYC 123", "a second add-vm without a reason keeps the reason"  # type: ignore[union-attr]
+    assert fleet.allow(name).at == allow.at, "and writes nothing"  # type: ignore[union-attr]
+
+    code, out, err = run(conf, capsys, "del-vm", name, "--source", "metadata")
     assert code == 0, err
     assert out.splitlines()[0] == f"ok: removed the allowance from the libvirt metadata of guest '{name}' (live and saved definition)"
     assert fleet.allow(name) is None and fleet.allow(name, inactive=True) is None
-    code, out, err = run(conf, capsys, "del-vm", name)
+    code, out, err = run(conf, capsys, "del-vm", name, "--source", "metadata")
     assert (code, out.splitlines()[0], err) == (
         0, f"ok: nothing to remove: the libvirt metadata of guest '{name}' carries no allowance", "")
 
@@ -142,6 +149,10 @@ def test_a_transient_guest_gets_live_metadata_and_a_shut_off_guest_its_saved_def
 
     code, out, err = run(conf, capsys, "del-vm", transient)
     assert code == 0 and "(live definition only: a transient guest)" in out and fleet.allow(transient) is None
+    code, out, err = run(conf, capsys, "del-vm", stopped)  # default --source all: the file had nothing
+    assert (code, err) == (0, "")
+    assert out == (f"ok: nothing to remove: guest '{stopped}' is not in the whitelist\n"
+                   f"ok: removed the allowance from the libvirt metadata of guest '{stopped}' (live and saved definition)\n")
 
 
 def test_add_vm_replaces_a_limited_allowance_and_says_so(fleet: Guests, conf: Path, capsys: pytest.CaptureFixture) -> None:
@@ -162,25 +173,50 @@ def test_each_revocation_names_the_other_source_that_still_allows(
     (conf.parent / "whitelist.csv").write_text(HEADER + f"{uuid},,2026-01-01T00:00:00+00:00,alice,file row\n")
     assert run(conf, capsys, "add-vm", name)[0] == 0
     # metadata revoked: the file's row still allows the NIC
-    code, out, err = run(conf, capsys, "del-vm", name)
+    code, out, err = run(conf, capsys, "del-vm", name, "--source", "metadata")
     assert code == 3 and "ok: removed the allowance from the libvirt metadata" in out
     assert err == (f"smtp-gate: note: NIC {mac} of guest '{name}' ({uuid}) is still allowed by the whitelist file's "
                    f"line 2 (guest '{name}' (UUID {uuid}, every NIC))\n")
-    # and the other way: the file row removed, the metadata still allows it
+    # and the other way: the file row removed, the metadata still allows it; the hint names a command that works
     assert run(conf, capsys, "add-vm", name, "panel")[0] == 0
     file_conf = conf.parent / "file.conf"
     file_conf.write_text(conf.read_text().replace('ALLOW_STORE="metadata"', 'ALLOW_STORE="file"'))
-    code, out, err = run(file_conf, capsys, "del-vm", name)
+    code, out, err = run(file_conf, capsys, "del-vm", name, "--source", "file")
     assert code == 3 and out.startswith(f"ok: removed guest '{name}' (UUID {uuid}, every NIC) from line 2\n"), out
     assert err.startswith(f"smtp-gate: note: NIC {mac} of guest '{name}' ({uuid}) is still allowed by its libvirt metadata (by ")
     assert "reason 'panel'" in err and err.count("\n") == 1
+    assert err.endswith(f"; `smtp-gate del-vm {name} --source metadata` (or the panel that set it) removes it\n"), err
     assert fleet.allow(name) is not None, "a file revocation never touches the metadata"
+    code, out, err = run(file_conf, capsys, *err.split("`")[1].split()[1:])  # the hint, as given
+    assert (code, err) == (0, "") and fleet.allow(name) is None and fleet.allow(name, inactive=True) is None
+
+
+def test_del_vm_blocks_the_guest_in_every_source_by_default_and_says_which(
+    fleet: Guests, conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An abuse desk's `del-vm NAME` must block the guest, whatever ALLOW_STORE and whatever allowed it."""
+    name, i = fleet.make("running")
+    uuid = testdriver.uuid(i)
+    for store in ("file", "metadata"):
+        assert run(conf, capsys, "add-vm", name, "--store", "file")[0] == 0
+        assert run(conf, capsys, "add-vm", name, "--store", "metadata")[0] == 0
+        assert fleet.allow(name) is not None and uuid in (conf.parent / "whitelist.csv").read_text()
+        conf.write_text(conf.read_text().replace('ALLOW_STORE="metadata"', f'ALLOW_STORE="{store}"')
+                        .replace('ALLOW_STORE="file"', f'ALLOW_STORE="{store}"'))
+        code, out, err = run(conf, capsys, "del-vm", name)
+        assert (code, err) == (0, ""), (store, err)
+        assert out == (f"ok: removed guest '{name}' (UUID {uuid}, every NIC) from line 2\n"
+                       f"ok: removed the allowance from the libvirt metadata of guest '{name}' (live and saved definition)\n")
+        assert fleet.allow(name) is None and fleet.allow(name, inactive=True) is None
+        assert (conf.parent / "whitelist.csv").read_text() == HEADER
+    code, out, err = run(conf, capsys, "add-vm", name, "--store", "nowhere")
+    assert code == 2 and "invalid choice: 'nowhere'" in err
 
 
 def test_unknown_guest_and_bad_reason_change_nothing(fleet: Guests, conf: Path, capsys: pytest.CaptureFixture) -> None:
     name, _ = fleet.make("running")
     for args, message in ((["add-vm", "no-such-guest"], "guest 'no-such-guest' not found in libvirt (test:///default)"),
-                          (["del-vm", "no-such-guest"], "guest 'no-such-guest' not found in libvirt"),
+                          (["del-vm", "no-such-guest", "--source", "metadata"], "guest 'no-such-guest' not found in libvirt"),
                           (["add-vm", name, "two\nlines"], "bad reason 'two\\nlines'")):
         code, out, err = run(conf, capsys, *args)
         assert (code, out) == (1, "") and err.startswith("smtp-gate: error: ") and message in err and err.count("\n") == 1, err
@@ -206,7 +242,8 @@ def test_list_shows_both_sources_with_audit_fields_and_bad_parts(
     assert f"   2  {good} ({testdriver.uuid(g)}) (all NICs)" in out
     assert f"# libvirt metadata ({NS}): 2 guest(s)" in out
     assert f"  {good} ({testdriver.uuid(g)}, shut off) (all NICs)  2026-02-03T04:05:06+00:00  panel  KYC 9" in out
-    assert f"  {bad} ({testdriver.uuid(b)}, running) {testdriver.mac(b, 0)}  -  ops  " in out
+    assert f"  {bad} ({testdriver.uuid(b)}, running) {testdriver.mac(b, 0)}  ?  ops  " in out, "as status: `at ?`"
+    assert out.splitlines()[-3] == "# guest (UUID, state)  NICs  at  by  reason"
     assert err == (f"smtp-gate: warning: libvirt metadata of guest '{bad}' ({testdriver.uuid(b)}): <allow><nic mac>: bad MAC "
                    "address 'not-a-mac': expected six hex bytes of two digits each, as 52:54:00:ab:cd:ef, 52-54-00-ab-cd-ef "
                    "or 5254.00ab.cdef (that part allows nothing)\n")
@@ -246,6 +283,42 @@ def test_status_shows_each_allowance_with_its_source_and_warns_about_bad_parts(
     json.dumps(report.to_json())  # --json renders it
 
 
+def test_list_and_status_warn_when_live_and_saved_allowances_differ(fleet: Guests, conf: Path, capsys: pytest.CaptureFixture) -> None:
+    """A live-only allowance is lost at the next cold boot and at a `--persistent` migration's
+    destination; a saved-only one is not in force now.  Both are warned about (exit 3)."""
+    live_only, i = fleet.make("running")
+    saved_only, j = fleet.make("running")
+    same, _k = fleet.make("running", metadata=lambda _i: f'<x:allow xmlns:x="{NS}" by="panel"/>')
+    fleet.conn.lookupByName(live_only).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<allow by="panel"/>', "smtpgate", NS,
+                                                   libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    fleet.conn.lookupByName(saved_only).setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<allow by="ops" reason="r"/>',
+                                                    "smtpgate", NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    tail = ("a live-only allowance is lost at its next cold boot and at a `--persistent` migration's destination, a "
+            "saved-only one is not in force now; ")
+    expected = [
+        f"guest '{live_only}' ({testdriver.uuid(i)}): its live and saved definitions carry different smtp-gate allowances "
+        f"(live: by panel, at ?; saved: none): {tail}`smtp-gate add-vm {live_only} --store metadata` writes one into "
+        f"both, `smtp-gate del-vm {live_only} --source metadata` removes both",
+        f"guest '{saved_only}' ({testdriver.uuid(j)}): its live and saved definitions carry different smtp-gate allowances "
+        f"(live: none; saved: by ops, at ?, reason 'r'): {tail}`smtp-gate add-vm {saved_only} --store metadata` writes "
+        f"one into both, `smtp-gate del-vm {saved_only} --source metadata` removes both",
+    ]
+    code, out, err = run(conf, capsys, "list")
+    assert code == 3
+    assert sorted(line for line in err.splitlines() if "different" in line) == sorted(f"smtp-gate: warning: {w}" for w in expected)
+    assert same not in err
+    code, out, err = run(conf, capsys, "list", "--json")
+    assert code == 3 and sorted(json.loads(out)["warnings"]) == sorted(expected)
+    config = config_mod.load(str(conf))
+    report = status.Report(active=True, mode="enforce", counters={"blocked4": 0, "blocked6": 0, "nonip": 0, "malformed": 0})
+    status.add_guests(report, config, links={})
+    assert sorted(w for w in report.warnings if "different" in w) == sorted(expected)
+    # made equal again by the command the warning names
+    assert run(conf, capsys, "add-vm", live_only, "--store", "metadata")[0] == 0
+    code, out, err = run(conf, capsys, "list")
+    assert live_only not in err and saved_only in err
+
+
 def test_export_metadata_dry_run_then_for_real(
     fleet: Guests, conf: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,18 +345,20 @@ def test_export_metadata_dry_run_then_for_real(
                         f"reason='KYC 1' uuid='{testdriver.uuid(r)}'/> into its live and saved definition")
     assert lines[1].startswith(f"dry run: guest '{stopped}' (line 3): would write <allow by='carol' at='")
     assert lines[1].endswith(f"' reason='by name' uuid='{testdriver.uuid(s)}'/> into its saved definition: the guest is shut off")
-    assert lines[2] == (f"dry run: guest '{kept}' (line 4): its metadata already allows every NIC (by panel, at ?; "
-                        "live definition only: a transient guest): kept")
-    assert lines[3] == (f"dry run: guest '{half}' (line 7): would write <allow by='alice' at='2026-01-01T00:00:00+00:00' "
-                        f"reason='half' uuid='{testdriver.uuid(h)}'/> into its live and saved definition, replacing (by panel, at ?)")
+    kept_text = "kept (`--replace` writes the row's allowance over it)"
+    assert lines[2] == (f"dry run: guest '{kept}' (line 4): already allowed by its metadata (by panel, at ?; "
+                        f"live definition only: a transient guest): {kept_text}")
+    assert lines[3] == (f"dry run: guest '{half}' (line 7): already allowed by its metadata (live definition: by panel, "
+                        f"at ?; saved definition: none): {kept_text}")
     assert len(lines) == 4
     assert err.splitlines() == [
         "smtp-gate: warning: line 5: MAC 52:54:00:ab:cd:ef (spare) is not exported: a MAC row names no guest (it stays in "
-        "the file; `smtp-gate add-vm` the guest, or set <nic mac> in its metadata, to make it follow the guest)",
+        "the file; `smtp-gate add-vm NAME --store metadata` the guest, or set <nic mac> in its metadata, to make it "
+        "follow the guest)",
         "smtp-gate: warning: line 6: guest '0badc0de-1111-4111-8111-111111111111' (every NIC) is not exported: libvirt "
         "does not know it (test:///default)",
         f"smtp-gate: note: the whitelist file {path} was not changed: nothing was written (dry run); once `smtp-gate list` "
-        "shows each guest's metadata allowance, remove its file rows with `smtp-gate del-vm NAME` (ALLOW_STORE=file) "
+        "shows each guest's metadata allowance, remove its file rows with `smtp-gate del-vm NAME --source file` "
         "or by editing the file",
     ]
     assert fleet.allow(running) is None and fleet.allow(stopped, inactive=True) is None, "a dry run writes nothing"
@@ -294,9 +369,11 @@ def test_export_metadata_dry_run_then_for_real(
         f"ok: guest '{running}' (line 2): wrote its allowance into its live and saved definition",
         f"ok: guest '{stopped}' (line 3): wrote its allowance into its saved definition: the guest is shut off",
     ]
-    assert "each guest is now allowed by both" in err
-    assert out.splitlines()[3] == f"ok: guest '{half}' (line 7): wrote its allowance into its live and saved definition, replacing (by panel, at ?)"
-    for name, inactive in ((running, False), (running, True), (stopped, True), (half, True)):
+    assert "each guest written is now allowed by both" in err
+    assert out.splitlines()[3] == f"ok: guest '{half}' (line 7): already allowed by its metadata (live definition: by panel, " \
+        f"at ?; saved definition: none): {kept_text}"
+    assert fleet.allow(half, inactive=True) is None, "a panel's allowance is left as it is"
+    for name, inactive in ((running, False), (running, True), (stopped, True)):
         assert fleet.allow(name, inactive) is not None, (name, inactive)
     allow = fleet.allow(running)
     assert (allow.by, allow.at, allow.reason) == ("alice", "2026-01-01T00:00:00+00:00", "KYC 1")  # type: ignore[union-attr]
@@ -305,31 +382,76 @@ def test_export_metadata_dry_run_then_for_real(
     assert stopped_allow.by == "carol" and datetime.fromisoformat(stopped_allow.at)  # type: ignore[union-attr]
     assert path.read_text() == HEADER + rows, "export never changes the file"
     code, out, _ = run(conf, capsys, "export-metadata")
-    assert code == 3 and out.count("already allows every NIC") == 4, "a second run keeps what is there"
+    assert code == 3 and out.count("already allowed by its metadata") == 4, "a second run keeps what is there"
+    code, out, _ = run(conf, capsys, "export-metadata", "--replace")
+    assert code == 3 and out.splitlines()[3] == (
+        f"ok: guest '{half}' (line 7): wrote its allowance into its live and saved definition, replacing (by panel, at ?)")
+    assert fleet.allow(half, inactive=True).reason == "half"  # type: ignore[union-attr]
+
+
+def test_export_metadata_keeps_a_panels_narrower_allowance(fleet: Guests, conf: Path, capsys: pytest.CaptureFixture) -> None:
+    name, i = fleet.make("running", nics=2, metadata=lambda i: (
+        f'<sg:allow xmlns:sg="{NS}" by="panel"><sg:nic mac="{testdriver.mac(i, 1)}"/></sg:allow>'))
+    (conf.parent / "whitelist.csv").write_text(HEADER + f"{testdriver.uuid(i)},,2026-01-01T00:00:00+00:00,alice,row\n")
+    code, out, err = run(conf, capsys, "export-metadata")
+    assert code == 0, err
+    assert out == (f"ok: guest '{name}' (line 2): already allowed by its metadata (by panel, at ?, NICs "
+                   f"{testdriver.mac(i, 1)}; live and saved definition): kept (`--replace` writes the row's allowance over it)\n")
+    assert "no guest's metadata was written" in err
+    assert fleet.allow(name).macs == (testdriver.mac(i, 1),), "the panel's narrower allowance is left as it is"  # type: ignore[union-attr]
 
 
 def test_export_metadata_with_nothing_to_export(fleet: Guests, conf: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err = run(conf, capsys, "export-metadata")
-    assert (code, out) == (0, "ok: no row of the whitelist file names a guest libvirt knows: nothing to export\n"), err
+    assert (code, out, err) == (0, "ok: no row of the whitelist file names a guest libvirt knows: nothing to export\n", "")
+    (conf.parent / "whitelist.csv").unlink()
+    code, out, err = run(conf, capsys, "export-metadata")
+    assert (code, out, err) == (0, "ok: no row of the whitelist file names a guest libvirt knows: nothing to export\n", ""), \
+        "no false note about a file that does not exist"
 
 
-def test_the_picker_toggles_the_metadata_and_shows_both_sources(
-    fleet: Guests, conf: Path
-) -> None:
+def test_the_picker_toggles_allowed_and_blocked_whatever_allows_the_guest(fleet: Guests, conf: Path) -> None:
+    """A toggle means "allowed <-> blocked": an allowed guest is revoked from every source that
+    allows it (its file rows, its MAC rows, its metadata), in either ALLOW_STORE; a blocked
+    one is allowed in ALLOW_STORE."""
     name, i = fleet.make("running")
-    (conf.parent / "whitelist.csv").write_text(HEADER + f"{testdriver.uuid(i)},,2026-01-01T00:00:00+00:00,alice,\n")
-    config = config_mod.load(str(conf))
+    uuid, mac = testdriver.uuid(i), testdriver.mac(i, 0)
+    wl = conf.parent / "whitelist.csv"
+    file_conf = conf.parent / "file.conf"
+    file_conf.write_text(conf.read_text().replace('ALLOW_STORE="metadata"', 'ALLOW_STORE="file"'))
 
-    def row() -> manage.Row:
+    def row(config: config_mod.Config) -> manage.Row:
         return next(r for r in manage.picker_rows(config) if r.domain.name == name)
 
-    assert row().allowed_by == "file"
-    change = manage.toggle(config, row(), "dave", manage.now())
-    assert change.lines[0].startswith(f"allowed guest '{name}'") and fleet.allow(name).by == "dave"  # type: ignore[union-attr]
-    assert row().allowed_by == "file+metadata"
-    assert f"  {name:<24} running   file+metadata " in manage.render_rows([row()])
-    change = manage.toggle(config, row(), "dave", manage.now())
-    assert fleet.allow(name) is None and change.still_allowed and "whitelist file's line 2" in change.still_allowed[0]
+    for conf_path in (file_conf, conf):
+        config = config_mod.load(str(conf_path))
+        # file + MAC row + metadata: one toggle revokes all three
+        wl.write_text(HEADER + f"{uuid},,2026-01-01T00:00:00+00:00,alice,\nlabel,{mac},2026-01-01T00:00:00+00:00,bob,\n")
+        fleet.conn.lookupByName(name).setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<allow by="panel"/>', "smtpgate", NS,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        assert row(config).allowed_by == "file+metadata"
+        assert f"  {name:<24} running   file+metadata " in manage.render_rows([row(config)])
+        change = manage.toggle(config, row(config), "dave", manage.now())
+        assert change.lines == [
+            f"removed guest '{name}' (UUID {uuid}, every NIC) from line 2",
+            f"removed MAC {mac} (label) from line 2",
+            f"removed the allowance from the libvirt metadata of guest '{name}' (live and saved definition)",
+        ], conf_path
+        assert change.still_allowed == () and wl.read_text() == HEADER
+        assert fleet.allow(name) is None and fleet.allow(name, inactive=True) is None
+        assert row(config).allowed_by == "no"
+        # metadata alone: revoked, also in file mode (it used to add a file row)
+        fleet.conn.lookupByName(name).setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT, '<allow by="panel"/>', "smtpgate", NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        assert row(config).allowed_by == "metadata"
+        manage.toggle(config, row(config), "dave", manage.now())
+        assert fleet.allow(name) is None and wl.read_text() == HEADER and row(config).allowed_by == "no"
+        # blocked: allowed in ALLOW_STORE
+        change = manage.toggle(config, row(config), "dave", manage.now())
+        assert row(config).allowed_by == config.allow_store, conf_path
+        manage.toggle(config, row(config), "dave", manage.now())
+        assert row(config).allowed_by == "no"
 
 
 @pytest.mark.parametrize("value", ["files", "libvirt", ""])

@@ -55,6 +55,7 @@ def test_add_vm_into_metadata_allows_at_once(bare_lab: BridgeLab) -> None:
         f"ok: allowed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) in its libvirt metadata "
         "(live and saved definition)",  # a node file's guests are persistent
         f"ok: allowed guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}",
+        f"ok: guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}: allowed in the kernel",
     ]
     assert can_mail(lab, "vm0") and not can_mail(lab, "vm1")
     assert (lab.tmp / "whitelist.csv").read_text() == HEADER
@@ -70,8 +71,10 @@ def test_a_defined_allowance_is_enforced_by_apply_and_del_vm_revokes_it_at_once(
     r = lab.smtp_gate("del-vm", "vm00000", check=False)
     assert (r.returncode, r.stderr) == (0, ""), r
     assert r.stdout.splitlines() == [
+        "ok: nothing to remove: guest 'vm00000' is not in the whitelist",
         "ok: removed the allowance from the libvirt metadata of guest 'vm00000' (live and saved definition)",
         f"ok: revoked guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}",
+        f"ok: guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}: blocked in the kernel",
     ]
     assert not can_mail(lab, "vm0")
 
@@ -79,10 +82,12 @@ def test_a_defined_allowance_is_enforced_by_apply_and_del_vm_revokes_it_at_once(
 def test_removing_the_file_row_keeps_the_metadata_allowance_and_says_so(bare_lab: BridgeLab) -> None:
     row = f"{testdriver.uuid(0)},,2026-01-01T00:00:00+00:00,alice,file\n"
     lab = fleet(bare_lab, "file", f'<sg:allow xmlns:sg="{NS}" by="panel"/>', row)
-    r = lab.smtp_gate("del-vm", "vm00000", check=False)
+    r = lab.smtp_gate("del-vm", "vm00000", "--source", "file", check=False)
     assert r.returncode == 3, r
-    assert r.stdout == f"ok: removed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) from line 2\n"
+    assert r.stdout == (f"ok: removed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) from line 2\n"
+                        f"ok: guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}: allowed in the kernel\n")
     assert "is still allowed by its libvirt metadata (by panel, at ?)" in r.stderr
+    assert "`smtp-gate del-vm vm00000 --source metadata`" in r.stderr
     assert can_mail(lab, "vm0"), "the metadata still allows it"
 
 
@@ -150,3 +155,58 @@ def test_a_metadata_add_vm_during_a_rebuild_is_not_lost(bare_lab: BridgeLab) -> 
     assert proc.returncode == 0, out + err
     assert can_mail(lab, "vm0"), "the rebuild's stale listing dropped the allowance add-vm made"
     assert not can_mail(lab, "vm1")
+
+
+def test_del_vm_by_default_blocks_a_guest_both_sources_allow(bare_lab: BridgeLab) -> None:
+    """The abuse desk's `del-vm NAME` in file mode, for a guest the file and its metadata allow:
+    it is blocked, and the output says which sources were removed and where the kernel stands."""
+    row = f"{testdriver.uuid(0)},,2026-01-01T00:00:00+00:00,alice,file\n"
+    lab = fleet(bare_lab, "file", f'<sg:allow xmlns:sg="{NS}" by="panel"/>', row)
+    assert can_mail(lab, "vm0")
+    r = lab.smtp_gate("del-vm", "vm00000", check=False)
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout.splitlines() == [
+        f"ok: removed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) from line 2",
+        "ok: removed the allowance from the libvirt metadata of guest 'vm00000' (live and saved definition)",
+        f"ok: revoked guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}",
+        f"ok: guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}: blocked in the kernel",
+    ]
+    assert not can_mail(lab, "vm0")
+
+
+def test_status_warns_about_a_kernel_allowance_nothing_grants_and_exits_3(bare_lab: BridgeLab) -> None:
+    """`virsh metadata --remove` with no watcher running: the kernel still lets the NIC send
+    mail.  status must say so (port and MAC, and the repair), not exit 0 in silence."""
+    lab = fleet(bare_lab, "metadata", f'<sg:allow xmlns:sg="{NS}" by="panel"/>')
+    assert can_mail(lab, "vm0")
+    assert lab.smtp_gate("status", check=False).returncode == 0
+    node = next(lab.tmp.glob("*.xml"))
+    text = node.read_text()
+    node.write_text(text.replace(f'<metadata><sg:allow xmlns:sg="{NS}" by="panel"/></metadata>', ""))
+    assert node.read_text() != text
+    r = lab.smtp_gate("status", check=False)
+    assert r.returncode == 3, r
+    port, mac = testdriver.target(0, 0), testdriver.mac(0, 0)
+    assert (f"warning: the kernel allows MAC {mac} on port {port} (guest 'vm00000'), which nothing allows any more: "
+            "that NIC can send mail; run `smtp-gate rebuild` to revoke it") in r.stdout, r.stdout
+    assert can_mail(lab, "vm0")
+    assert lab.smtp_gate("rebuild", check=False).returncode == 0
+    r = lab.smtp_gate("status", check=False)
+    assert r.returncode == 0 and "nothing allows" not in r.stdout, r.stdout
+    assert not can_mail(lab, "vm0")
+
+
+def test_add_vm_reports_the_kernels_state_whoever_changed_it(bare_lab: BridgeLab) -> None:
+    """The kernel already holds the allowance (as when `smtp-gate watch` applied the metadata
+    first): add-vm has nothing to add, and still says where the guest stands."""
+    row = f"{testdriver.uuid(0)},,2026-01-01T00:00:00+00:00,alice,file\n"
+    lab = fleet(bare_lab, "metadata", file_rows=row)
+    assert can_mail(lab, "vm0")
+    (lab.tmp / "whitelist.csv").write_text(HEADER)  # the row edited out: the kernel still holds it
+    r = lab.smtp_gate("add-vm", "vm00000", "KYC", check=False)
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout.splitlines() == [
+        f"ok: allowed guest 'vm00000' (UUID {testdriver.uuid(0)}, every NIC) in its libvirt metadata "
+        "(live and saved definition)",
+        f"ok: guest 'vm00000' NIC {testdriver.mac(0, 0)} on {testdriver.target(0, 0)}: allowed in the kernel",
+    ]

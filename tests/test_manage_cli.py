@@ -59,6 +59,10 @@ def test_add_and_del_in_process(conf: Path, capsys: pytest.CaptureFixture, monke
     code, out, err = run(conf, capsys, "del-mac", "52:54:00:ab:cd:ef")
     assert (code, out, err) == (0, "ok: nothing to remove: MAC 52:54:00:ab:cd:ef is not in the whitelist\n", "")
     code, out, err = run(conf, capsys, "del-vm", testdriver.name(1))
+    assert (code, out, err) == (0, f"ok: nothing to remove: guest '{testdriver.name(1)}' is not in the whitelist\n"
+                                f"ok: nothing to remove: the libvirt metadata of guest '{testdriver.name(1)}' carries no "
+                                "allowance\n", "")
+    code, out, err = run(conf, capsys, "del-vm", testdriver.name(1), "--source", "file")
     assert (code, out, err) == (0, f"ok: nothing to remove: guest '{testdriver.name(1)}' is not in the whitelist\n", "")
 
 
@@ -163,8 +167,43 @@ def test_list_shows_a_hand_written_line_break_escaped_on_one_line(conf: Path, ca
     assert out.splitlines()[1:] == [
         "   2  web1 (name-bound)        (all NICs)         t  u  two\\nlines, \\x1b[2J",
         "# (name-bound): allows whichever guest has that name, also a later one that reuses it; "
-        "`smtp-gate add-vm NAME` adds a row bound to the guest's UUID, then delete the name-bound line",
+        "`smtp-gate add-vm NAME --store file` adds a row bound to the guest's UUID, then delete the name-bound line",
     ]
+
+
+def test_list_says_when_libvirt_was_not_reached_and_exits_3(conf: Path, capsys: pytest.CaptureFixture) -> None:
+    """`"metadata": []` alone would claim no guest is allowed by its metadata."""
+    node = (conf.parent / "node.xml").as_uri().replace("file://", "test://")
+    missing = f"test://{conf.parent / 'missing.xml'}"
+    text = conf.read_text()
+    for uris in (missing, f"{node} {missing}"):
+        conf.write_text(text.replace(f'LIBVIRT_URI="{node}"', f'LIBVIRT_URI="{uris}"'))
+        code, out, err = run(conf, capsys, "list", "--json")
+        data = json.loads(out)
+        assert code == 3, err
+        assert list(data["libvirt"]["unreachable"]) == [missing] and data["metadata"] == []
+        assert err.startswith("smtp-gate: warning: allowances in libvirt metadata ") and "not shown" in err, err
+        code, out, err = run(conf, capsys, "list")
+        assert code == 3 and missing in err and "not shown" in err
+    conf.write_text(text)
+    code, out, err = run(conf, capsys, "list", "--json")
+    assert (code, json.loads(out)["libvirt"]) == (0, {"unreachable": {}})
+
+
+def test_del_vm_with_libvirt_silent_removes_the_rows_and_says_the_metadata_was_not_checked(
+    conf: Path, capsys: pytest.CaptureFixture
+) -> None:
+    node = (conf.parent / "node.xml").as_uri().replace("file://", "test://")
+    missing = f"test://{conf.parent / 'missing.xml'}"
+    conf.write_text(conf.read_text().replace(f'LIBVIRT_URI="{node}"', f'LIBVIRT_URI="{missing}"'))
+    uuid = testdriver.uuid(0)
+    (conf.parent / "whitelist.csv").write_text(HEADER + f"{uuid},,t,u,r\n")
+    code, out, err = run(conf, capsys, "del-vm", uuid)
+    assert code == 3, err
+    assert out == f"ok: removed guest '{uuid}' (every NIC) from line 2\n"
+    assert err.endswith(f"smtp-gate: note: the libvirt metadata of guest '{uuid}' could not be checked, and may still allow "
+                        f"it: `smtp-gate del-vm {uuid} --source metadata` removes it once libvirt answers\n"), err
+    assert (conf.parent / "whitelist.csv").read_text() == HEADER
 
 
 def test_add_vm_binds_the_uuid_and_a_guest_reusing_the_name_inherits_nothing(
@@ -212,11 +251,12 @@ def test_del_vm_removes_rows_bound_to_the_name_and_to_the_uuid(conf: Path, capsy
     code, out, err = run(conf, capsys, "del-vm", name)
     assert code == 0, err
     assert out.splitlines() == [f"ok: removed guest '{name}' (every NIC) from line 2",
-                                f"ok: removed guest '{name}' (UUID {uuid.upper()}, every NIC) from line 3"]
+                                f"ok: removed guest '{name}' (UUID {uuid.upper()}, every NIC) from line 3",
+                                f"ok: nothing to remove: the libvirt metadata of guest '{name}' carries no allowance"]
     assert path.read_text() == HEADER + "web9,,t,u,other\n"
     # and by UUID: the name-bound row goes too
     path.write_text(HEADER + f"{name},,t,u,by hand\n")
-    code, out, err = run(conf, capsys, "del-vm", uuid)
+    code, out, err = run(conf, capsys, "del-vm", uuid, "--source", "file")
     assert code == 0 and out == f"ok: removed guest '{name}' (every NIC) from line 2\n", (out, err)
     assert path.read_text() == HEADER
 
