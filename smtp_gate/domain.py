@@ -285,19 +285,6 @@ def _allow(metadata: Optional[Element], guest_uuid: str) -> Optional[Allow]:
     return Allow(macs=macs, problems=tuple(problems), uuid=owner, **fields)
 
 
-def allow_of(element: str) -> Optional[Allow]:
-    """The Allow of one <allow> element as libvirt's virDomainGetMetadata returns it (one
-    definition's, e.g. the saved one), read as a domain's <metadata> is.  libvirt returns it
-    without its namespace declaration: the wrapper gives it METADATA_NS as the default."""
-    from lxml import etree
-
-    try:
-        wrapper = etree.fromstring(f'<metadata xmlns="{METADATA_NS}">{element}</metadata>'.encode("utf-8"), text_parser())
-    except (etree.XMLSyntaxError, ValueError) as exc:
-        raise DomainXMLError(f"<allow> element is not well-formed XML: {exc}") from None
-    return _allow(wrapper)
-
-
 def from_element(root: Element) -> Domain:
     """Read a <domain> element from lxml or xml.etree (the hook's cheap stdlib parse).
 

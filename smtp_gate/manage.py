@@ -190,11 +190,17 @@ def _effect_line(effect: whitelist.Effect) -> str:
 
 
 def _write_and_apply(
-    config: Config, edit, running: Sequence[Domain], affected: Sequence[str]  # type: ignore[no-untyped-def]
+    config: Config,
+    edit,  # type: ignore[no-untyped-def]
+    running: Sequence[Domain],
+    affected: Sequence[str],
+    journal: bool = False,
 ) -> Tuple[Change, whitelist.Whitelist]:
     """Under the lock: load, EDIT (returns effects), write if changed, reconcile the kernel;
     if the kernel change fails, the whitelist is put back as it was.  Returns the change
-    and the whitelist as written, for what the caller must say about the rows left."""
+    and the whitelist as written, for what the caller must say about the rows left.
+    JOURNAL: RUNNING was read back after a metadata write, so it is journaled as a hook's
+    start is (a rebuild re-reads the file under the lock, but not libvirt)."""
     with lock.command_lock(config.lock_path):
         model = whitelist.load(config.whitelist)  # first: its errors name WHITELIST and what was expected
         before = _snapshot(config.whitelist, "whitelist", WhitelistError)
@@ -205,7 +211,7 @@ def _write_and_apply(
         lines = [_effect_line(e) for e in effects]
         warnings = [f"whitelist {config.whitelist}: {p} (row kept, allows nothing)" for p in model.problems()]
         with _undo_on_failure(config.whitelist, before, "whitelist", WhitelistError) if written else nullcontext():
-            lines += allowances.reconcile(config, model, running, affected)
+            lines += allowances.reconcile(config, model, running, affected, journal=journal)
     return Change(lines, warnings), model
 
 
@@ -322,7 +328,9 @@ def del_vm(config: Config, name: str, source: str = SOURCE_ALL) -> Change:
     still = [note for guest in concerned for note in _allowed_by(model, guest, "is still allowed by")]
     still += _metadata_still_allows(dom) if dom is not None else []
     lines = change.lines + (kernel_state(config, dom) if dom is not None else [])
-    return change._replace(lines=lines, warnings=warnings + change.warnings, still_allowed=tuple(still + unchecked))
+    return change._replace(
+        lines=lines, warnings=warnings + change.warnings, still_allowed=tuple(still + unchecked) + change.still_allowed
+    )
 
 
 def _remove_everywhere(
@@ -352,7 +360,8 @@ def _remove_everywhere(
 
     macs = (guests.nic_macs(dom) if dom is not None else []) + list(affected)
     try:
-        change, model = _write_and_apply(config, counted, [dom] if dom is not None and running else [], macs)
+        journal = written is not None and written.written
+        change, model = _write_and_apply(config, counted, [dom] if dom is not None and running else [], macs, journal)
     except PartialChange:
         raise
     except (SmtpGateError, OSError) as exc:
@@ -365,6 +374,8 @@ def _remove_everywhere(
         else:
             line = f"nothing to remove: the libvirt metadata of guest {dom.name!r} carries no allowance"
         change.lines.insert(shown[0] if shown else 0, line)
+        still, warnings = _snapshot_notes(written, dom)
+        change = change._replace(warnings=change.warnings + warnings, still_allowed=change.still_allowed + still)
     return change, model, dom
 
 
@@ -726,6 +737,25 @@ def allow_by_metadata(config: Config, dom: Domain, running: bool, reason: str, u
     return Change(lines, warnings, tuple(notes))
 
 
+def _snapshot_notes(result: hypervisor.AllowWrite, after: Domain) -> Tuple[Tuple[str, ...], List[str]]:
+    """(notes, warnings) about the snapshots of AFTER whose definition still carries an
+    allowance that RESULT removed: libvirt restores a snapshot's metadata on revert."""
+    notes = tuple(
+        f"snapshot {name!r} of guest {after.name!r} still carries an allowance in its saved definition: reverting to it "
+        f"(`virsh snapshot-revert`) brings the allowance back; delete the snapshot (`virsh snapshot-delete {after.name} "
+        f"{name}`) or redefine it without the allowance (`virsh snapshot-dumpxml`, edit, `virsh snapshot-create "
+        "--redefine`)"
+        for name in result.snapshots
+    )
+    warnings = []
+    if result.snapshots_unknown:
+        warnings.append(
+            f"the snapshots of guest {after.name!r} could not be checked ({result.snapshots_unknown}): reverting to one "
+            "taken while it was allowed brings the allowance back"
+        )
+    return notes, warnings
+
+
 def revoke_by_metadata(config: Config, dom: Domain, running: bool) -> Change:
     """Remove DOM's metadata allowance and revoke what it allowed; a NIC the whitelist file
     still allows is named (exit 3), as del-vm does for the file's other rows."""
@@ -738,19 +768,8 @@ def revoke_by_metadata(config: Config, dom: Domain, running: bool) -> Change:
     macs = guests.nic_macs(after)
     model, applied = _apply_guest(config, result, macs)
     still = _allowed_by(model, whitelist.Guest(after.name, after.uuid, tuple(macs)), "is still allowed by the whitelist file's")
-    still += [
-        f"snapshot {name!r} of guest {after.name!r} still carries an allowance in its saved definition: reverting to it "
-        f"(`virsh snapshot-revert`) brings the allowance back; delete the snapshot (`virsh snapshot-delete {after.name} "
-        f"{name}`) or redefine it without the allowance (`virsh snapshot-dumpxml`, edit, `virsh snapshot-create "
-        "--redefine`)"
-        for name in result.snapshots
-    ]
-    warnings = []
-    if result.snapshots_unknown:
-        warnings.append(
-            f"the snapshots of guest {after.name!r} could not be checked ({result.snapshots_unknown}): reverting to one "
-            "taken while it was allowed brings the allowance back"
-        )
+    snapshots, warnings = _snapshot_notes(result, after)
+    still += snapshots
     return Change(lines + applied, warnings, (), tuple(still))
 
 

@@ -282,7 +282,7 @@ def drift_warnings(config: Config, pairs: "List[Tuple[Domain, bool]]") -> List[s
         if live == saved:
             continue
         try:
-            held = [domain_mod.allow_of(raw) if raw is not None else None for raw in (live, saved)]
+            held = [domain_mod.parse_allow(raw, uuid) if raw is not None else None for raw in (live, saved)]
         except SmtpGateError:
             continue  # not readable XML: the listing reports the live one
         if held[0] == held[1]:
