@@ -25,10 +25,11 @@ check per burst, whatever its size), the watcher takes the main lock and compare
   `uplinks`, `blocked_ports`, `relay4`, `relay6`) with how the kernel rendered that same
   fixed part right after this watcher last installed it (without the interval end mark at
   0 that nft adds only to a set that existed before its batch, nfnetlink.interval_sentinel:
-  a table that `enable` or `apply` created anew reads back as the watcher's own).  The expected text is regenerated
-  from the configuration (re-read at every check, so `ports-set` is not undone); a text
-  this watcher has not installed yet (at start, after a configuration or uplink change)
-  counts as different, so it is installed once and its rendering remembered.  Comparing
+  a table that `enable` or `apply` created anew reads back as the watcher's own).  The
+  expected text is regenerated from the configuration (re-read at every check, so
+  `ports-set` is not undone); a text this watcher has not installed yet (at start, after a
+  configuration or uplink change) counts as different, so it is installed once and its
+  rendering remembered.  Comparing
   the kernel's rendering with itself avoids re-implementing nft's JSON for every rule.
 When they differ, it re-applies exactly that state (engine.apply without keep_kernel:
 kernel elements that no record accounts for are not ours, so a foreign allowance on an
