@@ -463,6 +463,24 @@ COMMANDS: Dict[str, Handler] = {
 }
 
 
+WATCH_DESCRIPTION = """\
+One long-running process (the service smtp-gate-watch) that follows:
+  - nftables events and link changes over netlink: when our table differs from what the
+    configuration and the hooks' records say (a flushed ruleset, a deleted or inserted rule,
+    a foreign set element, a port moved onto a protected bridge), it restores the table at
+    once; our own hooks, commands and rebuilds are left alone.  The restore takes only the
+    main lock and never waits for libvirt, so a hung libvirtd does not delay it;
+  - libvirt's domain events (LIBVIRT_URI, read-only, keepalive, reconnect with backoff and a
+    full resync): a guest's urn:smtp-gate:1 metadata, a NIC hot-plugged or unplugged, a start
+    or stop a hook missed.  The guest's live XML is read in a thread of its own, without our
+    lock; its allowance is then applied as a hook applies it;
+  - the blocked attempts logged to NFLOG group LOG_GROUP (unless "off"): journal entries
+    naming the guest (about one per guest port and EVENT_INTERVAL), the store that
+    `smtp-gate report` reads (STATE_DIR), and the ON_BLOCKED command.
+While `smtp-gate disable` is in force it installs nothing; libvirt's changes are only
+recorded, for `smtp-gate enable`."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtp-gate",
@@ -607,11 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ports-set", "set the blocked TCP ports, store them in the config and enforce them now", 'smtp-gate ports-set "25,465,587"')
     p.add_argument("ports", metavar="PORTS", help="comma-separated ports 1-65535, ranges like 2525-2530")
     add("whitelist", "pick guests to whitelist interactively (needs a terminal)", "sudo smtp-gate whitelist")
-    add(
+    p = add(
         "watch",
-        "follow nft events and restore enforcement at once when another tool removes it (a service)",
+        "run as a service: restore our table at once when another tool changes it; apply libvirt's guest "
+        "events (metadata, NIC hot-plug, start/stop); log blocked attempts for the abuse desk",
         "systemctl enable --now smtp-gate-watch.service",
     )
+    p.description = WATCH_DESCRIPTION
     p = add(
         "report",
         "the abuse desk: guests ranked by blocked SMTP attempts over a window, with first/last attempt and "

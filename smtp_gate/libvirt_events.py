@@ -126,6 +126,7 @@ class Follower:
         self._resync: Set[str] = set()
         self._stop = threading.Event()
         self._closed: Dict[str, threading.Event] = {}  # uri -> set when its connection closed
+        self._close_reason: Dict[str, int] = {}  # uri -> why libvirt closed it (VIR_CONNECT_CLOSE_REASON_*)
         self.connected: Dict[str, bool] = {uri: False for uri in self.uris}
         self._callbacks: Dict[str, List[int]] = {}  # uri -> its connection's callback ids
 
@@ -213,13 +214,16 @@ class Follower:
             if self._stop.is_set():
                 return
             lived = time.monotonic() - began
-            self.log(f"libvirt {uri}: connection closed after {lived:.1f}s; reconnecting")
             delay = BACKOFF_MIN if lived >= BACKOFF_MAX else min(delay * 2, BACKOFF_MAX)
+            why = closed_because(libvirt, self._close_reason.pop(uri, None))
+            self.log(f"libvirt {uri}: {why}, {lived:.1f}s after it was opened; reconnecting with backoff "
+                     f"(next attempt in {delay:g}s, doubling up to {BACKOFF_MAX:g}s); the table check goes on meanwhile")
             self._stop.wait(delay)
 
     def _connect(self, libvirt: Any, uri: str) -> Tuple[Any, str]:
         """(connection with every callback registered, "") or (None, why not)."""
         self._closed[uri].clear()
+        self._close_reason.pop(uri, None)
         try:
             conn = libvirt.openReadOnly(uri)
         except libvirt.libvirtError as exc:
@@ -259,7 +263,8 @@ class Follower:
                 pass
 
     # -- callbacks (the event loop's thread: no libvirt call but the handle's UUID) --------
-    def _on_close(self, _conn: Any, _reason: int, uri: str) -> None:
+    def _on_close(self, _conn: Any, reason: int, uri: str) -> None:
+        self._close_reason[uri] = reason
         self._closed[uri].set()
 
     def _noted(self, libvirt: Any, uri: str, dom: Any, why: str) -> None:
@@ -283,6 +288,23 @@ class Follower:
     def _on_device(self, _conn: Any, dom: Any, _alias: str, opaque: Tuple[Any, str]) -> None:
         libvirt, uri = opaque
         self._noted(libvirt, uri, dom, DEVICE)
+
+
+def closed_because(libvirt: Any, reason: Optional[int]) -> str:
+    """What closed a connection, from the close callback's REASON (None: it did not say)."""
+    interval, count = KEEPALIVE
+    causes = {
+        getattr(libvirt, "VIR_CONNECT_CLOSE_REASON_KEEPALIVE", 2): (
+            f"connection closed: no keepalive answer for {interval * (count + 1)}s ({count} pings {interval}s apart "
+            "went unanswered: libvirtd hung, or cannot be reached)"
+        ),
+        getattr(libvirt, "VIR_CONNECT_CLOSE_REASON_EOF", 1): "connection closed by libvirtd (end of file: it stopped or restarted)",
+        getattr(libvirt, "VIR_CONNECT_CLOSE_REASON_ERROR", 0): "connection closed after an I/O error on its socket",
+        getattr(libvirt, "VIR_CONNECT_CLOSE_REASON_CLIENT", 3): "connection closed by this process",
+    }
+    if reason is None:
+        return "connection closed (libvirt gave no reason)"
+    return causes.get(reason, f"connection closed (libvirt's reason {reason})")
 
 
 def _one_line(exc: BaseException) -> str:

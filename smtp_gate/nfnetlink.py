@@ -66,6 +66,8 @@ NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_FLAGS = 3
+NFT_SET_ELEM_INTERVAL_END = 1
 NFTA_DATA_VALUE = 1
 
 IFNAMSIZ = 16
@@ -427,6 +429,19 @@ def list_raw_elements(
         if elements is not None:
             return elements
     raise NetlinkError(f"the listing of {where} was interrupted by changes {_DUMP_RETRIES} times")
+
+
+def interval_sentinel(element: bytes) -> bool:
+    """Whether ELEMENT (as list_raw_elements() gives it) is the end-of-interval mark at key 0
+    that nft puts into an interval set it fills while the set already exists, and not when
+    the same batch creates it (nft 1.0.6, measured): no value lies below 0, so it holds
+    nothing, and the same set reads back with or without it depending on its history."""
+    attrs = dict(_attrs(element))
+    if set(attrs) != {NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS} or len(attrs[NFTA_SET_ELEM_FLAGS]) != 4:
+        return False
+    key = [data for kind, data in _attrs(attrs[NFTA_SET_ELEM_KEY]) if kind == NFTA_DATA_VALUE]
+    flags = struct.unpack("!I", attrs[NFTA_SET_ELEM_FLAGS])[0]
+    return len(key) == 1 and not any(key[0]) and flags == NFT_SET_ELEM_INTERVAL_END
 
 
 def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:

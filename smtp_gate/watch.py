@@ -18,13 +18,18 @@ under the main lock.  So, after any event touching our table, and a short deboun
 check per burst, whatever its size), the watcher takes the main lock and compares:
 - the dynamic sets (`guest_ifaces`, `foreign_ifaces`, `allowed`) with exactly what
   engine.compute() derives from the configuration, the links and the records
-  (runstate.RunState.all_records()), key by key over netlink;
+  (runstate.RunState.all_records()), key by key over netlink.  Elements a record holds for
+  a device that is gone are the record's, not foreign (gone_keys(): a stopping guest's
+  taps vanish with QEMU, before libvirt runs the stop hook that removes them);
 - the fixed part (chains, rules, set definitions, counters by name, and the elements of
   `uplinks`, `blocked_ports`, `relay4`, `relay6`) with how the kernel rendered that same
-  fixed part right after this watcher last installed it.  The expected text is regenerated
-  from the configuration (re-read at every check, so `ports-set` is not undone); a text
-  this watcher has not installed yet (at start, after a configuration or uplink change)
-  counts as different, so it is installed once and its rendering remembered.  Comparing
+  fixed part right after this watcher last installed it (without the interval end mark at
+  0 that nft adds only to a set that existed before its batch, nfnetlink.interval_sentinel:
+  a table that `enable` or `apply` created anew reads back as the watcher's own).  The
+  expected text is regenerated from the configuration (re-read at every check, so
+  `ports-set` is not undone); a text this watcher has not installed yet (at start, after a
+  configuration or uplink change) counts as different, so it is installed once and its
+  rendering remembered.  Comparing
   the kernel's rendering with itself avoids re-implementing nft's JSON for every rule.
 When they differ, it re-applies exactly that state (engine.apply without keep_kernel:
 kernel elements that no record accounts for are not ours, so a foreign allowance on an
@@ -43,18 +48,22 @@ handler; libvirt's domain events are one (libvirt_events.py follows them in thre
 guest_sync.py brings the guests they name into the kernel and the records, asking libvirt
 in threads of its own, without our lock, and taking the main lock only to apply one batch).
 Those changes go with their records, as a hook's do, so the check above agrees with them.
+The abuse desk (abuse.py, issue 12: blocked attempts from NFLOG) is another source.  No
+source delays a check: the restore never waits for libvirt.
 
 Overruns: a full receive buffer loses events, and the next read fails with ENOBUFS; that
 counts as "anything may have changed": the state is compared as above.
 
-Children: none but `nft -f`/`nft -j list` of a check, each waited for; SIGTERM ends the
-process through SystemExit, so a running nft is waited for too.
+Children: none but `nft -f`/`nft -j list` of a check, each waited for, and the abuse desk's
+ON_BLOCKED commands (abuse.py reaps them); SIGTERM ends the process through SystemExit, so
+a running nft is waited for too.
 
 While the operator has switched enforcement off (`smtp-gate disable`, offswitch.py) it
 restores nothing: the check reads the off-switch under the lock, as every unattended writer
 does.  It then stops following events and looks for the off-switch once a second; when it
 is gone (`smtp-gate enable`, or the file removed by hand) it says so, follows events again
-and repairs what is missing.
+and repairs what is missing; when nothing is (`enable` installed it all), its first check
+says so instead of claiming a change.
 """
 
 import errno
@@ -70,7 +79,7 @@ from smtp_gate import config as config_mod
 from smtp_gate import abuse, discovery, engine, lock, metrics, nfnetlink, nft, offswitch, ruleset
 from smtp_gate.config import Config
 from smtp_gate.errors import EnforcementDisabled, SmtpGateError
-from smtp_gate.runstate import RunState
+from smtp_gate.runstate import Record, RunState
 
 DEBOUNCE = 0.05  # s of quiet that ends a burst of events
 MAX_DELAY = 0.25  # s from a burst's first event to its check, however long the burst
@@ -110,6 +119,29 @@ def expected_keys(desired: ruleset.Desired) -> Dict[str, set]:
     }
 
 
+def gone_keys(records: Sequence[Record], links: Dict[str, discovery.Link]) -> Dict[str, set]:
+    """The dynamic sets' keys that RECORDS hold for devices that no longer exist.
+
+    A guest's tap goes with its QEMU process, and libvirt runs the `stopped end` hook, which
+    removes the guest's elements with its record under the main lock, only afterwards (2 s
+    later, measured with libvirt 9.0 on `virsh destroy`; at the end of every migration out
+    too).  The link change wakes this watcher in between: engine.compute() leaves such
+    elements out (a gone index matches nothing), but the record still accounts for them, so
+    they are neither foreign nor worth a restore; the stop hook removes them."""
+    present = {link.ifindex for link in links.values()}
+    out: Dict[str, set] = {name: set() for name in DYNAMIC_SETS}
+    for record in records:
+        for name, element in record.elements():
+            index = element[0] if isinstance(element, tuple) else element
+            if index in present:
+                continue
+            try:
+                out[name].add(nfnetlink.pair_key(*element) if isinstance(element, tuple) else nfnetlink.index_key(element))
+            except ValueError:
+                continue  # no valid key: the kernel cannot hold it either
+    return out
+
+
 def fixed_text(desired: ruleset.Desired) -> str:
     """The fixed part of DESIRED as nft commands: everything but the dynamic sets' elements."""
     fixed = desired._replace(guest_ifaces=(), foreign_ifaces=(), allowed=())
@@ -136,7 +168,8 @@ class Kernel:
         keys: Dict[str, set] = {}
         try:
             for name in FIXED_SETS:
-                elements[name] = sorted(e.hex() for e in nfnetlink.list_raw_elements(name, ruleset.TABLE))
+                raw = nfnetlink.list_raw_elements(name, ruleset.TABLE)
+                elements[name] = sorted(e.hex() for e in raw if not nfnetlink.interval_sentinel(e))
             for name in DYNAMIC_SETS:
                 keys[name] = set(nfnetlink.list_elements(name, ruleset.TABLE))
         except nfnetlink.NetlinkError as exc:
@@ -150,9 +183,13 @@ class Kernel:
 NOT_YET_CHECKED = "its rules and set definitions are not yet checked against this configuration"
 
 
-def differences(kernel: Optional[Kernel], desired: ruleset.Desired, known_fixed: Optional[str]) -> List[str]:
+def differences(
+    kernel: Optional[Kernel], desired: ruleset.Desired, known_fixed: Optional[str], gone: Optional[Dict[str, set]] = None
+) -> List[str]:
     """How KERNEL differs from DESIRED, one phrase each; empty when it holds just that.
-    KNOWN_FIXED: the kernel's rendering of DESIRED's fixed part, if this watcher installed it."""
+    KNOWN_FIXED: the kernel's rendering of DESIRED's fixed part, if this watcher installed it.
+    GONE (gone_keys()): keys a record holds for a device that is gone: no difference while
+    the kernel holds them, nor once it does not."""
     if kernel is None:
         return ["our table is missing"]
     out = []
@@ -164,7 +201,7 @@ def differences(kernel: Optional[Kernel], desired: ruleset.Desired, known_fixed:
         have = kernel.keys.get(name)
         if have is None:
             continue  # a missing set was reported through the fixed part
-        extra, missing = len(have - want), len(want - have)
+        extra, missing = len(have - want - (gone or {}).get(name, set())), len(want - have)
         if extra or missing:
             out.append(f"set {name} has {extra} element(s) no record accounts for and lacks {missing}")
     return out
@@ -178,6 +215,7 @@ class Keeper:
         self.config = config
         self.log = log
         self.rendered: "OrderedDict[str, str]" = OrderedDict()
+        self.was_disabled = False  # the last check found the off-switch: the next one says what it found
 
     def _reload(self) -> Config:
         """The configuration as it is now (`ports-set` changes it); the last good one if it
@@ -195,14 +233,19 @@ class Keeper:
             started = time.monotonic()
             off = offswitch.read(self.config.disabled_path)
             if off is not None:
+                self.was_disabled = True
                 raise EnforcementDisabled(off)
             config = self._reload()
             links = discovery.read_links()
             records = list(RunState(config.run_dir).all_records().values())
             desired = engine.compute(config, links, records, None).desired
             text = fixed_text(desired)
-            found = differences(Kernel.read(), desired, self.rendered.get(text))
+            found = differences(Kernel.read(), desired, self.rendered.get(text), gone_keys(records, links))
+            after_enable, self.was_disabled = self.was_disabled, False
             if not found:
+                if after_enable:  # `enable` installed it: say it was looked at, and that nothing was wrong
+                    self.log(f"checked our table after enable in {time.monotonic() - started:.3f}s: "
+                             "it holds what the configuration and the records say, nothing to restore")
                 return False
             outcome, _batch = engine.apply(config, records, links=links)
             after = Kernel.read()

@@ -39,7 +39,9 @@ What is proven, from the guests' own probes (every round, 1 s apart) and each ke
 """
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +104,9 @@ class Side:
         self.run_dir = root / "run"
         self.whitelist = root / "whitelist.csv"
         self.kernel_probe_log = root / "kernel-at-hooks.log"
+        self.watch_log = root / "watch.log"
+        self.watcher: Optional[subprocess.Popen] = None
+        self.watch_start = 0  # the length of its log once it made its first check
         self.lab: libvirt_lab.LibvirtLab  # set by the fixture
 
     def prepare(self) -> Path:
@@ -132,6 +137,30 @@ class Side:
         proc = self.lab.run_in_netns(cmd, private_mounts=True, check=False, timeout=60)
         assert proc.returncode == 0, f"{self.label}: smtp-gate {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
         return proc
+
+    def start_watcher(self) -> None:
+        """`smtp-gate watch` in this lab's namespaces, as the service runs it on a host; returns
+        once it follows nftables and libvirt and made its first check."""
+        with open(self.watch_log, "ab") as err:
+            self.watcher = self.lab.popen_in_netns(
+                ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "smtp_gate", "--config", str(self.config), "watch"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            )
+        end = time.monotonic() + 30
+        while not ("following libvirt events of" in self.watch_text()
+                   and ("checked our table against" in self.watch_text() or "restored in" in self.watch_text())):
+            assert time.monotonic() < end and self.watcher.poll() is None, f"{self.label}'s watcher: {self.watch_text()}"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        self.watch_start = len(self.watch_text())  # its first check installs a missing table (B's)
+
+    def stop_watcher(self) -> None:
+        if self.watcher is not None and self.watcher.poll() is None:
+            os.killpg(self.watcher.pid, signal.SIGTERM)
+            self.watcher.wait(timeout=15)
+
+    def watch_text(self) -> str:
+        return self.watch_log.read_text(errors="replace") if self.watch_log.exists() else ""
 
     # -- the kernel of this lab's namespace --------------------------------------------
     def table_exists(self) -> bool:
@@ -289,7 +318,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for side in (a, b):  # libvirtd took the host UUID of its libvirtd.conf, not this machine's
             caps = side.lab.virsh("capabilities").stdout
             assert re.search(r"<host>\s*<uuid>%s</uuid>" % side.lab.host_uuid, caps), caps[:500]
-        yield Fleet(a, b)
+        try:
+            yield Fleet(a, b)
+        finally:
+            for side in (a, b):
+                side.stop_watcher()
         for side in (a, b):
             print(f"\nfleet lab {side.label} timings (s):", {k: round(v, 2) for k, v in side.lab.timings.items()})
         print("fleet module: %.1f s" % (time.monotonic() - t))
@@ -322,8 +355,11 @@ def live_set(fleet: Fleet, on_a: Dict[str, libvirt_lab.GuestResult]) -> libvirt_
 
 @pytest.fixture(scope="module")
 def migrated(fleet: Fleet, on_a: Dict[str, libvirt_lab.GuestResult], live_set: libvirt_lab.GuestResult) -> Dict[str, Move]:
-    """Each guest live-migrated from A to B, one after the other; then two more probe rounds."""
+    """Each guest live-migrated from A to B, one after the other, with `smtp-gate watch` running
+    on both sides (as the service does on a host); then two more probe rounds."""
     a, b = fleet.a, fleet.b
+    for side in (a, b):
+        side.start_watcher()
     for name in (DEFINED, LIVE, PLAIN):
         tap_a, mac = a.tap(name)
         index_a = a.ifindex(tap_a)
@@ -458,6 +494,23 @@ def test_blocked_guest_stays_blocked_across_a_live_migration(fleet: Fleet, migra
     assert [" ".join(c["argv"][2:4]) for c in a.hook_calls(PLAIN, move.t0)] == ["stopped end", "release end"]
     assert move.index_a not in _indexes(a, "guest_ifaces")
     assert move.uuid not in a.records()
+
+
+def test_the_watchers_take_no_move_for_tampering(fleet: Fleet, migrated: Dict[str, Move]) -> None:
+    """Issue 11 review: with the watcher running, each migration out logged "set guest_ifaces
+    has 1 element(s) no record accounts for ...; restored".  A's QEMU exits (its tap goes with
+    it) before libvirt runs `stopped end`, and the link change woke A's watcher in between.
+    Now neither side's watcher restores anything or calls anything foreign across the three
+    moves, and A's kernel ends clean (its hooks removed every element)."""
+    a, b = fleet.a, fleet.b
+    time.sleep(1.5)  # several debounce windows after the last stop hook
+    for side in (a, b):
+        log = side.watch_text()
+        assert "following libvirt events of" in log, (side.label, log)
+        moves = log[side.watch_start:]
+        assert "restored in" not in moves and "no record accounts for" not in moves, (side.label, log)
+    assert a.allowed() == set() and a.set_elements("guest_ifaces") == [], (a.allowed(), a.set_elements("guest_ifaces"))
+    assert a.records() == {}
 
 
 def test_rebuild_on_each_side_after_the_moves_changes_nothing(fleet: Fleet, migrated: Dict[str, Move]) -> None:

@@ -91,6 +91,43 @@ def test_differences_name_foreign_and_missing_elements_and_unknown_fixed_parts()
     ]
 
 
+def test_elements_a_record_holds_for_a_gone_device_are_no_difference() -> None:
+    """Issue 11 review: QEMU's tap goes before libvirt runs the stop hook; the record still
+    accounts for its elements (present or not), and nothing else is excused by it."""
+    from smtp_gate.discovery import Link
+    from smtp_gate.runstate import Record
+
+    links = {"vnet0": Link(name="vnet0", ifindex=5, kind="tun", master="br0", lowers=())}
+    records = [Record("u1", "up", guest_ports=(("vnet0", 5),), allowed=((5, "52:54:00:00:00:01"),)),
+               Record("u2", "stopping", guest_ports=(("vnet1", 9),), allowed=((9, "52:54:00:00:00:02"),))]
+    gone = watch.gone_keys(records, links)
+    assert gone == {"guest_ifaces": {nfnetlink.index_key(9)}, "foreign_ifaces": set(),
+                    "allowed": {nfnetlink.pair_key(9, "52:54:00:00:00:02")}}
+    desired = ruleset.Desired(guest_ifaces=(5,), allowed=((5, "52:54:00:00:00:01"),))
+    keys = watch.expected_keys(desired)
+    held = {name: keys[name] | gone[name] for name in keys}
+    assert watch.differences(watch.Kernel("F", held), desired, "F", gone) == []
+    assert watch.differences(watch.Kernel("F", keys), desired, "F", gone) == []  # the hook removed them
+    foreign = dict(held, allowed=held["allowed"] | {nfnetlink.pair_key(9, "02:00:00:00:00:01")})
+    assert watch.differences(watch.Kernel("F", foreign), desired, "F", gone) == [
+        "set allowed has 1 element(s) no record accounts for and lacks 0"]
+    assert watch.differences(watch.Kernel("F", held), desired, "F") == [
+        "set guest_ifaces has 1 element(s) no record accounts for and lacks 0",
+        "set allowed has 1 element(s) no record accounts for and lacks 0",
+    ], "without the records' gone keys it was a difference (the false alarm of every guest stop)"
+
+
+@pytest.mark.parametrize("raw, sentinel", [
+    ("0c00010006000100000000000800030000000001", True),  # key 0, flags INTERVAL_END: nft's mark
+    ("0c00010006000100001a00000800030000000001", False),  # the end of [25, 26)
+    ("0c0001000600010000190000", False),  # the start of [25, 26)
+    ("0c00010006000100000000000800030000000000", False),  # an interval that starts at 0
+    ("0c000100060001000000000008000300000000010800020000000000", False),  # anything more
+])
+def test_the_interval_end_mark_at_zero_is_told_apart(raw: str, sentinel: bool) -> None:
+    assert nfnetlink.interval_sentinel(bytes.fromhex(raw)) is sentinel
+
+
 def test_the_fixed_text_leaves_out_exactly_the_dynamic_elements() -> None:
     base = ruleset.Desired(uplinks=("eth0",))
     assert watch.fixed_text(base._replace(guest_ifaces=(3,), allowed=((3, "52:54:00:00:00:01"),))) == watch.fixed_text(base)
@@ -308,6 +345,70 @@ def test_a_legitimate_hook_start_and_stop_are_not_undone(guarded) -> None:
     assert pair not in allowed() and not lab.tcp_connects(g3, lab.INET4, 25, timeout=0.5), "the stop stays"
     assert watcher.restores() == restores, watcher.text()
     assert "following nftables events" in watcher.text()
+
+
+@pytest.mark.kernel
+def test_a_guest_whose_tap_went_with_qemu_is_not_taken_for_tampering(guarded) -> None:
+    """Issue 11 review: at every stop (and migration out) QEMU exits and its tap goes first;
+    libvirt runs `stopped end` seconds later.  The link change wakes the watcher meanwhile:
+    the record still holds the gone tap's elements, so nothing is restored and nothing is
+    called foreign; the hook then removes them.  A foreign change in that window still is."""
+    lab, watcher = guarded
+    g3 = lab.add_guest("g3", "vnet2", 4)
+    lab.start_guest(g3)
+    index = lab.hv.ifindex("vnet2")
+    allowed = lambda: lab.nft("list", "set", "bridge", "smtp_gate", "allowed").stdout  # noqa: E731
+    guest_ports = lambda: lab.nft("list", "set", "bridge", "smtp_gate", "guest_ifaces").stdout  # noqa: E731
+    assert g3.mac in allowed()
+    time.sleep(0.5)
+    restores = watcher.restores()
+    lab.hv.ip("link", "del", "vnet2")  # QEMU exited: its tap is gone, the stop hook has not run
+    time.sleep(1.0)  # several debounce windows: the watcher has compared by now
+    assert watcher.restores() == restores, watcher.text()
+    assert g3.mac in allowed() and str(index) in guest_ports(), "the record's elements wait for the hook"
+    # a real foreign change meanwhile is reported and undone, the record's elements are not its concern
+    lab.nft("add", "element", "bridge", "smtp_gate", "allowed", "{ 4242 . 02:00:00:00:00:01 }")
+    wait_for(lambda: watcher.restores() > restores)
+    assert "set allowed has 1 element(s) no record accounts for and lacks 0; restored in" in watcher.text()
+    assert "02:00:00:00:00:01" not in allowed()
+    restores = watcher.restores()
+    result = lab.run_hook("stopped", "end", domain_xml(g3), name="g3")
+    assert result.returncode == 0 and b"failed" not in result.stderr, result.stderr
+    assert g3.mac not in allowed() and str(index) not in guest_ports(), "the kernel ends clean"
+    assert not list((lab.tmp / "run" / "records").glob(f"{uuid.uuid5(uuid.NAMESPACE_DNS, 'g3')}*"))
+    time.sleep(1.0)
+    assert watcher.restores() == restores, watcher.text()
+    assert "no record accounts for" not in watcher.text().split("restored in")[-1], watcher.text()
+
+
+@pytest.mark.kernel
+def test_enable_and_a_full_apply_are_not_taken_for_a_change(guarded) -> None:
+    """Issue 11 review: after `enable` (a table created anew) the watcher re-installed it and
+    said its rules had changed: nft puts an interval set's end mark at 0 only into a set that
+    existed before its batch.  Neither `enable` nor an `apply` over a table the watcher
+    created anew is a change now; the first check after enable says what it found."""
+    lab, watcher = guarded
+    restores = watcher.restores()
+    lab.smtp_gate("disable", "--reason", "review")
+    time.sleep(1.0)
+    lab.smtp_gate("enable")
+    wait_for(lambda: "checked our table after enable" in watcher.text(), timeout=10)
+    time.sleep(1.0)
+    assert watcher.restores() == restores, watcher.text()
+    assert "checked our table after enable in " in watcher.text()
+    assert "it holds what the configuration and the records say, nothing to restore" in watcher.text()
+    lab.nft("flush", "ruleset")
+    wait_for(lambda: watcher.restores() > restores)  # created anew by the watcher itself
+    restores = watcher.restores()
+    time.sleep(0.5)
+    lab.smtp_gate("apply")  # over the existing table: nft adds the end mark
+    time.sleep(1.0)
+    assert watcher.restores() == restores, watcher.text()
+    assert "set definitions or fixed sets changed" not in watcher.text(), watcher.text()
+    lab.nft("delete", "element", "bridge", "smtp_gate", "blocked_ports", "{ 25 }")  # still caught
+    wait_for(lambda: watcher.restores() > restores)
+    assert "its chains, rules, set definitions or fixed sets changed; restored in" in watcher.text()
+    assert not lab.tcp_connects(lab.guests["g1"], lab.INET4, 25, timeout=0.5)
 
 
 @pytest.mark.kernel

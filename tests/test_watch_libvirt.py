@@ -89,8 +89,9 @@ class Env:
                 ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "smtp_gate", "--config", str(self.config), "watch"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
             )
-        wait_for(lambda: self.log().count("following libvirt events") >= 1 and "following nftables events" in self.log(),
-                 "the watcher follows nftables and libvirt")
+        wait_for(lambda: self.log().count("following libvirt events") >= 1 and "following nftables events" in self.log()
+                 and ("checked our table against this configuration" in self.log() or "restored in" in self.log()),
+                 "the watcher follows nftables and libvirt, and made its first check")
 
     def stop_watcher(self) -> None:
         if self.watcher is not None and self.watcher.poll() is None:
@@ -231,6 +232,31 @@ def test_libvirtd_restart_reconnects_and_resyncs_a_change_made_meanwhile(env: En
     wait_for(lambda: (tap, mac) not in env.allowed(), "the allowance gone again")
 
 
+def test_a_frozen_libvirtd_is_said_plainly_and_never_delays_a_restore(env: Env) -> None:
+    """libvirtd stopped dead (SIGSTOP): the keepalive closes the watcher's connection, and the
+    log says that (not a bare "connection closed after 30.0s"); meanwhile a flushed ruleset is
+    restored as always (the restore never asks libvirt); once libvirtd runs again the watcher
+    is connected again."""
+    lab = env.lab
+    pid = lab.libvirtd_pid()
+    assert pid is not None
+    connected = env.log().count("following libvirt events of")
+    restores = env.log().count("restored in")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lab.run_in_netns(["nft", "flush", "ruleset"])
+        wait_for(lambda: env.log().count("restored in") > restores and env.table_exists(),
+                 "the table restored while libvirtd is frozen")
+        wait_for(lambda: "no keepalive answer" in env.log(), "the keepalive closed the connection", timeout=45)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    line = [x for x in env.log().splitlines() if "no keepalive answer" in x][-1]
+    assert re.search(r"libvirt \S+: connection closed: no keepalive answer for 20s \(3 pings 5s apart went unanswered: "
+                     r"libvirtd hung, or cannot be reached\), [\d.]+s after it was opened; reconnecting with backoff "
+                     r"\(next attempt in [\d.]+s, doubling up to 30s\); the table check goes on meanwhile$", line), line
+    wait_for(lambda: env.log().count("following libvirt events of") > connected, "reconnected", timeout=GIVE_UP + 30)
+
+
 def test_while_disabled_a_metadata_change_installs_nothing_and_enable_brings_it(env: Env) -> None:
     ((tap, mac),) = env.taps(BLOCKED_GUEST)
     env.cli("disable", "--reason", "test")
@@ -269,3 +295,45 @@ def test_a_stop_no_hook_reported_is_revoked_from_the_lifecycle_event(env: Env, t
     assert f"guest '{FILE_GUEST}': stopped: allowance removed ({tap}/{mac}) (lifecycle)" in env.log(), env.log()
     journal = (env.run_dir / "journal").read_text().splitlines()
     assert json.loads(journal[-1])["op"] == "stop" and json.loads(journal[-1])["name"] == FILE_GUEST
+
+
+def test_ordinary_stops_are_no_tampering_and_leave_the_kernel_clean(env: Env) -> None:
+    """Issue 11 review: with the watcher running, every guest stop logged "set guest_ifaces
+    has 1 element(s) no record accounts for ...; restored".  QEMU's tap goes when it exits,
+    libvirt runs `stopped end` seconds later, and the link change woke the watcher in between,
+    which took the record's elements of the gone tap for foreign ones.  Two allowed guests
+    stop, one destroyed, one powering itself off: no such line, no restore, and the kernel,
+    the records and the journal end clean; a foreign element afterwards is still undone."""
+    lab = env.lab
+    allow = f'<smtpgate:allow xmlns:smtpgate="{NS}" by="test" reason="stop test"/>'
+    names = {"wl-destroyed": 0, "wl-poweroff": 25}  # hold: the second powers off by itself
+    for i, (name, hold) in enumerate(names.items()):
+        lab.start_guest(name, guest_ip=5 + i, hold=hold or HOLD, interval=1, connect_timeout=TIMEOUT,
+                        ports=(25,), metadata=allow)
+    nics = {name: env.taps(name)[0] for name in names}
+    for name, (tap, mac) in nics.items():
+        wait_for(lambda tap=tap, mac=mac: (tap, mac) in env.allowed(), f"{name} allowed by its hook")
+    indexes = {json.loads(lab.run_in_netns(["ip", "-j", "link", "show", "dev", tap]).stdout)[0]["ifindex"]
+               for tap, _mac in nics.values()}
+    time.sleep(1.0)
+    before = len(env.log())
+    lab.virsh("destroy", "wl-destroyed")
+    assert lab.wait_shutoff("wl-poweroff", timeout=120), "the guest powered itself off"
+    uuids = {lab.virsh("domuuid", name).stdout.strip(): name for name in names}
+    for name, (tap, mac) in nics.items():
+        wait_for(lambda mac=mac: not [p for p in env.allowed() if p[1] == mac], f"{name}'s allowance gone")
+        wait_for(lambda name=name: name not in [r["name"] for r in env.records().values()], f"{name}'s record gone")
+    time.sleep(1.5)  # several debounce windows, and libvirt's STOPPED events handled
+    since = env.log()[before:]
+    assert "restored in" not in since and "no record accounts for" not in since, since
+    assert not [p for p in env.allowed() if p[1] in {m for _t, m in nics.values()}], env.allowed()
+    left = {str(e) for e in env.elements("guest_ifaces")}  # nft names a gone device by its index
+    assert not left & ({str(i) for i in indexes} | {t for t, _m in nics.values()}), left
+    journal = [json.loads(line) for line in (env.run_dir / "journal").read_text().splitlines()]
+    for uuid_, name in uuids.items():
+        assert [e["op"] for e in journal if e["uuid"] == uuid_][-1] == "stop", name
+    # a real foreign change is still reported and undone
+    lab.run_in_netns(["nft", "add", "element", "bridge", "smtp_gate", "allowed", "{ 4242 . 02:00:00:00:00:01 }"])
+    wait_for(lambda: "set allowed has 1 element(s) no record accounts for and lacks 0; restored in" in env.log()[before:],
+             "the foreign allowance reported and restored")
+    wait_for(lambda: not [p for p in env.allowed() if p[1] == "02:00:00:00:00:01"], "the foreign allowance gone")
