@@ -146,6 +146,7 @@ def obsolete(kernel: Optional[nft.KernelTable], attempts_timeout: str = ruleset.
         return [], []
     chains = [name for name in kernel.chains if name not in ruleset.CHAINS]
     specs = dict(ruleset.SET_TYPES, **{ruleset.ATTEMPTS_SET: ruleset.attempts_spec(),
+                                       ruleset.PORT_ATTEMPTS_SET: ruleset.port_attempts_spec(),
                                        ruleset.LOG_METER_SET: ruleset.LOG_METER_SPEC})
     sets = []
     for name, entry in kernel.sets.items():
@@ -160,7 +161,7 @@ def obsolete(kernel: Optional[nft.KernelTable], attempts_timeout: str = ruleset.
         # `add set` with other flags than the kernel's fails: such a set is re-created
         if actual_text != expected or ("interval" in flags) != ("interval" in specs[name]):
             sets.append(name)
-        elif name == ruleset.ATTEMPTS_SET and (
+        elif name in (ruleset.ATTEMPTS_SET, ruleset.PORT_ATTEMPTS_SET) and (
             "timeout" not in flags or entry.get("timeout") != int(attempts_timeout[:-1]) * _SECONDS[attempts_timeout[-1]]
         ):
             sets.append(name)  # an older version's attempts set, which never expired, or another timeout

@@ -160,8 +160,21 @@ def parse_listing(data: dict) -> KernelTable:
     return table
 
 
+def port_counters(set_json: dict) -> Dict[str, int]:
+    """port -> packets of the per-port attempts set (nft shows an index as its device's
+    name, or as a number when that device is gone: then "#N")."""
+    out: Dict[str, int] = {}
+    for elem in set_json.get("elem", []):
+        if isinstance(elem, dict) and "elem" in elem:
+            value, counter = elem["elem"]["val"], elem["elem"].get("counter", {})
+            port = f"#{value}" if isinstance(value, int) else str(value)
+            out[port] = out.get(port, 0) + int(counter.get("packets", 0))
+    return out
+
+
 def attempt_counters(set_json: dict) -> List[Tuple[str, str, int, int]]:
-    """(port name, MAC, packets, bytes) of the blocked-attempts set."""
+    """(port, MAC, packets, bytes) of the blocked-attempts set (port: its device's name, or
+    "#N" for an index whose device is gone)."""
     out = []
     for elem in set_json.get("elem", []):
         if isinstance(elem, dict) and "elem" in elem:
@@ -171,6 +184,7 @@ def attempt_counters(set_json: dict) -> List[Tuple[str, str, int, int]]:
             value, counter = elem, {}
         if isinstance(value, dict) and "concat" in value:
             name, mac = value["concat"]
+            name = f"#{name}" if isinstance(name, int) else name
             out.append((str(name), str(mac), int(counter.get("packets", 0)), int(counter.get("bytes", 0))))
     return out
 

@@ -29,10 +29,16 @@ Relay = Tuple[int, str, PortRange]  # (4 or 6, address or prefix in normal form,
 STATE_SETS = ("uplinks", "guest_ifaces", "foreign_ifaces", "blocked_ports", "allowed", "relay4", "relay6")
 # Blocked attempts per guest port and MAC: statistics, never flushed by an apply.  Entries
 # expire a day after a guest's last attempt, so a set filled by spoofed MACs empties
-# itself and per-guest counting resumes (the drop never depends on it).
+# itself and per-MAC counting resumes (the drop never depends on it).  Keyed by the
+# port's interface index, never its name: a later guest given the same vnetN name is not
+# blamed for its predecessor's attempts (attacker review of issue 12).
 ATTEMPTS_SET = "attempts"
 ATTEMPTS_SIZE = 65536
 ATTEMPTS_TIMEOUT = "1d"
+# Blocked attempts per port alone: what per-guest figures (status, metrics) count.  A guest
+# cannot add ports, so spoofing MACs can fill `attempts` but never this set: one guest
+# cannot blind the per-guest counts of the others.
+PORT_ATTEMPTS_SET = "port_attempts"
 # Blocked attempts also go to the NFLOG group LOG_GROUP (`smtp-gate watch` reads it:
 # nflog.py), in a rule of their own, rate-limited per ingress port by a meter keyed by
 # `iif` (one flooding guest spends its own budget, never another's: a guest cannot choose
@@ -44,7 +50,7 @@ LOG_METER_SPEC = f"type iface_index; size {LOG_METER_SIZE}; flags dynamic,timeou
 LOG_GROUP_CAP = "1000/second"  # every port's events together (the watcher's budget)
 LOG_GROUP_CAP_BURST = 2000
 # Sets the datapath fills (statistics and rate meters): never flushed, never compared.
-DATAPATH_SETS = (ATTEMPTS_SET, LOG_METER_SET)
+DATAPATH_SETS = (PORT_ATTEMPTS_SET, ATTEMPTS_SET, LOG_METER_SET)
 COUNTERS = ("blocked4", "blocked6", "nonip", "malformed")
 CHAINS = ("forward", "input", "egress", "outbound", "out4", "out6", "smtp4", "smtp6", "nonip", "malformed")
 BASE_CHAINS = {"forward": "forward", "input": "input"}
@@ -65,7 +71,11 @@ SET_TYPES = {
 
 
 def attempts_spec(timeout: str = ATTEMPTS_TIMEOUT) -> str:
-    return f"type ifname . ether_addr; size {ATTEMPTS_SIZE}; flags dynamic,timeout; timeout {timeout}; counter;"
+    return f"type iface_index . ether_addr; size {ATTEMPTS_SIZE}; flags dynamic,timeout; timeout {timeout}; counter;"
+
+
+def port_attempts_spec(timeout: str = ATTEMPTS_TIMEOUT) -> str:
+    return f"type iface_index; size {ATTEMPTS_SIZE}; flags dynamic,timeout; timeout {timeout}; counter;"
 
 
 ETHERTYPE_RARP = 0x8035  # QEMU announces a migrated guest with RARP
@@ -271,7 +281,8 @@ def rules(state: Desired) -> List[Tuple[str, str]]:
         ]
     for family in ("4", "6"):
         chain = f"smtp{family}"
-        out.append((chain, f"update @{ATTEMPTS_SET} {{ iifname . ether saddr }}"))
+        out.append((chain, f"update @{PORT_ATTEMPTS_SET} {{ iif }}"))
+        out.append((chain, f"update @{ATTEMPTS_SET} {{ iif . ether saddr }}"))
         out.append((chain, f"counter name blocked{family}"))
         if state.log_drops:
             prefix = f"SMTPGATE{family} " + ("audit " if state.audit else "")
@@ -312,6 +323,7 @@ def _declare_chains() -> List[str]:
 def _declare_objects(state: Desired) -> List[str]:
     commands = [f"add counter {T} {name}" for name in COUNTERS]
     commands += [f"add set {T} {name} {{ {spec} }}" for name, spec in SET_TYPES.items()]
+    commands.append(f"add set {T} {PORT_ATTEMPTS_SET} {{ {port_attempts_spec(state.attempts_timeout)} }}")
     commands.append(f"add set {T} {ATTEMPTS_SET} {{ {attempts_spec(state.attempts_timeout)} }}")
     commands.append(f"add set {T} {LOG_METER_SET} {{ {LOG_METER_SPEC} }}")
     return commands

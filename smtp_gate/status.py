@@ -34,6 +34,7 @@ class Report:
     allowed: List[Dict[str, str]] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=dict)
     attempts: List[Attempts] = field(default_factory=list)
+    port_attempts: Dict[str, int] = field(default_factory=dict)  # port (name, or #index when gone) -> packets
     warnings: List[str] = field(default_factory=list)  # the operator must act: exit code 3
     notes: List[str] = field(default_factory=list)  # worth knowing, nothing to fix
     # filled by callers that know about guests and the whitelist
@@ -140,6 +141,9 @@ def read(config: Config, links: Optional[Dict[str, Link]] = None) -> Report:
             port = str(value[0])
             gone = port.isdigit() and int(port) not in names_by_index
             report.allowed.append({"port": f"#{port} (gone)" if gone else port, "mac": str(value[1])})
+    per_port = table.sets.get(ruleset.PORT_ATTEMPTS_SET)
+    if per_port is not None:
+        report.port_attempts = nft.port_counters(per_port)
     attempts = table.sets.get(ruleset.ATTEMPTS_SET)
     if attempts is not None:
         report.attempts = [Attempts(p, m, n) for p, m, n, _b in nft.attempt_counters(attempts)]
@@ -195,16 +199,12 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
         )
     model = whitelist.load(config.whitelist).index()
     held = {(a["port"], a["mac"]) for a in report.allowed}
-    attempts: Dict[str, int] = {}
-    for item in report.attempts:
-        attempts[item.mac] = attempts.get(item.mac, 0) + item.packets
     index_of, master_of = discovery.index_of(links), discovery.master_of(links)
     accounted: Set[Tuple[str, str]] = set()  # (port, MAC) the allowed guests account for
     seen_ports: Set[str] = set()  # ports of the running guests libvirt showed: what can be judged
     for dom, running in pairs:
         if running:
             seen_ports.update(nic.target for nic in dom.nics if nic.target)
-        macs = tuple(guests_mod.nic_macs(dom))
         verdict = guests_mod.judge(dom, config.bridges, model.allowed_macs, index_of, master_of, running)
         allowed = verdict.allowed_macs
         if running:
@@ -240,7 +240,8 @@ def add_guests(report: Report, config: Config, links: Optional[Dict[str, Link]] 
                 "ports": ", ".join(str(port) for port, _mac in expected) or "-",
                 "allowed_macs": list(allowed),
                 "held": state,
-                "attempts": sum(attempts.get(m, 0) for m in macs),
+                # per port: whatever MACs the guest sent from (spoofing them hides nothing)
+                "attempts": sum(report.port_attempts.get(n.target, 0) for n in dom.nics if n.target and running),
                 "allowances": _allowances(verdict),
             }
         )

@@ -625,7 +625,7 @@ def test_the_attempts_set_expires_so_a_full_set_counts_again(lab: BridgeLab) -> 
     applied(lab)
     g = lab.guests["g1"]
     batch = ruleset.apply_batch(ruleset.Desired(uplinks=("uplink0",), attempts_timeout="20s"),
-                                obsolete_sets=[ruleset.ATTEMPTS_SET])
+                                obsolete_sets=[ruleset.ATTEMPTS_SET, ruleset.PORT_ATTEMPTS_SET])
     lab.hv.exec(["nft", "-f", "-"], input=batch.text())
     tx = g.ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
     tx.bind(("eth0", 0))
@@ -647,6 +647,14 @@ def test_the_attempts_set_expires_so_a_full_set_counts_again(lab: BridgeLab) -> 
     assert entries() >= ruleset.ATTEMPTS_SIZE, "the flood did not fill the set"
     assert not send4(lab, g, 25)
     assert g.mac not in lab.nft("list", "set", "bridge", "smtp_gate", "attempts").stdout, "full: not counted"
+    # per port, nothing is lost: another guest's attempts are still counted as its own
+    # (attacker review of issue 12: a full per-MAC set blinded every guest's figures)
+    other = lab.guests["g2"]
+    assert not send4(lab, other, 25)
+    per_port = lab.nft("list", "set", "bridge", "smtp_gate", ruleset.PORT_ATTEMPTS_SET).stdout
+    assert '"vnet1" counter packets' in per_port and '"vnet0" counter packets' in per_port, per_port
+    report = json.loads(lab.smtp_gate("status", "--json", "--no-libvirt", check=False).stdout)
+    assert report["port_attempts"]["vnet1"] >= 1 and report["port_attempts"]["vnet0"] >= ruleset.ATTEMPTS_SIZE
     deadline = time.monotonic() + 60
     while entries() and time.monotonic() < deadline:
         time.sleep(1)
