@@ -416,14 +416,15 @@ def _show(element: object) -> str:
 def _count_failure(hook: Optional[Hook]) -> None:
     """One byte appended to RUN_DIR/hook_failures, the counter behind the metric
     smtp_gate_hook_failures_total (metrics.count: never raises, never blocks).  A hook that
-    could not read its configuration does not know RUN_DIR: its failure is only logged."""
-    if hook is None:
-        return
+    could not read its configuration (the likeliest reason for every hook to fail) counts in
+    the default RUN_DIR, where an unconfigured host keeps its state too."""
     try:
+        from smtp_gate.config import Config
         from smtp_gate.metrics import HOOK_FAILURES, count
-    except ImportError:  # a half-upgraded copy: the hook's exit status matters more than a count
-        return
-    count(hook.config.run_dir, HOOK_FAILURES)
+
+        count(hook.config.run_dir if hook is not None else Config._field_defaults["run_dir"], HOOK_FAILURES)
+    except Exception:  # noqa: BLE001 - on the error path of a hook: its exit status matters more than a count
+        pass
 
 
 def main(driver: str, argv: Optional[List[str]] = None, stdin: Optional[BinaryIO] = None) -> int:
