@@ -238,18 +238,25 @@ def read_owners(run_dir: str) -> Dict[str, Owner]:
     try:
         with open(os.path.join(run_dir, ATTEMPT_OWNERS), encoding="utf-8") as handle:
             data = json.load(handle)
-        return {str(k): Owner(str(g), str(u), int(n)) for k, (g, u, n) in data.items()}
-    except (OSError, ValueError, TypeError, AttributeError):
+        guests = [(str(g), str(u)) for g, u in data["guests"]]
+        return {f"{port} {mac}": Owner(*guests[index], int(seen)) for port, mac, index, seen in data["entries"]}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return {}
 
 
 def write_owners(run_dir: str, owners_map: Dict[str, Owner]) -> None:
+    """Each guest once (a flood has thousands of entries per guest), then the entries."""
     import json
 
     from smtp_gate import files
 
-    data = {k: [o.guest, o.uuid, o.seen] for k, o in owners_map.items()}
-    files.atomic_write(os.path.join(run_dir, ATTEMPT_OWNERS), json.dumps(data).encode("utf-8"),
+    index: Dict[Tuple[str, str], int] = {}
+    entries = []
+    for key, owner in owners_map.items():
+        port, mac = key.split(" ", 1)
+        entries.append([port, mac, index.setdefault((owner.guest, owner.uuid), len(index)), owner.seen])
+    data = {"guests": [list(g) for g in index], "entries": entries}
+    files.atomic_write(os.path.join(run_dir, ATTEMPT_OWNERS), json.dumps(data, separators=(",", ":")).encode("utf-8"),
                        "the owners of blocked attempts", 0o600)
 
 
@@ -275,7 +282,10 @@ class Snapshot(NamedTuple):
     malformed: int = 0
     attempts: Tuple[Attempt, ...] = ()
     owners: Dict[str, Tuple[str, str]] = {}  # guest port name -> (guest name, uuid), from records
-    remembered: Dict[str, Owner] = {}  # "port mac" -> Owner, from RUN_DIR/attempt_owners.json
+    # "port mac" -> Owner of every entry of ATTEMPTS (remember_owners() with the file's map);
+    # None: not worked out yet (render() finds them from OWNERS alone)
+    remembered: Optional[Dict[str, Owner]] = None
+    remembered_changed: bool = False  # remembered differs from the file: refresh() rewrites it
     guests: int = 0  # running guests with a record
     allowed_guests: int = 0  # of them, those with an allowance
     allowed_nics: int = 0  # elements of the kernel's `allowed` set
@@ -480,8 +490,9 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
         abuse_wanted=config.log_group is not None,
         abuse_stale_after=abuse_stale_after(config),
     )
-    if not nft.base_exists():
-        return Snapshot(active=False, **common)  # type: ignore[arg-type]
+    if not nft.base_exists():  # no table, no entries: nothing to remember
+        gone = os.path.exists(os.path.join(config.run_dir, ATTEMPT_OWNERS))
+        return Snapshot(active=False, remembered={}, remembered_changed=gone, **common)  # type: ignore[arg-type]
     try:
         allowed = len(nfnetlink.list_elements("allowed", ruleset.TABLE))
     except nfnetlink.NetlinkError as exc:
@@ -490,6 +501,8 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
         allowed = 0
     counters = kernel_counters()
     attempts = kernel_attempts()
+    known = read_owners(config.run_dir)
+    remembered = remember_owners(attempts, common["owners"], known)  # type: ignore[arg-type]
     return Snapshot(
         active=True,
         mode="audit" if kernel_audit() else "enforce",
@@ -497,7 +510,8 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
         nonip=counters.get("nonip", 0),
         malformed=counters.get("malformed", 0),
         attempts=attempts,
-        remembered=remember_owners(attempts, common["owners"], read_owners(config.run_dir)),  # type: ignore[arg-type]
+        remembered=remembered,
+        remembered_changed=remembered != known,
         allowed_nics=allowed,
         **common,  # type: ignore[arg-type]
     )
@@ -548,9 +562,10 @@ def guest_attempts(
     attempts: Iterable[Attempt],
     owners: Dict[str, Tuple[str, str]],
     max_guests: int,
-    remembered: Optional[Dict[str, Owner]] = None,
+    owned: Optional[Dict[str, Owner]] = None,
 ) -> Tuple[List[Row], List[Row]]:
-    """(counters, sums) from the kernel's attempts set, attributed by remember_owners().
+    """(counters, sums) from the kernel's attempts set, attributed by OWNED (what
+    remember_owners() gave for these very attempts; None: found from OWNERS alone).
     A port of no known guest is a guest "_unknown" of its own, told apart by iface (known
     guests have iface "": their port names change with every start).  The max_guests
     guests with the most packets keep counter rows, one per MAC for their MACS_PER_GUEST
@@ -558,14 +573,23 @@ def guest_attempts(
     Sums, whose members come and go (a guest's other MACs: mac "_other"; the other guests:
     guest "_other", uuid ""), are rows apart: they can fall, so they are no counters."""
     attempts = list(attempts)
-    owned = remember_owners(attempts, owners, remembered or {})
+    if owned is None:
+        owned = remember_owners(attempts, owners, {})
     groups: Dict[Tuple[str, str, str], Dict[str, List[int]]] = {}  # -> mac -> [packets, first seen]
-    for item in attempts:
-        owner = owned[f"{item.port} {item.mac}"]
-        key = (owner.guest, owner.uuid, "") if owner.guest else (UNKNOWN, "", item.port)
-        slot = groups.setdefault(key, {}).setdefault(item.mac, [0, owner.seen])
-        slot[0] += item.packets
-        slot[1] = min(slot[1], owner.seen)
+    by_owner: Dict[Tuple[str, str], Dict[str, List[int]]] = {}  # (guest, uuid) or (UNKNOWN, port): its group
+    for port, mac, packets in attempts:
+        owner = owned[f"{port} {mac}"]
+        guest = owner.guest
+        macs = by_owner.get((guest, owner.uuid) if guest else (UNKNOWN, port))
+        if macs is None:
+            macs = groups[(guest, owner.uuid, "") if guest else (UNKNOWN, "", port)] = {}
+            by_owner[(guest, owner.uuid) if guest else (UNKNOWN, port)] = macs
+        slot = macs.get(mac)
+        if slot is None:
+            macs[mac] = [packets, owner.seen]
+        else:  # the same MAC on another port of the guest
+            slot[0] += packets
+            slot[1] = min(slot[1], owner.seen)
 
     def order(macs: Dict[str, List[int]]) -> Tuple[int, int]:
         return -sum(v[0] for v in macs.values()), min(v[1] for v in macs.values())
@@ -779,8 +803,8 @@ def refresh(config: "Config") -> Optional[str]:
         return None
     snap = snapshot(config)
     path = write(config.metrics_dir, render(snap, config.metrics_max_guests))
-    if os.path.isdir(config.run_dir) and snap.remembered != read_owners(config.run_dir):
-        write_owners(config.run_dir, snap.remembered)  # after the file: it named them already
+    if snap.remembered_changed:
+        write_owners(config.run_dir, snap.remembered or {})  # after the file: it named them already
     return path
 
 

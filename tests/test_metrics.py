@@ -88,8 +88,9 @@ def test_label_values_are_escaped_as_the_format_requires() -> None:
 
 
 def test_every_family_has_help_and_type_and_counters_end_in_total() -> None:
-    text = metrics.render(snap(attempts=(Attempt("vnet0", "m", 1),), disabled_since=1.0,
-                               rebuild=RebuildFacts(2.0, 0.5, (("g", "u"),), 2.0)), 200)
+    attempts = (Attempt("vnet0", "m", 1), *(Attempt("vnet1", f"m{i}", 1) for i in range(10)))
+    text = metrics.render(snap(attempts=attempts, disabled_since=1.0, abuse=dict(ABUSE), abuse_wanted=True,
+                               rebuild=RebuildFacts(2.0, 0.5, (("g", "u"),), 2.0, True, 2.0)), 1)
     names = {k[0] for k in parse(text)}
     for name in names:
         kind = re.search(rf"^# TYPE {name} (\w+)$", text, re.M)
@@ -100,7 +101,9 @@ def test_every_family_has_help_and_type_and_counters_end_in_total() -> None:
             "smtp_gate_unprotected_nics", "smtp_gate_last_rebuild_timestamp_seconds",
             "smtp_gate_last_rebuild_duration_seconds", "smtp_gate_hook_failures_total",
             "smtp_gate_table_restores_total", "smtp_gate_metrics_written_timestamp_seconds",
-            "smtp_gate_disabled_since_timestamp_seconds"} <= names
+            "smtp_gate_disabled_since_timestamp_seconds", "smtp_gate_guest_blocked_packets_summed",
+            "smtp_gate_libvirt_up", "smtp_gate_abuse_desk_up", "smtp_gate_abuse_events_total",
+            "smtp_gate_on_blocked_failures_total", "smtp_gate_abuse_store_full"} <= names
 
 
 def test_an_inactive_table_shows_no_kernel_counters_and_no_mode() -> None:
@@ -386,6 +389,19 @@ def test_promtool_accepts_the_example_alert_rules() -> None:
     result = subprocess.run([tool("promtool"), "check", "rules", "--lint=all", str(REPO / "config" / "smtp-gate.rules.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "SUCCESS: 14 rules found" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_rules_and_readme_name_the_hooks_real_syslog_identifier() -> None:
+    """The hook alert sends the desk to `journalctl -t smtp-gate-hook`: the identifier the
+    hooks really send (test_hooks.py reads it from the datagram a hook sent to /dev/log)."""
+    import inspect
+
+    from smtp_gate import hook
+
+    named = set(re.findall(r"journalctl -t ([\w-]+)", (REPO / "config" / "smtp-gate.rules.yml").read_text()))
+    named |= set(re.findall(r"journalctl -t ([\w-]+)", (REPO / "README.md").read_text()))
+    assert named == {"smtp-gate-hook"}
+    assert ">smtp-gate-hook[{os.getpid()}]: " in inspect.getsource(hook._syslog)
 
 
 def test_the_example_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
