@@ -187,6 +187,8 @@ def read_abuse(run_dir: str) -> Optional[Dict[str, float]]:
     out: Dict[str, float] = {}
     for key in (*ABUSE_COUNTERS, *ABUSE_GAUGES, "updated"):
         value = data.get(key)
+        if isinstance(value, bool) and key in ABUSE_GAUGES:  # true/false for 1/0: the same
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             return None
         out[key] = value

@@ -256,6 +256,8 @@ def test_the_abuse_desk_is_read_from_its_file(tmp_path: Path) -> None:
     none = parse(metrics.render(snap(abuse_wanted=True), 200))
     assert none[("smtp_gate_abuse_desk_up", ())] == 0 and none[("smtp_gate_abuse_desk_enabled", ())] == 1
     assert not any(k[0].startswith(("smtp_gate_abuse_events", "smtp_gate_on_blocked")) for k in none)
+    (tmp_path / metrics.ABUSE).write_text(json.dumps(dict(ABUSE, bound=True, store_full=False)))
+    assert metrics.read_abuse(run) == ABUSE  # 0/1 written as false/true
     for broken in ("{", "[]", json.dumps(dict(ABUSE, events="many")), json.dumps({k: v for k, v in ABUSE.items() if k != "bound"})):
         (tmp_path / metrics.ABUSE).write_text(broken)
         assert metrics.read_abuse(run) is None, broken
