@@ -138,13 +138,14 @@ def cmd_disable(args: argparse.Namespace, config: Config) -> int:
             raise SmtpGateError(
                 f"recorded the off-switch in {off.path!r} but could not remove the table: {exc}; run `smtp-gate disable` again"
             ) from None
+    written = _write_metrics(config)  # at once: monitoring sees the table gone, not 30 s later
     if before is not None:
         print(f"ok: it was already off, and that record is kept: {before.describe()}")
     else:
         print(f"ok: {off.describe()}; recorded in {off.path} (kept across reboots)")
     print("ok: removed table bridge smtp_gate" if existed else "ok: table bridge smtp_gate was not installed")
     print("ok: the watcher, the timer, the boot service and the hooks leave it off until `smtp-gate enable`")
-    return EXIT_OK
+    return EXIT_OK if written else EXIT_WARNING
 
 
 def cmd_enable(args: argparse.Namespace, config: Config) -> int:

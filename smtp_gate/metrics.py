@@ -18,17 +18,29 @@ hook can afford and which never blocks on a tmpfs):
 - `hook_failures`: owned by the libvirt hooks (hook.main: one byte per call that failed or
   gave up);
 - `table_restores`: owned by the watcher (one byte per restore of our table);
-- `last_rebuild.json`: owned by rebuilds (when the last one ended, how long it took, and
-  the UNPROTECTED NICs the last one that reached libvirt found).
+- `last_rebuild.json`: owned by rebuilds (when the last one ended, how long it took,
+  whether libvirt answered the last one that asked it, and the UNPROTECTED NICs the last
+  one that reached libvirt found);
+- `abuse.json`: owned by the watcher's abuse desk (abuse.Desk.stats(), rewritten every
+  EVENT_INTERVAL); read only, its absence says the desk is not running;
+- `attempt_owners.json`: owned by the metrics writers (remember_owners): the guest each
+  entry of the kernel's attempts set was first attributed to, and the order entries were
+  first seen, for as long as the entry lives (bounded by the set's size).
 Nobody resets them: RUN_DIR is a tmpfs (/run), so they start again at zero at every boot,
-as the kernel's counters do.  Prometheus' rate()/increase() take such resets in stride.
+as the kernel's counters do; a reset of a counter is read by rate()/increase() as a reset.
 
-Cardinality is bounded: blocked attempts get one series per (guest, MAC) for at most
-max_guests guests (those with the most attempts) and MACS_PER_GUEST MACs each (a guest
-that spoofs MACs has the rest summed into mac="_other"); the remaining guests are summed
-into one guest="_other" series, ports no record names (not a libvirt guest's) into
-guest="_unknown".  Aggregates carry uuid="".  At most
-(max_guests + 2) * (MACS_PER_GUEST + 1) series, whatever fills the kernel's set.
+Counters are exported as counters only when each labelset's value can only grow (or fall
+to zero with a real reset): one series per (guest, MAC), the sum of the kernel's entries of
+that guest and MAC.  Sums whose membership changes (guests past max_guests, a guest's MACs
+past MACS_PER_GUEST) fall when an entry expires or moves into a series of its own: they are
+a gauge, smtp_gate_guest_blocked_packets_summed, never read with rate().
+
+Cardinality is bounded: blocked-attempt counters for at most max_guests guests (those with
+the most attempts; a port of no known guest counts as a guest "_unknown" with its iface
+label) and MACS_PER_GUEST MACs each, chosen by packets, ties by the order first seen (so
+ties do not reshuffle membership between writes).  The gauge has one series per such
+guest with more MACs (mac="_other") and one guest="_other".  At most
+(max_guests + 1) * (MACS_PER_GUEST + 1) series, whatever fills the kernel's set.
 
 Import cost: the hooks import this module for count(), so its top level is stdlib only.
 """
@@ -48,6 +60,12 @@ FILE_NAME = "smtp_gate.prom"
 HOOK_FAILURES = "hook_failures"
 TABLE_RESTORES = "table_restores"
 LAST_REBUILD = "last_rebuild.json"
+ABUSE = "abuse.json"  # written by abuse.Desk every EVENT_INTERVAL
+ATTEMPT_OWNERS = "attempt_owners.json"
+# the keys of abuse.json (abuse.Desk.stats(), plus "updated": Unix time)
+ABUSE_COUNTERS = ("events", "overruns", "kernel_drops", "journal_entries", "journal_lost",
+                  "on_blocked_runs", "on_blocked_failures")
+ABUSE_GAUGES = ("bound", "store_full")
 COUNTER_CAP = 1 << 24  # bytes (events) a counter file grows to at most: 16 MiB of tmpfs
 MACS_PER_GUEST = 8
 OTHER, UNKNOWN = "_other", "_unknown"
@@ -93,6 +111,10 @@ class RebuildFacts(NamedTuple):
     # libvirt, and when it ended; None: no rebuild reached libvirt this boot
     unprotected: Optional[Tuple[Tuple[str, str], ...]] = None
     unprotected_at: Optional[float] = None
+    # whether libvirt answered the last rebuild that asked it, and when that one ended;
+    # None: no rebuild asked libvirt this boot
+    libvirt: Optional[bool] = None
+    libvirt_at: Optional[float] = None
 
 
 def read_rebuild(run_dir: str) -> Optional[RebuildFacts]:
@@ -107,15 +129,24 @@ def read_rebuild(run_dir: str) -> Optional[RebuildFacts]:
             duration=float(data["duration"]),
             unprotected=None if nics is None else tuple((str(g), str(u)) for g, u in nics),
             unprotected_at=None if data.get("unprotected_at") is None else float(data["unprotected_at"]),
+            libvirt=None if data.get("libvirt") is None else bool(data["libvirt"]),
+            libvirt_at=None if data.get("libvirt_at") is None else float(data["libvirt_at"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def note_rebuild(run_dir: str, at: float, duration: float, unprotected: Optional[Iterable[Tuple[str, str]]]) -> None:
+def note_rebuild(
+    run_dir: str,
+    at: float,
+    duration: float,
+    unprotected: Optional[Iterable[Tuple[str, str]]],
+    libvirt: Optional[bool] = None,
+) -> None:
     """Record a rebuild that installed the table (the caller holds rebuild.lock, so this
     read-modify-write has no rival).  UNPROTECTED None (libvirt not asked or silent) keeps
-    the last known list."""
+    the last known list; LIBVIRT None (not asked) keeps the last known answer, True/False:
+    libvirt answered this rebuild or not."""
     import json
 
     from smtp_gate import files
@@ -125,13 +156,110 @@ def note_rebuild(run_dir: str, at: float, duration: float, unprotected: Optional
         nics, nics_at = (last.unprotected, last.unprotected_at) if last else (None, None)
     else:
         nics, nics_at = tuple(unprotected), at
+    if libvirt is None:
+        up, up_at = (last.libvirt, last.libvirt_at) if last else (None, None)
+    else:
+        up, up_at = libvirt, at
     data = {
         "at": at,
         "duration": duration,
         "unprotected": None if nics is None else [list(n) for n in nics],
         "unprotected_at": nics_at,
+        "libvirt": up,
+        "libvirt_at": up_at,
     }
     files.atomic_write(os.path.join(run_dir, LAST_REBUILD), json.dumps(data).encode(), "the last rebuild's facts", 0o600)
+
+
+# -- the abuse desk's figures ---------------------------------------------------------------
+def read_abuse(run_dir: str) -> Optional[Dict[str, float]]:
+    """RUN_DIR/abuse.json (abuse.Desk.stats() and "updated"); None when it is missing or is
+    not what the desk writes (every key a number): the desk is then shown as down."""
+    import json
+
+    try:
+        with open(os.path.join(run_dir, ABUSE), encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    out: Dict[str, float] = {}
+    for key in (*ABUSE_COUNTERS, *ABUSE_GAUGES, "updated"):
+        value = data.get(key)
+        if isinstance(value, bool) and key in ABUSE_GAUGES:  # true/false for 1/0: the same
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            return None
+        out[key] = value
+    return out
+
+
+# -- who each entry of the attempts set belongs to ----------------------------------------
+class Owner(NamedTuple):
+    """The guest an entry (port . MAC) of the attempts set was first attributed to ("" while
+    no record names its port), and when it was first seen (an order: smaller is earlier)."""
+
+    guest: str
+    uuid: str
+    seen: int
+
+
+def remember_owners(
+    attempts: Iterable["Attempt"], now: Dict[str, Tuple[str, str]], remembered: Dict[str, Owner]
+) -> Dict[str, Owner]:
+    """Owner of each entry in ATTEMPTS ("port mac" -> Owner): the one REMEMBERED for it if
+    any, else the guest whose record holds the port NOW.  So a guest that stops (its record
+    goes, its port name may be given to another guest) keeps its name on its entries for as
+    long as they live.  Entries no longer in the set are forgotten: bounded by its size."""
+    out: Dict[str, Owner] = {}
+    fresh: List[Tuple[str, str]] = []
+    for item in attempts:
+        key = f"{item.port} {item.mac}"
+        old = remembered.get(key)
+        if old is not None and old.guest:
+            out[key] = old
+            continue
+        guest, uuid = now.get(item.port, ("", ""))
+        if old is not None:
+            out[key] = Owner(guest, uuid, old.seen)
+        else:
+            fresh.append((item.port, item.mac))
+    start = max((o.seen for o in remembered.values()), default=-1) + 1
+    for offset, (port, mac) in enumerate(sorted(set(fresh))):
+        guest, uuid = now.get(port, ("", ""))
+        out[f"{port} {mac}"] = Owner(guest, uuid, start + offset)
+    return out
+
+
+def read_owners(run_dir: str) -> Dict[str, Owner]:
+    """RUN_DIR/attempt_owners.json; {} when missing or unreadable (owners are found again
+    from the records, first-seen order from now)."""
+    import json
+
+    try:
+        with open(os.path.join(run_dir, ATTEMPT_OWNERS), encoding="utf-8") as handle:
+            data = json.load(handle)
+        guests = [(str(g), str(u)) for g, u in data["guests"]]
+        return {f"{port} {mac}": Owner(*guests[index], int(seen)) for port, mac, index, seen in data["entries"]}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return {}
+
+
+def write_owners(run_dir: str, owners_map: Dict[str, Owner]) -> None:
+    """Each guest once (a flood has thousands of entries per guest), then the entries."""
+    import json
+
+    from smtp_gate import files
+
+    index: Dict[Tuple[str, str], int] = {}
+    entries = []
+    for key, owner in owners_map.items():
+        port, mac = key.split(" ", 1)
+        entries.append([port, mac, index.setdefault((owner.guest, owner.uuid), len(index)), owner.seen])
+    data = {"guests": [list(g) for g in index], "entries": entries}
+    files.atomic_write(os.path.join(run_dir, ATTEMPT_OWNERS), json.dumps(data, separators=(",", ":")).encode("utf-8"),
+                       "the owners of blocked attempts", 0o600)
 
 
 # -- the snapshot -------------------------------------------------------------------------
@@ -156,12 +284,25 @@ class Snapshot(NamedTuple):
     malformed: int = 0
     attempts: Tuple[Attempt, ...] = ()
     owners: Dict[str, Tuple[str, str]] = {}  # guest port name -> (guest name, uuid), from records
+    # "port mac" -> Owner of every entry of ATTEMPTS (remember_owners() with the file's map);
+    # None: not worked out yet (render() finds them from OWNERS alone)
+    remembered: Optional[Dict[str, Owner]] = None
+    remembered_changed: bool = False  # remembered differs from the file: refresh() rewrites it
     guests: int = 0  # running guests with a record
     allowed_guests: int = 0  # of them, those with an allowance
     allowed_nics: int = 0  # elements of the kernel's `allowed` set
     hook_failures: int = 0
     restores: int = 0
     rebuild: Optional[RebuildFacts] = None
+    abuse: Optional[Dict[str, float]] = None  # RUN_DIR/abuse.json; None: missing
+    abuse_wanted: bool = False  # LOG_GROUP is on: the watcher's desk should be bound
+    abuse_stale_after: float = 60.0  # seconds after which an abuse.json not rewritten says "down"
+
+
+def abuse_stale_after(config: "Config") -> float:
+    """The desk rewrites abuse.json every EVENT_INTERVAL: three missed writes (at least a
+    minute) mean it stopped."""
+    return max(60.0, 3 * config.event_interval)
 
 
 def _iso_seconds(text: str) -> Optional[float]:
@@ -347,9 +488,13 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
         hook_failures=counted(config.run_dir, HOOK_FAILURES),
         restores=counted(config.run_dir, TABLE_RESTORES),
         rebuild=read_rebuild(config.run_dir),
+        abuse=read_abuse(config.run_dir),
+        abuse_wanted=config.log_group is not None,
+        abuse_stale_after=abuse_stale_after(config),
     )
-    if not nft.base_exists():
-        return Snapshot(active=False, **common)  # type: ignore[arg-type]
+    if not nft.base_exists():  # no table, no entries: nothing to remember
+        gone = os.path.exists(os.path.join(config.run_dir, ATTEMPT_OWNERS))
+        return Snapshot(active=False, remembered={}, remembered_changed=gone, **common)  # type: ignore[arg-type]
     try:
         allowed = len(nfnetlink.list_elements("allowed", ruleset.TABLE))
     except nfnetlink.NetlinkError as exc:
@@ -357,13 +502,18 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
             raise
         allowed = 0
     counters = kernel_counters()
+    attempts = kernel_attempts()
+    known = read_owners(config.run_dir)
+    remembered = remember_owners(attempts, common["owners"], known)  # type: ignore[arg-type]
     return Snapshot(
         active=True,
         mode="audit" if kernel_audit() else "enforce",
         blocked={"ipv4": counters.get("blocked4", 0), "ipv6": counters.get("blocked6", 0)},
         nonip=counters.get("nonip", 0),
         malformed=counters.get("malformed", 0),
-        attempts=kernel_attempts(),
+        attempts=attempts,
+        remembered=remembered,
+        remembered_changed=remembered != known,
         allowed_nics=allowed,
         **common,  # type: ignore[arg-type]
     )
@@ -407,33 +557,57 @@ class Family(NamedTuple):
 
 
 GuestKey = Tuple[str, str]  # (guest name, uuid)
+Row = Tuple[str, str, str, str, int]  # (guest, uuid, iface, mac, packets)
 
 
 def guest_attempts(
-    attempts: Iterable[Attempt], owners: Dict[str, Tuple[str, str]], max_guests: int
-) -> List[Tuple[str, str, str, int]]:
-    """(guest, uuid, mac, packets) rows, bounded: ports no record names are guest "_unknown";
-    the max_guests guests with the most packets keep their own rows, the others are one
-    "_other" row; each guest keeps its MACS_PER_GUEST busiest MACs, the rest one mac="_other"
-    row.  Aggregates have uuid "".  Ordered by guest total, then packets (ties by name)."""
-    per_guest: Dict[GuestKey, Dict[str, int]] = {}
-    for item in attempts:
-        key = owners.get(item.port, (UNKNOWN, ""))
-        macs = per_guest.setdefault(key, {})
-        macs[item.mac] = macs.get(item.mac, 0) + item.packets
-    unknown = per_guest.pop((UNKNOWN, ""), None)
-    ranked = sorted(per_guest.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
-    rows: List[Tuple[str, str, str, int]] = []
-    for (guest, uuid), macs in ranked[:max_guests] + ([((UNKNOWN, ""), unknown)] if unknown else []):
-        busiest = sorted(macs.items(), key=lambda kv: (-kv[1], kv[0]))
-        rows += [(guest, uuid, mac, packets) for mac, packets in busiest[:MACS_PER_GUEST]]
-        rest = sum(packets for _mac, packets in busiest[MACS_PER_GUEST:])
+    attempts: Iterable[Attempt],
+    owners: Dict[str, Tuple[str, str]],
+    max_guests: int,
+    owned: Optional[Dict[str, Owner]] = None,
+) -> Tuple[List[Row], List[Row]]:
+    """(counters, sums) from the kernel's attempts set, attributed by OWNED (what
+    remember_owners() gave for these very attempts; None: found from OWNERS alone).
+    A port of no known guest is a guest "_unknown" of its own, told apart by iface (known
+    guests have iface "": their port names change with every start).  The max_guests
+    guests with the most packets keep counter rows, one per MAC for their MACS_PER_GUEST
+    busiest MACs (ties: the MAC first seen, so ties do not reshuffle them between writes).
+    Sums, whose members come and go (a guest's other MACs: mac "_other"; the other guests:
+    guest "_other", uuid ""), are rows apart: they can fall, so they are no counters."""
+    attempts = list(attempts)
+    if owned is None:
+        owned = remember_owners(attempts, owners, {})
+    groups: Dict[Tuple[str, str, str], Dict[str, List[int]]] = {}  # -> mac -> [packets, first seen]
+    by_owner: Dict[Tuple[str, str], Dict[str, List[int]]] = {}  # (guest, uuid) or (UNKNOWN, port): its group
+    for port, mac, packets in attempts:
+        owner = owned[f"{port} {mac}"]
+        guest = owner.guest
+        macs = by_owner.get((guest, owner.uuid) if guest else (UNKNOWN, port))
+        if macs is None:
+            macs = groups[(guest, owner.uuid, "") if guest else (UNKNOWN, "", port)] = {}
+            by_owner[(guest, owner.uuid) if guest else (UNKNOWN, port)] = macs
+        slot = macs.get(mac)
+        if slot is None:
+            macs[mac] = [packets, owner.seen]
+        else:  # the same MAC on another port of the guest
+            slot[0] += packets
+            slot[1] = min(slot[1], owner.seen)
+
+    def order(macs: Dict[str, List[int]]) -> Tuple[int, int]:
+        return -sum(v[0] for v in macs.values()), min(v[1] for v in macs.values())
+
+    ranked = sorted(groups.items(), key=lambda kv: (*order(kv[1]), kv[0]))
+    counters: List[Row] = []
+    sums: List[Row] = []
+    for (guest, uuid, iface), macs in ranked[:max_guests]:
+        busiest = sorted(macs.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[0]))
+        counters += [(guest, uuid, iface, mac, v[0]) for mac, v in busiest[:MACS_PER_GUEST]]
         if len(busiest) > MACS_PER_GUEST:
-            rows.append((guest, uuid, OTHER, rest))
+            sums.append((guest, uuid, iface, OTHER, sum(v[0] for _mac, v in busiest[MACS_PER_GUEST:])))
     others = ranked[max_guests:]
     if others:
-        rows.append((OTHER, "", OTHER, sum(sum(macs.values()) for _key, macs in others)))
-    return rows
+        sums.append((OTHER, "", "", OTHER, sum(v[0] for _key, macs in others for v in macs.values())))
+    return counters, sums
 
 
 def _capped_counts(keys: Iterable[GuestKey], max_guests: int) -> List[Tuple[str, str, int]]:
@@ -494,14 +668,23 @@ def families(snap: Snapshot, max_guests: int) -> List[Family]:
             Family("smtp_gate_allowed_nics", "gauge", "Allowances (guest port, MAC) the kernel holds.",
                    one(snap.allowed_nics)),
         ]
-        rows = guest_attempts(snap.attempts, snap.owners, max_guests)
-        if rows:
+        counted_rows, summed = guest_attempts(snap.attempts, snap.owners, max_guests, snap.remembered)
+        labels = ("guest", "uuid", "iface", "mac")
+        if counted_rows:
             out.append(Family(
                 "smtp_gate_guest_blocked_packets_total", "counter",
-                f"Blocked packets per guest and source MAC (the kernel's attempts set). At most {max_guests} guests "
-                f"(METRICS_MAX_GUESTS, the busiest) and {MACS_PER_GUEST} MACs each; the rest are summed into "
-                f'guest="{OTHER}" and mac="{OTHER}", ports of no known guest into guest="{UNKNOWN}".',
-                tuple(((("guest", g), ("uuid", u), ("mac", m)), n) for g, u, m, n in rows)))
+                f"Blocked packets per guest and source MAC (the kernel's attempts set; a guest keeps its entries "
+                f"after it stops, for as long as they live). At most {max_guests} guests (METRICS_MAX_GUESTS, the "
+                f"busiest) and {MACS_PER_GUEST} MACs each; ports of no known guest: guest=\"{UNKNOWN}\" with iface. "
+                f"The rest: smtp_gate_guest_blocked_packets_summed.",
+                tuple((tuple(zip(labels, row[:4])), row[4]) for row in counted_rows)))
+        if summed:
+            out.append(Family(
+                "smtp_gate_guest_blocked_packets_summed", "gauge",
+                f'Blocked packets without a counter of their own: a guest\'s MACs past {MACS_PER_GUEST} '
+                f'(mac="{OTHER}") and the guests past METRICS_MAX_GUESTS (guest="{OTHER}"). A gauge: it falls when '
+                f"an entry expires or gets a series of its own; never use rate() on it.",
+                tuple((tuple(zip(labels, row[:4])), row[4]) for row in summed)))
     out += [
         Family("smtp_gate_guests", "gauge", "Running guests smtp-gate holds a record for (hooks and rebuilds).",
                one(snap.guests)),
@@ -536,6 +719,62 @@ def families(snap: Snapshot, max_guests: int) -> List[Family]:
                     "smtp_gate_guest_unprotected_nics", "gauge",
                     f'UNPROTECTED NICs per guest; at most {max_guests} guests, the rest summed into guest="{OTHER}".',
                     tuple(((("guest", g), ("uuid", u)), n) for g, u, n in rows3)))
+        if facts.libvirt is not None and facts.libvirt_at is not None:
+            out += [
+                Family("smtp_gate_libvirt_up", "gauge",
+                       "1 if libvirt answered the last apply/rebuild that asked it, 0 if none of its URIs did "
+                       "(UNPROTECTED NICs are then not checked).", one(int(facts.libvirt))),
+                Family("smtp_gate_libvirt_checked_timestamp_seconds", "gauge",
+                       "When that apply/rebuild ended (Unix time).", one(facts.libvirt_at)),
+            ]
+    out += _abuse_families(snap)
+    return out
+
+
+def _one(value: float) -> Tuple[Sample, ...]:
+    return (((), value),)
+
+
+def _abuse_families(snap: Snapshot) -> List[Family]:
+    """The watcher's abuse desk, from RUN_DIR/abuse.json: up only while the file says the
+    NFLOG group is bound and is fresh; its counters only while the file exists."""
+    facts = snap.abuse
+    fresh = facts is not None and snap.at - facts["updated"] <= snap.abuse_stale_after
+    out = [
+        Family("smtp_gate_abuse_desk_enabled", "gauge",
+               "1 when LOG_GROUP is set: `smtp-gate watch` should read blocked attempts from that NFLOG group.",
+               _one(int(snap.abuse_wanted))),
+        Family("smtp_gate_abuse_desk_up", "gauge",
+               "1 while the watcher's abuse desk is bound to LOG_GROUP and rewrites RUN_DIR/abuse.json; 0 when the "
+               "file is missing, unreadable, stale or says it is not bound.",
+               _one(int(bool(fresh and facts is not None and facts["bound"] == 1)))),
+    ]
+    if facts is None:
+        return out
+    names = {
+        "events": ("smtp_gate_abuse_events_total", "Blocked attempts the desk read from the NFLOG group."),
+        "overruns": ("smtp_gate_abuse_overruns_total",
+                     "Times the NFLOG socket's receive buffer overflowed (events lost in the host)."),
+        "kernel_drops": ("smtp_gate_abuse_kernel_drops_total",
+                         "Events the kernel could not queue to the NFLOG group (lost before the desk)."),
+        "journal_entries": ("smtp_gate_abuse_journal_entries_total", "Journal entries the desk wrote."),
+        "journal_lost": ("smtp_gate_abuse_journal_lost_total", "Journal entries the desk could not write."),
+        "on_blocked_runs": ("smtp_gate_on_blocked_runs_total", "Times the ON_BLOCKED command was started."),
+        "on_blocked_failures": ("smtp_gate_on_blocked_failures_total",
+                                "ON_BLOCKED runs that failed (exit status, signal, timeout, cannot start)."),
+    }
+    for key in ABUSE_COUNTERS:
+        name, text = names[key]
+        out.append(Family(name, "counter", text + " Per watcher process: starts again at 0 when it restarts.",
+                          _one(int(facts[key]))))
+    out += [
+        Family("smtp_gate_abuse_store_full", "gauge",
+               "1 while the report's store is full (attempts are journaled but not counted for `smtp-gate report`).",
+               _one(int(facts["store_full"]))),
+        Family("smtp_gate_abuse_desk_updated_timestamp_seconds", "gauge",
+               "When the desk last wrote RUN_DIR/abuse.json (Unix time): time() minus this is its age.",
+               _one(facts["updated"])),
+    ]
     return out
 
 
@@ -564,7 +803,11 @@ def refresh(config: "Config") -> Optional[str]:
     """Read the state and write the file; its path, or None when METRICS_DIR is "" (off)."""
     if not config.metrics_dir:
         return None
-    return write(config.metrics_dir, render(snapshot(config), config.metrics_max_guests))
+    snap = snapshot(config)
+    path = write(config.metrics_dir, render(snap, config.metrics_max_guests))
+    if snap.remembered_changed:
+        write_owners(config.run_dir, snap.remembered or {})  # after the file: it named them already
+    return path
 
 
 class Refresher:

@@ -215,6 +215,7 @@ def rebuild(config: Config, use_libvirt: bool = True, dry_run: bool = False, ree
                 metrics.note_rebuild(
                     state.dir, time.time(), time.monotonic() - started,
                     None if unprotected is None else [(u.guest, u.uuid) for u in unprotected],
+                    libvirt=None if listing is None else listing.reached,
                 )
             except SmtpGateError as exc:  # installed all the same: only the metrics miss it
                 notes.append(f"metrics: {exc}")

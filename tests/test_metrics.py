@@ -81,15 +81,16 @@ def test_label_values_are_escaped_as_the_format_requires() -> None:
     text = metrics.render(snap(attempts=(Attempt("vnet0", "52:54:00:00:00:01", 3),),
                                owners={"vnet0": (NASTY, "u-1")}), 200)
     line = next(l for l in text.splitlines() if l.startswith("smtp_gate_guest_blocked_packets_total{"))
-    assert line == ('smtp_gate_guest_blocked_packets_total{guest="we\\"b\\\\1\\nü-🙂",uuid="u-1",'
+    assert line == ('smtp_gate_guest_blocked_packets_total{guest="we\\"b\\\\1\\nü-🙂",uuid="u-1",iface="",'
                     'mac="52:54:00:00:00:01"} 3')
     assert parse(text)[("smtp_gate_guest_blocked_packets_total",
-                        (("guest", NASTY), ("mac", "52:54:00:00:00:01"), ("uuid", "u-1")))] == 3
+                        (("guest", NASTY), ("iface", ""), ("mac", "52:54:00:00:00:01"), ("uuid", "u-1")))] == 3
 
 
 def test_every_family_has_help_and_type_and_counters_end_in_total() -> None:
-    text = metrics.render(snap(attempts=(Attempt("vnet0", "m", 1),), disabled_since=1.0,
-                               rebuild=RebuildFacts(2.0, 0.5, (("g", "u"),), 2.0)), 200)
+    attempts = (Attempt("vnet0", "m", 1), *(Attempt("vnet1", f"m{i}", 1) for i in range(10)))
+    text = metrics.render(snap(attempts=attempts, disabled_since=1.0, abuse=dict(ABUSE), abuse_wanted=True,
+                               rebuild=RebuildFacts(2.0, 0.5, (("g", "u"),), 2.0, True, 2.0)), 1)
     names = {k[0] for k in parse(text)}
     for name in names:
         kind = re.search(rf"^# TYPE {name} (\w+)$", text, re.M)
@@ -100,7 +101,9 @@ def test_every_family_has_help_and_type_and_counters_end_in_total() -> None:
             "smtp_gate_unprotected_nics", "smtp_gate_last_rebuild_timestamp_seconds",
             "smtp_gate_last_rebuild_duration_seconds", "smtp_gate_hook_failures_total",
             "smtp_gate_table_restores_total", "smtp_gate_metrics_written_timestamp_seconds",
-            "smtp_gate_disabled_since_timestamp_seconds"} <= names
+            "smtp_gate_disabled_since_timestamp_seconds", "smtp_gate_guest_blocked_packets_summed",
+            "smtp_gate_libvirt_up", "smtp_gate_abuse_desk_up", "smtp_gate_abuse_events_total",
+            "smtp_gate_on_blocked_failures_total", "smtp_gate_abuse_store_full"} <= names
 
 
 def test_an_inactive_table_shows_no_kernel_counters_and_no_mode() -> None:
@@ -112,39 +115,107 @@ def test_an_inactive_table_shows_no_kernel_counters_and_no_mode() -> None:
     assert not any(k[0] == "smtp_gate_blocked_packets_total" for k in samples)
 
 
-def test_the_busiest_guests_keep_their_series_and_the_rest_is_summed() -> None:
+def test_the_busiest_guests_keep_their_counters_and_the_rest_is_a_gauge() -> None:
     owners = {f"vnet{i}": (f"g{i}", f"u{i}") for i in range(5)}
     attempts = [Attempt(f"vnet{i}", "52:54:00:00:00:01", 10 * (i + 1)) for i in range(5)]
-    attempts += [Attempt("tap9", "02:00:00:00:00:09", 4), Attempt("tap8", "02:00:00:00:00:08", 1)]  # no record
-    rows = metrics.guest_attempts(attempts, owners, max_guests=2)
-    assert rows == [
-        ("g4", "u4", "52:54:00:00:00:01", 50),
-        ("g3", "u3", "52:54:00:00:00:01", 40),
-        ("_unknown", "", "02:00:00:00:00:09", 4),
-        ("_unknown", "", "02:00:00:00:00:08", 1),
-        ("_other", "", "_other", 10 + 20 + 30),
+    attempts += [Attempt("tap9", "02:00:00:00:00:09", 45), Attempt("tap8", "02:00:00:00:00:08", 1)]  # no record
+    counters, sums = metrics.guest_attempts(attempts, owners, max_guests=3)
+    # a port of no known guest is a guest of its own, "_unknown" with its iface
+    assert counters == [
+        ("g4", "u4", "", "52:54:00:00:00:01", 50),
+        ("_unknown", "", "tap9", "02:00:00:00:00:09", 45),
+        ("g3", "u3", "", "52:54:00:00:00:01", 40),
     ]
-    assert sum(r[3] for r in rows) == sum(a.packets for a in attempts)
+    assert sums == [("_other", "", "", "_other", 10 + 20 + 30 + 1)]
+    assert sum(r[4] for r in counters + sums) == sum(a.packets for a in attempts)
+    text = metrics.render(snap(attempts=tuple(attempts), owners=owners), 3)
+    assert "# TYPE smtp_gate_guest_blocked_packets_summed gauge" in text  # never a counter: it can fall
+    assert not any(dict(k[1]).get("guest") == "_other" for k in parse(text) if k[0].endswith("_total"))
+
+
+def test_other_falling_is_no_counter_reset() -> None:
+    """The reviewer's case: a guest past the top stops and its entries expire, so the sum of
+    the others falls; it is a gauge, and every counter row only grows while its entries live."""
+    owners = {f"vnet{i}": (f"g{i}", f"u{i}") for i in range(4)}
+    before = [Attempt(f"vnet{i}", "52:54:00:00:00:01", 100 * (i + 1)) for i in range(4)]
+    remembered = metrics.remember_owners(before, owners, {})
+    c1, s1 = metrics.guest_attempts(before, owners, 2, remembered)
+    after = [a._replace(packets=a.packets + 1) for a in before if a.port != "vnet1"]  # g1's entry expired
+    c2, s2 = metrics.guest_attempts(after, owners, 2, metrics.remember_owners(after, owners, remembered))
+    assert s1 == [("_other", "", "", "_other", 100 + 200)] and s2 == [("_other", "", "", "_other", 101)]
+    grown = {r[:4]: r[4] for r in c1}
+    assert all(grown.get(r[:4], 0) <= r[4] for r in c2)
 
 
 def test_a_guest_spoofing_macs_keeps_its_busiest_macs_and_sums_the_rest() -> None:
     attempts = [Attempt("vnet0", f"02:00:00:00:00:{i:02x}", 100 - i) for i in range(20)]
-    rows = metrics.guest_attempts(attempts, {"vnet0": ("spammer", "u")}, max_guests=200)
-    assert len(rows) == metrics.MACS_PER_GUEST + 1
-    assert rows[:2] == [("spammer", "u", "02:00:00:00:00:00", 100), ("spammer", "u", "02:00:00:00:00:01", 99)]
-    assert rows[-1] == ("spammer", "u", "_other", sum(100 - i for i in range(metrics.MACS_PER_GUEST, 20)))
+    counters, sums = metrics.guest_attempts(attempts, {"vnet0": ("spammer", "u")}, max_guests=200)
+    assert len(counters) == metrics.MACS_PER_GUEST
+    assert counters[:2] == [("spammer", "u", "", "02:00:00:00:00:00", 100), ("spammer", "u", "", "02:00:00:00:00:01", 99)]
+    assert sums == [("spammer", "u", "", "_other", sum(100 - i for i in range(metrics.MACS_PER_GUEST, 20)))]
+
+
+def test_ties_keep_the_macs_first_seen_between_writes() -> None:
+    """Spoofed MACs with one packet each: the MACs that have counters stay the same write
+    after write (the first seen), whatever order the kernel lists its set in."""
+    import random
+
+    owners = {"vnet0": ("spammer", "u")}
+    first = [Attempt("vnet0", f"02:00:00:00:01:{i:02x}", 1) for i in range(10)]
+    remembered = metrics.remember_owners(first, owners, {})
+    chosen, _sums = metrics.guest_attempts(first, owners, 200, remembered)
+    # later: 30 more MACs, with names that sort first, and the set listed in another order
+    later = first + [Attempt("vnet0", f"02:00:00:00:00:{i:02x}", 1) for i in range(30)]
+    for seed in range(5):
+        random.Random(seed).shuffle(later)
+        remembered = metrics.remember_owners(later, owners, remembered)
+        again, sums = metrics.guest_attempts(later, owners, 200, remembered)
+        assert [r[3] for r in again] == [r[3] for r in chosen][: metrics.MACS_PER_GUEST]
+        assert sums == [("spammer", "u", "", "_other", 40 - metrics.MACS_PER_GUEST)]
+    # a MAC that attempts more earns a counter of its own (by packets first)
+    busier = [a._replace(packets=5) if a.mac == "02:00:00:00:00:1d" else a for a in later]
+    top, _sums = metrics.guest_attempts(busier, owners, 200, metrics.remember_owners(busier, owners, remembered))
+    assert top[0][3] == "02:00:00:00:00:1d"
+
+
+def test_a_stopped_guest_keeps_its_name_on_its_entries() -> None:
+    attempts = [Attempt("vnet3", "52:54:00:00:00:03", 500)]
+    remembered = metrics.remember_owners(attempts, {"vnet3": ("spammer", "u3")}, {})
+    # spammer suspended or stopped: no record names vnet3 any more, or another guest has it
+    for now in ({}, {"vnet3": ("innocent", "u9")}):
+        counters, _sums = metrics.guest_attempts(attempts, now, 200, metrics.remember_owners(attempts, now, remembered))
+        assert counters == [("spammer", "u3", "", "52:54:00:00:00:03", 500)]
+    # an entry seen while no record named its port is attributed once one does
+    unknown = metrics.remember_owners(attempts, {}, {})
+    assert metrics.remember_owners(attempts, {"vnet3": ("late", "u4")}, unknown)["vnet3 52:54:00:00:00:03"][:2] == \
+        ("late", "u4")
+    # entries that left the set are forgotten: the map is bounded by the set's size
+    assert metrics.remember_owners([], {}, remembered) == {}
+
+
+def test_owners_are_kept_in_run_dir(tmp_path: Path) -> None:
+    run = str(tmp_path)
+    assert metrics.read_owners(run) == {}
+    owned = {"vnet0 52:54:00:00:00:01": metrics.Owner(NASTY, "u", 3)}
+    metrics.write_owners(run, owned)
+    assert metrics.read_owners(run) == owned
+    (tmp_path / metrics.ATTEMPT_OWNERS).write_text("[1, 2]")
+    assert metrics.read_owners(run) == {}
 
 
 def test_series_are_bounded_whatever_fills_the_kernels_set() -> None:
     owners = {f"vnet{i}": (f"g{i}", f"u{i}") for i in range(300)}
     attempts = [Attempt(f"vnet{i}", f"02:00:00:00:{j:02x}:{i % 256:02x}", i + j) for i in range(300) for j in range(20)]
     attempts += [Attempt(f"tap{i}", "02:00:00:00:00:01", 1) for i in range(500)]
-    text = metrics.render(snap(attempts=tuple(attempts), owners=owners), 200)
-    series = [k for k in parse(text) if k[0] == "smtp_gate_guest_blocked_packets_total"]
-    assert len(series) <= (200 + 2) * (metrics.MACS_PER_GUEST + 1)
-    assert len({dict(k[1])["guest"] for k in series}) == 200 + 2  # 200 own, _unknown, _other
-    total = sum(v for k, v in parse(text).items() if k[0] == "smtp_gate_guest_blocked_packets_total")
-    assert total == sum(a.packets for a in attempts)
+    samples = parse(metrics.render(snap(attempts=tuple(attempts), owners=owners), 200))
+    series = [k for k in samples if k[0].startswith("smtp_gate_guest_blocked_packets_")]
+    assert len(series) <= (200 + 1) * (metrics.MACS_PER_GUEST + 1)
+    counters = [k for k in series if k[0] == "smtp_gate_guest_blocked_packets_total"]
+    assert len({(dict(k[1])["guest"], dict(k[1])["iface"]) for k in counters}) == 200
+    assert sum(samples[k] for k in series) == sum(a.packets for a in attempts)
+    tapped = [Attempt(f"tap{i}", "02:00:00:00:00:01", 1) for i in range(500)]
+    counters2, sums2 = metrics.guest_attempts(tapped, {}, 200)
+    assert len(counters2) == 200 and sums2 == [("_other", "", "", "_other", 300)]  # unknown ports: bounded too
 
 
 def test_unprotected_nics_per_guest_are_bounded_too() -> None:
@@ -153,6 +224,58 @@ def test_unprotected_nics_per_guest_are_bounded_too() -> None:
     assert samples[("smtp_gate_unprotected_nics", ())] == 6
     per_guest = {dict(k[1])["guest"]: v for k, v in samples.items() if k[0] == "smtp_gate_guest_unprotected_nics"}
     assert per_guest == {"g0": 2, "g1": 1, "_other": 3}
+
+
+ABUSE = {"bound": 1, "events": 1234, "overruns": 2, "kernel_drops": 3, "journal_entries": 40, "journal_lost": 5,
+         "on_blocked_runs": 6, "on_blocked_failures": 1, "store_full": 0, "updated": 1_800_000_000}
+
+
+def test_the_abuse_desk_is_read_from_its_file(tmp_path: Path) -> None:
+    """RUN_DIR/abuse.json as the desk writes it (Desk.stats() and "updated"), written by hand:
+    every key a series; missing, broken, stale or unbound: the desk is down."""
+    import json
+
+    run = str(tmp_path)
+    assert metrics.read_abuse(run) is None
+    (tmp_path / metrics.ABUSE).write_text(json.dumps(ABUSE))
+    facts = metrics.read_abuse(run)
+    assert facts == ABUSE
+    samples = parse(metrics.render(snap(abuse=facts, abuse_wanted=True, at=ABUSE["updated"] + 30.0), 200))
+    expected = {"smtp_gate_abuse_desk_enabled": 1, "smtp_gate_abuse_desk_up": 1, "smtp_gate_abuse_events_total": 1234,
+                "smtp_gate_abuse_overruns_total": 2, "smtp_gate_abuse_kernel_drops_total": 3,
+                "smtp_gate_abuse_journal_entries_total": 40, "smtp_gate_abuse_journal_lost_total": 5,
+                "smtp_gate_on_blocked_runs_total": 6, "smtp_gate_on_blocked_failures_total": 1,
+                "smtp_gate_abuse_store_full": 0, "smtp_gate_abuse_desk_updated_timestamp_seconds": ABUSE["updated"]}
+    assert {k[0]: v for k, v in samples.items() if k[0] in expected} == expected
+    # stale (the watcher stopped writing it), or not bound: down, the last figures kept
+    stale = parse(metrics.render(snap(abuse=facts, abuse_wanted=True, at=ABUSE["updated"] + 61.0), 200))
+    assert stale[("smtp_gate_abuse_desk_up", ())] == 0 and stale[("smtp_gate_abuse_events_total", ())] == 1234
+    unbound = dict(facts, bound=0)
+    assert parse(metrics.render(snap(abuse=unbound, at=ABUSE["updated"]), 200))[("smtp_gate_abuse_desk_up", ())] == 0
+    # no file: down, and no counters (absent, not zero)
+    none = parse(metrics.render(snap(abuse_wanted=True), 200))
+    assert none[("smtp_gate_abuse_desk_up", ())] == 0 and none[("smtp_gate_abuse_desk_enabled", ())] == 1
+    assert not any(k[0].startswith(("smtp_gate_abuse_events", "smtp_gate_on_blocked")) for k in none)
+    (tmp_path / metrics.ABUSE).write_text(json.dumps(dict(ABUSE, bound=True, store_full=False)))
+    assert metrics.read_abuse(run) == ABUSE  # 0/1 written as false/true
+    for broken in ("{", "[]", json.dumps(dict(ABUSE, events="many")), json.dumps({k: v for k, v in ABUSE.items() if k != "bound"})):
+        (tmp_path / metrics.ABUSE).write_text(broken)
+        assert metrics.read_abuse(run) is None, broken
+    assert metrics.abuse_stale_after(config_mod.parse('EVENT_INTERVAL="10"\n', str(tmp_path / "c"))) == 60.0
+
+
+def test_libvirt_up_is_the_answer_of_the_last_rebuild_that_asked(tmp_path: Path) -> None:
+    run = str(tmp_path)
+    metrics.note_rebuild(run, 100.0, 0.5, [("web1", "u1")], libvirt=True)
+    metrics.note_rebuild(run, 200.0, 0.5, None, libvirt=False)  # asked, nobody answered
+    metrics.note_rebuild(run, 300.0, 0.5, None)  # --no-libvirt: not asked, the last answer stays
+    facts = metrics.read_rebuild(run)
+    assert facts == RebuildFacts(300.0, 0.5, (("web1", "u1"),), 100.0, False, 200.0)
+    samples = parse(metrics.render(snap(rebuild=facts), 200))
+    assert samples[("smtp_gate_libvirt_up", ())] == 0
+    assert samples[("smtp_gate_libvirt_checked_timestamp_seconds", ())] == 200.0
+    # never asked this boot: no series (the alert needs a 0, not a guess)
+    assert not any(k[0] == "smtp_gate_libvirt_up" for k in parse(metrics.render(snap(rebuild=RebuildFacts(1.0, 0.1)), 200)))
 
 
 def nlattr(kind: int, payload: bytes) -> bytes:
@@ -258,15 +381,29 @@ def promtool_check(text: str) -> None:
 
 def test_promtool_accepts_a_file_with_nasty_names_and_every_family() -> None:
     promtool_check(metrics.render(snap(
-        attempts=(Attempt("vnet0", "52:54:00:00:00:01", 3), Attempt("tap1", "02:00:00:00:00:01", 1)),
-        owners={"vnet0": (NASTY, "u-1")}, disabled_since=1.0,
-        rebuild=RebuildFacts(2.0, 0.5, ((NASTY, "u-1"),), 2.0)), 200))
+        attempts=(Attempt("vnet0", "52:54:00:00:00:01", 3), Attempt("tap1", "02:00:00:00:00:01", 1),
+                  *(Attempt("vnet0", f"02:00:00:00:00:{i:02x}", 1) for i in range(12))),
+        owners={"vnet0": (NASTY, "u-1")}, disabled_since=1.0, abuse=dict(ABUSE), abuse_wanted=True,
+        rebuild=RebuildFacts(2.0, 0.5, ((NASTY, "u-1"),), 2.0, True, 2.0)), 1))
 
 
 def test_promtool_accepts_the_example_alert_rules() -> None:
-    result = subprocess.run([tool("promtool"), "check", "rules", str(REPO / "config" / "smtp-gate.rules.yml")],
+    result = subprocess.run([tool("promtool"), "check", "rules", "--lint=all", str(REPO / "config" / "smtp-gate.rules.yml")],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "SUCCESS: 9 rules found" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "SUCCESS: 14 rules found" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_rules_and_readme_name_the_hooks_real_syslog_identifier() -> None:
+    """The hook alert sends the desk to `journalctl -t smtp-gate-hook`: the identifier the
+    hooks really send (test_hooks.py reads it from the datagram a hook sent to /dev/log)."""
+    import inspect
+
+    from smtp_gate import hook
+
+    named = set(re.findall(r"journalctl -t ([\w-]+)", (REPO / "config" / "smtp-gate.rules.yml").read_text()))
+    named |= set(re.findall(r"journalctl -t ([\w-]+)", (REPO / "README.md").read_text()))
+    assert named == {"smtp-gate-hook"}
+    assert ">smtp-gate-hook[{os.getpid()}]: " in inspect.getsource(hook._syslog)
 
 
 def test_the_example_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
@@ -365,15 +502,15 @@ def test_node_exporter_and_promtool_read_the_file_from_a_real_lab(metrics_lab: T
     promtool_check(text)
     samples = ours(parse(text))
 
-    expected: Dict[Tuple[str, str, str], float] = {}
-    names = {g1.port: (NASTY, nasty_uuid), stranger.port: ("_unknown", "")}
+    expected: Dict[Tuple[str, str, str, str], float] = {}
+    names = {g1.port: (NASTY, nasty_uuid, ""), stranger.port: ("_unknown", "", stranger.port)}
     for port, mac, packets in kernel_attempts(lab):
-        guest, guest_uuid = names[port]
-        expected[(guest, guest_uuid, mac)] = expected.get((guest, guest_uuid, mac), 0) + packets
-    got = {(dict(k[1])["guest"], dict(k[1])["uuid"], dict(k[1])["mac"]): v
+        guest, guest_uuid, iface = names[port]
+        expected[(guest, guest_uuid, iface, mac)] = expected.get((guest, guest_uuid, iface, mac), 0) + packets
+    got = {(dict(k[1])["guest"], dict(k[1])["uuid"], dict(k[1])["iface"], dict(k[1])["mac"]): v
            for k, v in samples.items() if k[0] == "smtp_gate_guest_blocked_packets_total"}
-    assert got == expected and set(got) == {(NASTY, nasty_uuid, g1.mac), ("_unknown", "", stranger.mac)}
-    assert got[(NASTY, nasty_uuid, g1.mac)] >= 2
+    assert got == expected and set(got) == {(NASTY, nasty_uuid, "", g1.mac), ("_unknown", "", stranger.port, stranger.mac)}
+    assert got[(NASTY, nasty_uuid, "", g1.mac)] >= 2
     blocked = {dict(k[1])["family"]: v for k, v in samples.items() if k[0] == "smtp_gate_blocked_packets_total"}
     assert blocked["ipv4"] + blocked["ipv6"] == sum(expected.values()) and blocked["ipv6"] >= 1
     for name, value in (("smtp_gate_enforcement_active", 1), ("smtp_gate_disabled", 0), ("smtp_gate_guests", 2),
@@ -448,3 +585,131 @@ def test_the_watcher_counts_a_restore_and_rewrites_the_file_at_once(metrics_lab:
         watcher.stop()
     assert metrics.counted(str(lab.tmp / "run"), metrics.TABLE_RESTORES) == 1
     assert "metrics:" not in watcher.text()
+
+
+def test_disable_and_enable_rewrite_the_file_at_once_and_count_no_restore(metrics_lab: Tuple[BridgeLab, Path]) -> None:
+    """The off-switch shows at once (not after the watcher's next 30 s), and the operator's
+    own commands are never table restores (smtp_gate_table_restores_total: the watcher's)."""
+    lab, textfiles = metrics_lab
+    prom = textfiles / "smtp_gate.prom"
+    assert lab.smtp_gate("apply").returncode == 0
+    samples = parse(prom.read_text())
+    assert (samples[("smtp_gate_enforcement_active", ())], samples[("smtp_gate_disabled", ())]) == (1, 0)
+    result = lab.smtp_gate("disable", "--reason", "maintenance")
+    assert result.returncode == 0, result.stderr
+    samples = parse(prom.read_text())
+    assert (samples[("smtp_gate_enforcement_active", ())], samples[("smtp_gate_disabled", ())]) == (0, 1)
+    assert abs(samples[("smtp_gate_disabled_since_timestamp_seconds", ())] - time.time()) < 60
+    assert lab.smtp_gate("enable").returncode == 0
+    samples = parse(prom.read_text())
+    assert (samples[("smtp_gate_enforcement_active", ())], samples[("smtp_gate_disabled", ())]) == (1, 0)
+    assert lab.smtp_gate("disable", "--reason", "again").returncode == 0
+    assert lab.smtp_gate("apply").returncode == 0
+    assert lab.smtp_gate("rebuild").returncode == 0
+    assert parse(prom.read_text())[("smtp_gate_table_restores_total", ())] == 0
+    assert metrics.counted(str(lab.tmp / "run"), metrics.TABLE_RESTORES) == 0
+    # a disable that cannot write the file says so, and exits 3: the table is removed all the same
+    with immutable(textfiles):
+        result = lab.smtp_gate("disable", "--reason", "x", check=False)
+    assert result.returncode == 3 and "smtp-gate: warning: metrics not written: " in result.stderr, result.stderr
+    assert lab.nft("list", "table", "bridge", "smtp_gate", check=False).returncode != 0
+
+
+def test_a_stopped_guest_keeps_its_name_on_its_blocked_attempts(metrics_lab: Tuple[BridgeLab, Path]) -> None:
+    """Suspending a spammer must not erase its name: after its `stopped` hook (its record
+    gone, its port free for another guest) its counters still carry its name and UUID."""
+    lab, textfiles = metrics_lab
+    assert lab.smtp_gate("apply").returncode == 0
+    g1 = lab.guests["g1"]
+    spammer_uuid = str(uuid_mod.uuid4())
+    xml = domain_xml("spammer", g1.port, g1.mac, spammer_uuid)
+    assert lab.run_hook("start", "begin", xml, name="spammer").returncode == 0
+    assert not lab.tcp_connects(g1, lab.INET4, 25, timeout=0.5)
+    assert lab.smtp_gate("rebuild", "--no-libvirt").returncode == 0
+
+    def named() -> Dict[Tuple[str, str, str], float]:
+        samples = parse((textfiles / "smtp_gate.prom").read_text())
+        return {(dict(k[1])["guest"], dict(k[1])["uuid"], dict(k[1])["mac"]): v
+                for k, v in samples.items() if k[0] == "smtp_gate_guest_blocked_packets_total"}
+
+    before = named()
+    assert set(before) == {("spammer", spammer_uuid, g1.mac)} and before[("spammer", spammer_uuid, g1.mac)] >= 1
+    stopped = lab.run_hook("stopped", "end", xml, name="spammer")
+    assert stopped.returncode == 0 and b"failed" not in stopped.stderr, stopped.stderr
+    assert lab.smtp_gate("rebuild", "--no-libvirt").returncode == 0
+    assert [p for p, _m, _n in kernel_attempts(lab)] == [g1.port]  # the kernel's entry lives on
+    assert named() == before  # not guest="_unknown"
+
+
+def scrape_phases(exporter: "NodeExporter", textfiles: Path, lab: BridgeLab) -> Dict[str, Dict[Tuple[str, Labels], float]]:
+    """What a real node_exporter serves with our file good, unparseable, and removed."""
+    prom = textfiles / "smtp_gate.prom"
+    good = prom.read_text()
+    phases = {"good": parse(exporter.scrape())}
+    prom.write_text(good.replace("smtp_gate_guests ", "smtp_gate_guests{", 1))  # one broken line
+    phases["unparseable"] = parse(exporter.scrape())
+    prom.unlink()
+    phases["removed"] = parse(exporter.scrape())
+    return phases
+
+
+def test_node_exporter_serves_what_the_absence_alerts_expect(metrics_lab: Tuple[BridgeLab, Path], tmp_path: Path) -> None:
+    """A real node_exporter: with the file good, our series (the abuse desk's from a
+    hand-written abuse.json, libvirt down: nothing answers the lab's URI); unparseable, only
+    node_textfile_scrape_error 1 and none of ours; removed, none of ours.  Those scrapes, fed
+    to `promtool test rules` as the series Prometheus would store, fire the alerts."""
+    import json
+
+    lab, textfiles = metrics_lab
+    (lab.tmp / "run").mkdir(exist_ok=True)
+    (lab.tmp / "run" / metrics.ABUSE).write_text(json.dumps(dict(ABUSE, updated=int(time.time()))))
+    result = lab.smtp_gate("apply")
+    assert "no hypervisor answered" in result.stderr, result.stderr
+    exporter = NodeExporter(lab, textfiles)
+    try:
+        phases = scrape_phases(exporter, textfiles, lab)
+    finally:
+        exporter.stop()
+    good, broken, removed = phases["good"], phases["unparseable"], phases["removed"]
+    assert good[("node_textfile_scrape_error", ())] == 0
+    assert good[("smtp_gate_libvirt_up", ())] == 0 and good[("smtp_gate_abuse_desk_up", ())] == 1
+    assert good[("smtp_gate_abuse_events_total", ())] == 1234 and good[("smtp_gate_on_blocked_failures_total", ())] == 1
+    assert broken[("node_textfile_scrape_error", ())] == 1 and not ours(broken)
+    assert removed[("node_textfile_scrape_error", ())] == 0 and not ours(removed)
+
+    # the scrapes as Prometheus stores them: up 1 all along, 5 minutes of the good file, then
+    # 30 of the unparseable (host a) or of none (host b); a series a scrape lacks goes stale
+    def series(instance: str, later: Dict[Tuple[str, Labels], float]) -> List[Dict[str, str]]:
+        out = [{"series": f'up{{job="node",instance="{instance}"}}', "values": "1x35"}]
+        for (name, labels), value in good.items():
+            if not name.startswith(("smtp_gate_", "node_textfile_scrape_error")) or "\n" in "".join(v for _k, v in labels):
+                continue
+            pairs = ",".join(f'{k}="{v}"' for k, v in (("job", "node"), ("instance", instance), *labels))
+            after = later.get((name, labels))
+            tail = f"{after:g}x30" if after is not None else "stale"
+            out.append({"series": f"{name}{{{pairs}}}", "values": f"{value:g}x4 {tail}"})
+        return out
+
+    absent = [{"exp_labels": {"severity": "warning", "job": "node", "instance": i}, "exp_annotations": {
+        "summary": f"node_exporter on {i} serves no smtp-gate metrics",
+        "description": "METRICS_DIR/smtp_gate.prom is missing or unreadable: check that it exists (`smtp-gate apply` "
+                       "writes it), and node_textfile_scrape_error."}} for i in ("a", "b")]
+    unreadable = [{"exp_labels": {"severity": "warning", "job": "node", "instance": "a"}, "exp_annotations": {
+        "summary": "node_exporter on a cannot read a file of its textfile directory",
+        "description": "Its log (`journalctl -u prometheus-node-exporter`) names the file; `promtool check metrics < "
+                       "/var/lib/prometheus/node-exporter/smtp_gate.prom` checks ours."}}]
+    tests = {"rule_files": ["smtp-gate.rules.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": series("a", broken) + series("b", removed),
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "SmtpGateMetricsAbsent", "exp_alerts": []},
+            {"eval_time": "16m", "alertname": "SmtpGateMetricsAbsent", "exp_alerts": absent},
+            {"eval_time": "16m", "alertname": "SmtpGateTextfileError", "exp_alerts": unreadable},
+        ],
+    }]}
+    shutil.copy(REPO / "config" / "smtp-gate.rules.yml", tmp_path / "smtp-gate.rules.yml")
+    # promtool takes YAML, and JSON is YAML
+    (tmp_path / "scraped_test.yml").write_text(json.dumps(tests))
+    result = subprocess.run([tool("promtool"), "test", "rules", "scraped_test.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr

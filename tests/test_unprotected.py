@@ -263,3 +263,28 @@ def test_add_mac_of_an_unprotected_nic_warns_as_add_vm_does(hosts: BridgeLab) ->
                if u["guest"] == "mvtap")["reason"]
         + " (no rule sees this NIC: allowing it changes nothing for it)\n"
     )
+
+
+def test_metrics_say_whether_libvirt_answered_and_keep_the_last_unprotected_count(hosts: BridgeLab) -> None:
+    """smtp_gate_libvirt_up: 1 after a rebuild libvirt answered (the test driver), 0 after one
+    it did not; smtp_gate_unprotected_nics then keeps the last count, which the libvirt alert
+    tells the operator is not being checked any more (review of issue 12, finding 6)."""
+    from tests.test_metrics import parse
+
+    textfiles = hosts.tmp / "textfile"
+    textfiles.mkdir()
+    uri = node_xml(hosts.tmp)
+    hosts.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="{uri}"\nMETRICS_DIR="{textfiles}"\n')
+    assert hosts.smtp_gate("rebuild", check=False).returncode == 3
+    samples = parse((textfiles / "smtp_gate.prom").read_text())
+    assert samples[("smtp_gate_libvirt_up", ())] == 1
+    assert samples[("smtp_gate_unprotected_nics", ())] == len(EXPECTED)
+    hosts.write_config(f'UPLINKS="uplink0"\nLIBVIRT_URI="qemu:///system?socket={hosts.tmp}/nobody"\n'
+                       f'METRICS_DIR="{textfiles}"\n')
+    assert hosts.smtp_gate("rebuild", check=False).returncode == 0
+    samples = parse((textfiles / "smtp_gate.prom").read_text())
+    assert samples[("smtp_gate_libvirt_up", ())] == 0
+    assert samples[("smtp_gate_unprotected_nics", ())] == len(EXPECTED)
+    # --no-libvirt asks nobody: the last answer stands
+    assert hosts.smtp_gate("rebuild", "--no-libvirt", check=False).returncode == 0
+    assert parse((textfiles / "smtp_gate.prom").read_text())[("smtp_gate_libvirt_up", ())] == 0
