@@ -283,7 +283,8 @@ class Snapshot(NamedTuple):
     nonip: int = 0
     malformed: int = 0
     attempts: Tuple[Attempt, ...] = ()
-    owners: Dict[str, Tuple[str, str]] = {}  # guest port name -> (guest name, uuid), from records
+    owners: Dict[str, Tuple[str, str]] = {}  # guest port (its index, as text) -> (guest name, uuid), from records
+    port_names: Dict[str, str] = {}  # interface index (as text) -> the name the iface label shows
     # "port mac" -> Owner of every entry of ATTEMPTS (remember_owners() with the file's map);
     # None: not worked out yet (render() finds them from OWNERS alone)
     remembered: Optional[Dict[str, Owner]] = None
@@ -316,11 +317,28 @@ def _iso_seconds(text: str) -> Optional[float]:
 
 
 def owners(records: Iterable["Record"]) -> Dict[str, Tuple[str, str]]:
-    """Guest port name -> (guest, uuid): the attempts set names ports, records name them too."""
+    """Guest port -> (guest, uuid), the port as the attempts set keys it: its interface
+    index (as text), which a later device given the same name never has."""
     out: Dict[str, Tuple[str, str]] = {}
     for record in records:
-        for name, _index in (*record.guest_ports, *record.foreign_ports):
-            out[name] = (record.name, record.uuid)
+        for _name, index in (*record.guest_ports, *record.foreign_ports):
+            out[str(index)] = (record.name, record.uuid)
+    return out
+
+
+def port_names(records: Iterable["Record"]) -> Dict[str, str]:
+    """Interface index (as text) -> a name to show for it in the iface label: the device's
+    name now, else the name a record gave it, else "#index" (render() falls back to that)."""
+    import socket
+
+    out: Dict[str, str] = {}
+    for record in records:
+        for name, index in (*record.guest_ports, *record.foreign_ports):
+            out[str(index)] = name
+    try:
+        out.update({str(index): name for index, name in socket.if_nameindex()})
+    except OSError:
+        pass
     return out
 
 
@@ -331,7 +349,7 @@ NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 1, 7, 11
 NFTA_DATA_VALUE, NFTA_LIST_ELEM = 1, 1
 NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
 NFTA_COUNTER_PACKETS = 2
-_IFNAMSIZ = 16
+_INDEX_KEY = 12  # iface_index (4 bytes, host order) . ether_addr (6, padded to 8)
 
 
 def _nlattrs(data: bytes) -> Iterator[Tuple[int, bytes]]:
@@ -356,31 +374,37 @@ def _counter_packets(expr: bytes) -> Optional[int]:
 
 
 # The layout every element of the attempts set has on the kernels we know: KEY { DATA_VALUE
-# (24 bytes) } then EXPR { NAME "counter", DATA { BYTES, PACKETS } }.  Checked, byte by byte,
+# (12 bytes) } then EXPR { NAME "counter", DATA { BYTES, PACKETS } }.  Checked, byte by byte,
 # before it is trusted; anything else takes the general parse.
-_FAST_VALUE = struct.pack("=HH", 28, NFTA_DATA_VALUE)
+_FAST_VALUE = struct.pack("=HH", 4 + _INDEX_KEY, NFTA_DATA_VALUE)
 _FAST_NAME = struct.pack("=HH", 12, NFTA_EXPR_NAME) + b"counter\0"
 _FAST_PACKETS = struct.pack("=HH", 12, NFTA_COUNTER_PACKETS)
+_EXPR_AT = 8 + _INDEX_KEY
+
+
+def _attempt_key(key: bytes, packets: int) -> Attempt:
+    return Attempt(str(struct.unpack_from("=I", key)[0]), key[4:10].hex(":"), packets)
 
 
 def _fast_attempt(element: bytes) -> Optional[Attempt]:
+    at = _EXPR_AT
     if (
-        len(element) >= 76
+        len(element) >= at + 44
         and element[4:8] == _FAST_VALUE
-        and element[36:48] == _FAST_NAME
-        and element[64:68] == _FAST_PACKETS
+        and element[at + 4 : at + 16] == _FAST_NAME
+        and element[at + 32 : at + 36] == _FAST_PACKETS
         and struct.unpack_from("=H", element, 2)[0] & 0x3FFF == NFTA_SET_ELEM_KEY
-        and struct.unpack_from("=H", element, 34)[0] & 0x3FFF == NFTA_SET_ELEM_EXPR
+        and struct.unpack_from("=H", element, at + 2)[0] & 0x3FFF == NFTA_SET_ELEM_EXPR
     ):
-        port = element[8:24].split(b"\0", 1)[0].decode("utf-8", "replace")
-        return Attempt(port, element[24:30].hex(":"), int.from_bytes(element[68:76], "big"))
+        return _attempt_key(element[8 : 8 + _INDEX_KEY], int.from_bytes(element[at + 36 : at + 44], "big"))
     return None
 
 
 def parse_attempt(element: bytes) -> Optional[Attempt]:
-    """One element of the attempts set (`ifname . ether_addr`, counter) as the kernel sends it:
-    a 24-byte key (the name NUL-padded to IFNAMSIZ, the MAC padded to 8 bytes) and a counter
-    expression, alone (NFTA_SET_ELEM_EXPR) or in a list (NFTA_SET_ELEM_EXPRESSIONS)."""
+    """One element of the attempts set (`iface_index . ether_addr`, counter) as the kernel
+    sends it: a 12-byte key (the index in host order, the MAC padded to 8 bytes) and a
+    counter expression, alone (NFTA_SET_ELEM_EXPR) or in a list (NFTA_SET_ELEM_EXPRESSIONS).
+    Its port is the index, as text."""
     fast = _fast_attempt(element)
     if fast is not None:
         return fast
@@ -395,11 +419,9 @@ def parse_attempt(element: bytes) -> Optional[Attempt]:
             for item_kind, item in _nlattrs(value):
                 if item_kind == NFTA_LIST_ELEM:
                     packets = _counter_packets(item) or packets
-    if key is None or len(key) < _IFNAMSIZ + 6:
+    if key is None or len(key) < 10:
         return None
-    port = key[:_IFNAMSIZ].split(b"\0", 1)[0].decode("utf-8", "replace")
-    mac = key[_IFNAMSIZ : _IFNAMSIZ + 6].hex(":")
-    return Attempt(port, mac, packets)
+    return _attempt_key(key, packets)
 
 
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
@@ -483,6 +505,7 @@ def snapshot(config: "Config", at: Optional[float] = None) -> Snapshot:
         disabled=off is not None,
         disabled_since=_iso_seconds(off.at) if off is not None else None,
         owners=owners(records),
+        port_names=port_names(records),
         guests=len(records),
         allowed_guests=sum(1 for r in records if r.allowed),
         hook_failures=counted(config.run_dir, HOOK_FAILURES),
@@ -565,11 +588,13 @@ def guest_attempts(
     owners: Dict[str, Tuple[str, str]],
     max_guests: int,
     owned: Optional[Dict[str, Owner]] = None,
+    names: Optional[Dict[str, str]] = None,
 ) -> Tuple[List[Row], List[Row]]:
     """(counters, sums) from the kernel's attempts set, attributed by OWNED (what
     remember_owners() gave for these very attempts; None: found from OWNERS alone).
-    A port of no known guest is a guest "_unknown" of its own, told apart by iface (known
-    guests have iface "": their port names change with every start).  The max_guests
+    A port of no known guest is a guest "_unknown" of its own, told apart by iface (NAMES:
+    index -> name; "#index" for a device gone; known guests have iface "": their port names
+    change with every start).  The max_guests
     guests with the most packets keep counter rows, one per MAC for their MACS_PER_GUEST
     busiest MACs (ties: the MAC first seen, so ties do not reshuffle them between writes).
     Sums, whose members come and go (a guest's other MACs: mac "_other"; the other guests:
@@ -584,7 +609,8 @@ def guest_attempts(
         guest = owner.guest
         macs = by_owner.get((guest, owner.uuid) if guest else (UNKNOWN, port))
         if macs is None:
-            macs = groups[(guest, owner.uuid, "") if guest else (UNKNOWN, "", port)] = {}
+            shown = (names or {}).get(port) or (f"#{port}" if port.isdigit() else port)
+            macs = groups[(guest, owner.uuid, "") if guest else (UNKNOWN, "", shown)] = {}
             by_owner[(guest, owner.uuid) if guest else (UNKNOWN, port)] = macs
         slot = macs.get(mac)
         if slot is None:
@@ -668,7 +694,7 @@ def families(snap: Snapshot, max_guests: int) -> List[Family]:
             Family("smtp_gate_allowed_nics", "gauge", "Allowances (guest port, MAC) the kernel holds.",
                    one(snap.allowed_nics)),
         ]
-        counted_rows, summed = guest_attempts(snap.attempts, snap.owners, max_guests, snap.remembered)
+        counted_rows, summed = guest_attempts(snap.attempts, snap.owners, max_guests, snap.remembered, snap.port_names)
         labels = ("guest", "uuid", "iface", "mac")
         if counted_rows:
             out.append(Family(

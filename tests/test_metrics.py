@@ -287,24 +287,36 @@ def counter_expr(packets: int) -> bytes:
 
 
 def test_an_attempts_element_is_parsed_as_the_kernel_sends_it() -> None:
-    # the attributes a kernel sent for "vnet0" . 52:54:00:aa:bb:cc (key, counter, expiration)
-    captured = (nlattr(1, bytes.fromhex("1c000100766e6574300000000000000000000000525400aabbcc0000"))
+    # iface_index 7 . 52:54:00:aa:bb:cc (key: the index in host order, the MAC padded to 8),
+    # its counter and its expiration, as the kernel sends an element of the attempts set
+    key = struct.pack("=I", 7) + bytes.fromhex("525400aabbcc0000")
+    captured = (nlattr(1, nlattr(1, key))
                 + nlattr(7, bytes.fromhex("0c000100636f756e746572001c0002000c0001000000000000000000"
                                           "0c0002000000000000000000"))
                 + nlattr(5, bytes.fromhex("0000000005265b4c")))
-    assert metrics.parse_attempt(captured) == Attempt("vnet0", "52:54:00:aa:bb:cc", 0)
-    key = bytes.fromhex("766e6574300000000000000000000000525400aabbcc0000")
+    assert metrics.parse_attempt(captured) == Attempt("7", "52:54:00:aa:bb:cc", 0)
     assert metrics.parse_attempt(nlattr(1, nlattr(1, key)) + nlattr(7, counter_expr(42))) == \
-        Attempt("vnet0", "52:54:00:aa:bb:cc", 42)
+        Attempt("7", "52:54:00:aa:bb:cc", 42)
     # a set with several expressions sends them as a list
     listed = nlattr(1, nlattr(1, key)) + nlattr(11, nlattr(1, nlattr(1, b"limit\0")) + nlattr(1, counter_expr(7)))
-    assert metrics.parse_attempt(listed) == Attempt("vnet0", "52:54:00:aa:bb:cc", 7)
+    assert metrics.parse_attempt(listed) == Attempt("7", "52:54:00:aa:bb:cc", 7)
     assert metrics.parse_attempt(nlattr(5, bytes(8))) is None  # no key: skipped
     # the fast path (the usual layout, with or without NLA_F_NESTED) agrees with the general parse
     flagged = nlattr(0x8001, nlattr(1, key)) + nlattr(0x8007, counter_expr(5)) + nlattr(5, bytes(8))
-    assert metrics._fast_attempt(flagged) == Attempt("vnet0", "52:54:00:aa:bb:cc", 5)
+    assert metrics._fast_attempt(flagged) == Attempt("7", "52:54:00:aa:bb:cc", 5)
     assert metrics._fast_attempt(captured) == metrics.parse_attempt(captured)
     assert metrics._fast_attempt(listed) is None
+
+
+def test_attempts_are_owned_by_index_so_a_reused_port_name_is_not_blamed() -> None:
+    """Attacker review of issue 12: a new guest given a stopped guest's vnet0 was blamed for
+    its attempts.  The set is keyed by index, and owners are found by index."""
+    from smtp_gate.runstate import Record
+
+    new_guest = Record(uuid="u-new", name="victim", guest_ports=(("vnet0", 12),), foreign_ports=(), allowed=(), uri="")
+    old_attempt = Attempt("9", "52:54:00:77:00:02", 40)  # the stopped guest's vnet0 had index 9
+    counters, _sums = metrics.guest_attempts([old_attempt], metrics.owners([new_guest]), 10, None, {"12": "vnet0"})
+    assert counters == [("_unknown", "", "#9", "52:54:00:77:00:02", 40)]
 
 
 # ------------------------------------------------------------------ counters and files
