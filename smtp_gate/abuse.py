@@ -9,7 +9,7 @@ the drop is a rule of its own, a slow desk only loses events (counted), and erro
 desk are logged, never raised into the watcher's loop.
 
 Packets and connection attempts: the kernel logs packets; one connect() whose SYN is
-retransmitted (an 8 s timeout: 4 SYNs, more on a longer one) is several.  A connection
+retransmitted (an 8 s timeout: 7 SYNs on Linux 6.5+) is several.  A connection
 attempt is a logged TCP segment with SYN and without ACK (from the copied header) that is
 not a retransmission of one seen within RETRANSMIT seconds (same port, addresses, TCP
 ports and sequence number: Connections); entries, the store and the report carry both
