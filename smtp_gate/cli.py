@@ -79,10 +79,35 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         warn(_as_dry_run(message) if args.dry_run else message)
     for nic in result.unprotected or []:
         warn(nic.line())
+    desk_problems = _desk_problems(config)
     if result.unprotected is None and not args.no_libvirt:
         print("smtp-gate: note: no hypervisor answered: UNPROTECTED NICs could not be checked", file=sys.stderr)
     written = args.dry_run or _write_metrics(config)
-    return EXIT_WARNING if outcome.has_warnings or result.unprotected or not written else EXIT_OK
+    failed = outcome.has_warnings or result.unprotected or not written or desk_problems
+    return EXIT_WARNING if failed else EXIT_OK
+
+
+def _desk_problems(config: Config) -> List[str]:
+    """Warn (stderr) what keeps the abuse desk from doing what the configuration asks
+    (abuse.config_problems: ON_BLOCKED with LOG_GROUP off, a command that cannot run)."""
+    from smtp_gate import abuse
+
+    problems = abuse.config_problems(config)
+    for problem in problems:
+        warn(problem)
+    return problems
+
+
+def _desk_note(config: Config) -> None:
+    """A note when the watcher said (RUN_DIR/abuse.json) that it follows no blocked attempts."""
+    from smtp_gate import abuse
+
+    stats = abuse.read_stats(config.run_dir)
+    if config.log_group is not None and stats is not None and not stats.get("bound"):
+        at = abuse.iso(float(stats.get("updated", 0)))
+        print(f"smtp-gate: note: the abuse desk is not following blocked attempts (NFLOG group {config.log_group}): "
+              f"{os.path.join(config.run_dir, abuse.STATS_FILE)} says so, written by `smtp-gate watch` at {at} "
+              "(it was stopped, or could not bind the group: journalctl -u smtp-gate-watch)", file=sys.stderr)
 
 
 def _write_metrics(config: Config) -> bool:
@@ -142,7 +167,7 @@ def cmd_disable(args: argparse.Namespace, config: Config) -> int:
     if before is not None:
         print(f"ok: it was already off, and that record is kept: {before.describe()}")
     else:
-        print(f"ok: {off.describe()}; recorded in {off.path} (kept across reboots)")
+        print(f"ok: {off.describe()}; recorded in {os.path.abspath(off.path)} (kept across reboots)")
     print("ok: removed table bridge smtp_gate" if existed else "ok: table bridge smtp_gate was not installed")
     print("ok: the watcher, the timer, the boot service and the hooks leave it off until `smtp-gate enable`")
     return EXIT_OK if written else EXIT_WARNING
@@ -160,13 +185,17 @@ def cmd_enable(args: argparse.Namespace, config: Config) -> int:
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from smtp_gate import status as status_mod
 
+    from smtp_gate import abuse
+
     report = status_mod.read(config)
     if report.active and not args.no_libvirt:
         status_mod.add_guests(report, config)
+    report.warnings += abuse.config_problems(config)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
         sys.stdout.write(status_mod.render(report))
+    _desk_note(config)
     if report.disabled is not None:
         return EXIT_DISABLED
     if not report.active:
@@ -186,16 +215,26 @@ def _shown(value: object) -> str:
         return validate.format_ports(value)  # type: ignore[arg-type]
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"  # as configured: 120, not 120.0
     return str(getattr(value, "pattern", value))
 
 
 def cmd_debug(args: argparse.Namespace, config: Config) -> int:
-    from smtp_gate import discovery, nft
+    from smtp_gate import abuse, discovery, nft
 
     links = discovery.read_links()
     print("== configuration (value <- source)")
     for key, (attr, _parser) in config_mod.KEYS.items():
-        print(f'{key}="{_shown(getattr(config, attr))}"  <- {config.sources.get(attr, "default")}')
+        value = getattr(config, attr)
+        if key == "ON_BLOCKED":  # argv: a shell-quoted line that splits back into it (copy into the file)
+            import shlex
+
+            line = shlex.join(value)
+            shown = f'"{line}"' if '"' not in line else shlex.quote(line)
+            print(f"{key}={shown}  <- {config.sources.get(attr, 'default')}")
+            continue
+        print(f'{key}="{_shown(value)}"  <- {config.sources.get(attr, "default")}')
     exists = "" if os.path.exists(config.path) else " (does not exist: every value above is the default)"
     print(f"config file: {config.path}{exists}")
     print("== links")
@@ -207,7 +246,16 @@ def cmd_debug(args: argparse.Namespace, config: Config) -> int:
         )
     print("== table bridge smtp_gate (as the kernel holds it)")
     sys.stdout.write(nft.list_text() or "(not installed)\n")
-    return EXIT_OK
+    print("== abuse desk")
+    stats = abuse.read_stats(config.run_dir)
+    where = os.path.join(config.run_dir, abuse.STATS_FILE)
+    if stats is None:
+        print(f"{where}: not written (smtp-gate watch has not run with this RUN_DIR)")
+    else:
+        updated = abuse.iso(float(stats.get("updated", 0)))
+        print(f"{where} (updated {updated}): " + " ".join(f"{k}={stats.get(k)}" for k in abuse.STATS_KEYS))
+    _desk_note(config)
+    return EXIT_WARNING if _desk_problems(config) else EXIT_OK
 
 
 def cmd_guest_bridges(args: argparse.Namespace, config: Config) -> int:
@@ -397,41 +445,80 @@ def cmd_watch(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_report(args: argparse.Namespace, config: Config) -> int:
-    """The abuse desk's ranking: guests by blocked attempts over --since, from the watcher's store."""
-    import datetime
+    """The abuse desk's ranking: guests by connection attempts (then packets) over --since,
+    from the watcher's store.  No data is a warning (exit 3), not "0 guests": the watcher may
+    not be running, or STATE_DIR may be another than the watcher's."""
     import re
     import time
 
-    from smtp_gate import store
+    from smtp_gate import abuse, store
 
     m = re.fullmatch(r"([1-9]\d{0,6})([smhdw])", args.since.strip())
     if not m:
-        print(f"smtp-gate: error: bad --since {args.since!r}: expected a duration like 30m, 1h, 2d or 1w", file=sys.stderr)
+        print(f"smtp-gate: error: bad --since {args.since!r}: expected a duration like 30m, 1h, 2d or 1w "
+              "(a whole number and s, m, h, d or w)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.top < 1:
+        print(f"smtp-gate: error: bad --top {args.top}: expected a whole number from 1 (destinations and sources "
+              "shown per guest)", file=sys.stderr)
         return EXIT_USAGE
     window = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
     since = time.time() - window
-    ranked = store.rank(store.Store(config.state_dir).rows(since), top=args.top)
-
-    def iso(seconds: float) -> str:
-        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
+    if window > config.report_days * 86400:
+        print(f"smtp-gate: note: --since {args.since} reaches beyond REPORT_DAYS={config.report_days}: "
+              f"the store keeps {config.report_days} day(s), older attempts are gone", file=sys.stderr)
+    stored = store.Store(config.state_dir)
+    try:
+        ranked = store.rank(stored.rows(since), top=args.top)
+        exists = stored.exists()
+    except PermissionError as exc:
+        raise SmtpGateError(
+            f"cannot read the report's store in STATE_DIR {config.state_dir!r} ({exc.filename}): {exc.strerror}; "
+            "report needs root (or membership of the group that owns the store)") from None
+    iso = abuse.iso
+    no_data = None
+    if not exists:
+        no_data = (f"no data: is smtp-gate watch running? STATE_DIR={config.state_dir} holds no blocked attempt "
+                   "(the watcher writes it; LOG_GROUP must not be off)")
+    elif not ranked:
+        no_data = (f"no data since {iso(since)}: no blocked attempt stored in STATE_DIR={config.state_dir} for this "
+                   "window (is smtp-gate watch running?)")
     if args.json:
         json.dump({
-            "since": iso(since), "window_seconds": window, "state_dir": config.state_dir,
+            "since": iso(since), "window_seconds": window, "state_dir": config.state_dir, "no_data": no_data is not None,
             "guests": [{
-                "guest": r.guest, "uuid": r.uuid, "ifaces": list(r.ifaces), "macs": list(r.macs),
-                "attempts": r.attempts, "first": iso(r.first), "last": iso(r.last),
+                "guest": r.guest, "uuid": r.uuid, "port": store_who(r), "mode": r.mode, "ifaces": list(r.ifaces),
+                "macs": list(r.macs), "macs_more": r.macs_more, "connections": r.connections, "attempts": r.attempts,
+                "first": iso(r.first), "last": iso(r.last),
+                "sources": [{"source": a, "packets": n} for a, n in r.sources],
                 "destinations": [{"destination": d, "attempts": n} for d, n in r.destinations],
             } for r in ranked],
         }, sys.stdout, indent=2)
         print()
-        return EXIT_OK
-    print(f"blocked SMTP attempts since {iso(since)} ({args.since}): {len(ranked)} guest(s)")
-    for r in ranked:
-        who = r.guest + (f" ({r.uuid})" if r.uuid else f" {', '.join(r.ifaces)}")
-        top = ", ".join(f"{d} ({n})" for d, n in r.destinations)
-        print(f"{r.attempts:>9}  {who}  first {iso(r.first)}  last {iso(r.last)}  top: {top}")
+    else:
+        audit = sum(1 for r in ranked if r.mode == "audit")
+        print(f"blocked SMTP since {iso(since)} ({args.since}): {len(ranked)} guest(s), ranked by connection attempts"
+              + (f"; {audit} of them in audit mode (delivered, not blocked)" if audit else ""))
+        for r in ranked:
+            who = store_who(r) + (f" ({r.uuid})" if r.uuid else "")
+            label = "  AUDIT (delivered)" if r.mode == "audit" else ""
+            more = f" +{r.macs_more} more" if r.macs_more else ""
+            if r.macs_other:
+                more += f" (+{r.macs_other} packets from MACs not kept apart)"
+            print(f"{r.connections:>7} connection attempt(s) {r.attempts:>7} packet(s)  {who}{label}")
+            print(f"         first {iso(r.first)}  last {iso(r.last)}")
+            print(f"         sources: {', '.join(f'{a} ({n})' for a, n in r.sources) or '-'}")
+            print(f"         MACs: {', '.join(r.macs) or '-'}{more}")
+            print(f"         top destinations: {', '.join(f'{d} ({n})' for d, n in r.destinations)}")
+    if no_data is not None:
+        warn(no_data)
+        return EXIT_WARNING
     return EXIT_OK
+
+
+def store_who(r) -> str:  # type: ignore[no-untyped-def]
+    """A ranked entry named as everywhere else: the guest, or "unknown port vnet3"."""
+    return r.guest if r.uuid else f"{r.guest} {', '.join(r.ifaces)}"
 
 
 def cmd_selftest(args: argparse.Namespace, config: Config) -> int:
@@ -639,8 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
         "top destinations (what `smtp-gate watch` stored under STATE_DIR)",
         "smtp-gate report --since 1h   |   smtp-gate report --since 7d --json",
     )
-    p.add_argument("--since", default="1h", metavar="DURATION", help="the window: 30m, 1h, 2d, 1w (default 1h)")
-    p.add_argument("--top", type=int, default=3, metavar="N", help="destinations shown per guest (default 3)")
+    p.add_argument("--since", default="1h", metavar="DURATION",
+                   help="the window: a whole number and s, m, h, d or w (30m, 1h, 2d, 1w; default 1h); "
+                   "data older than REPORT_DAYS is gone")
+    p.add_argument("--top", type=int, default=3, metavar="N",
+                   help="destinations and source addresses shown per guest, from 1 (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add(
         "selftest",

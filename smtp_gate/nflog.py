@@ -82,6 +82,10 @@ class Attempt(NamedTuple):
     dport: int
     mode: str  # "enforce" or "audit", from the rule's prefix
     at: float  # wall-clock seconds
+    # TCP SYN without ACK (from the copied header's flags): a connection attempt, unless it is
+    # a retransmission (same ports and sequence number: abuse.Connections tells them apart)
+    syn: bool = False
+    seq: int = 0  # the TCP sequence number
 
 
 class Guest(NamedTuple):
@@ -143,10 +147,23 @@ def _mac(value: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw[:6]) if length >= 6 else ""
 
 
-def parse_payload(payload: bytes) -> Optional[Tuple[int, str, str, int, int]]:
-    """(family, source, destination, source port, destination port) of an IPv4 or IPv6
-    packet carrying TCP (IPv6: a fixed header naming TCP; ruleset drops the rest as
-    malformed before this rule, or never logs it); None if it is not that."""
+TCP_SYN, TCP_ACK = 0x02, 0x10
+
+
+def _syn(payload: bytes, tcp: int) -> bool:
+    """Whether the TCP header at offset TCP opens a connection: SYN set, ACK clear."""
+    return len(payload) > tcp + 13 and payload[tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN
+
+
+def _seq(payload: bytes, tcp: int) -> int:
+    return struct.unpack_from("!I", payload, tcp + 4)[0] if len(payload) >= tcp + 8 else 0
+
+
+def parse_payload(payload: bytes) -> Optional[Tuple[int, str, str, int, int, bool, int]]:
+    """(family, source, destination, source port, destination port, SYN without ACK, TCP
+    sequence number) of an
+    IPv4 or IPv6 packet carrying TCP (IPv6: a fixed header naming TCP; ruleset drops the
+    rest as malformed before this rule, or never logs it); None if it is not that."""
     if not payload:
         return None
     version = payload[0] >> 4
@@ -156,13 +173,13 @@ def parse_payload(payload: bytes) -> Optional[Tuple[int, str, str, int, int]]:
             return None
         src, dst = str(ipaddress.IPv4Address(payload[12:16])), str(ipaddress.IPv4Address(payload[16:20]))
         sport, dport = struct.unpack_from("!HH", payload, ihl)
-        return 4, src, dst, sport, dport
+        return 4, src, dst, sport, dport, _syn(payload, ihl), _seq(payload, ihl)
     if version == 6 and len(payload) >= 44:
         if payload[6] != 6:
             return None
         src, dst = str(ipaddress.IPv6Address(payload[8:24])), str(ipaddress.IPv6Address(payload[24:40]))
         sport, dport = struct.unpack_from("!HH", payload, 40)
-        return 6, src, dst, sport, dport
+        return 6, src, dst, sport, dport, _syn(payload, 40), _seq(payload, 40)
     return None
 
 
@@ -187,11 +204,11 @@ def parse(data: bytes, now: Optional[float] = None) -> List[Attempt]:
         if stamp is not None and len(stamp) >= 16:
             sec, usec = struct.unpack_from("!QQ", stamp)
             at = sec + usec / 1e6
-        family, src, dst, sport, dport = packet
+        family, src, dst, sport, dport, syn, seq = packet
         out.append(Attempt(
             ifindex=struct.unpack_from("!I", index)[0], mac=_mac(values.get(NFULA_HWADDR, b"")),
             family=family, src=src, dst=dst, sport=sport, dport=dport,
-            mode="audit" if " audit" in prefix else "enforce", at=at,
+            mode="audit" if " audit" in prefix else "enforce", at=at, syn=syn, seq=seq,
         ))
     return out
 
@@ -258,8 +275,16 @@ def _kernel_ifname(ifindex: int) -> str:
         return f"ifindex {ifindex}"
 
 
-def describe(attempt: Attempt, guest: Guest) -> str:
-    where = guest.name if guest.uuid else f"{UNKNOWN} {guest.iface} (ifindex {attempt.ifindex})"
-    dst = f"[{attempt.dst}]" if attempt.family == 6 else attempt.dst
-    return f"blocked SMTP from {where} ({attempt.mac or 'no MAC'} on {guest.iface}) to {dst}:{attempt.dport}"
+def who(guest: Guest) -> str:
+    """A guest's name, or "unknown port vnet3": the one way every message names an unknown port."""
+    return guest.name if guest.uuid else f"{UNKNOWN} {guest.iface}"
 
+
+def describe(attempt: Attempt, guest: Guest) -> str:
+    """The journal's MESSAGE: who (port, source address, MAC), where to, and, in audit mode,
+    that the attempt was let through."""
+    port = f"ifindex {attempt.ifindex}" if not guest.uuid else guest.iface
+    dst = f"[{attempt.dst}]" if attempt.family == 6 else attempt.dst
+    what = "SMTP that would be blocked (audit mode: delivered)" if attempt.mode == "audit" else "blocked SMTP"
+    return (f"{what} from {who(guest)} ({port}, {attempt.src}, {attempt.mac or 'no MAC'}) "
+            f"to {dst}:{attempt.dport}")

@@ -1,9 +1,14 @@
 """The abuse desk's store: blocked attempts per guest, destination and minute, for `report`.
 
 Layout: STATE_DIR/blocked/YYYY-MM-DD.jsonl (UTC days), one JSON object per line:
-  {"minute": 1764681600, "guest": "web1", "uuid": "...", "iface": "vnet3", "mac": "...",
-   "family": 4, "dst": "192.0.2.25", "dport": 25, "count": 17, "first": 1764681601.2,
-   "last": 1764681659.9}
+  {"minute": 1764681600, "guest": "web1", "uuid": "...", "iface": "vnet3", "mode": "enforce",
+   "family": 4, "dst": "192.0.2.25", "dport": 25, "count": 17, "connections": 3,
+   "first": 1764681601.2, "last": 1764681659.9, "mac": "...",
+   "macs": {"52:54:00:...": 17}, "macs_other": 0, "srcs": {"10.0.0.5": 17}}
+"count" is logged packets, "connections" the connection attempts among them (TCP SYN
+without ACK: one connect() whose SYN is retransmitted is several packets); "mode" tells
+audit (delivered) from enforce (dropped).  Lines written before these fields existed lack
+them: read as 0 connections, mode "enforce", the one "mac".
 The watcher counts in memory and appends its buckets once per EVENT_INTERVAL; a minute may
 appear on several lines (report adds them up).
 
@@ -28,10 +33,23 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 from smtp_gate.nflog import Attempt, Guest
 
 MAX_DESTINATIONS = 20
+MAX_MACS = 16  # distinct source MACs kept per line; attempts of the rest: "macs_other"
+MAX_SOURCES = 16  # distinct source addresses kept per line; the rest: "other"
 OTHER = "other"
 SUBDIR = "blocked"
 
-Key = Tuple[int, str, str, str, int, str, int]  # minute, uuid, name, iface, family, dst, dport
+Key = Tuple[int, str, str, str, str, int, str, int]  # minute, uuid, name, iface, mode, family, dst, dport
+
+
+class _Bucket:
+    __slots__ = ("count", "connections", "first", "last", "mac", "macs", "macs_other", "srcs")
+
+    def __init__(self, at: float) -> None:
+        self.count = self.connections = self.macs_other = 0
+        self.first = self.last = at
+        self.mac = ""
+        self.macs: Dict[str, int] = {}
+        self.srcs: Dict[str, int] = {}
 
 
 def day_of(seconds: float) -> str:
@@ -45,7 +63,7 @@ class Store:
         self.dir = os.path.join(state_dir, SUBDIR)
         self.days = days
         self.max_bytes = max_bytes
-        self.pending: Dict[Key, List] = {}  # key -> [count, first, last, mac]
+        self.pending: Dict[Key, _Bucket] = {}
         self._destinations: Dict[Tuple[int, str, str], int] = {}  # (minute, uuid, iface) -> distinct kept
         self.dropped = 0  # lines not written because the store was full
 
@@ -53,21 +71,28 @@ class Store:
     def add(self, attempt: Attempt, guest: Guest, count: int = 1) -> None:
         minute = int(attempt.at // 60 * 60)
         dst, dport = attempt.dst, attempt.dport
-        key: Key = (minute, guest.uuid, guest.name, guest.iface, attempt.family, dst, dport)
+        key: Key = (minute, guest.uuid, guest.name, guest.iface, attempt.mode, attempt.family, dst, dport)
         if key not in self.pending:
             seen = (minute, guest.uuid, guest.iface)
             if self._destinations.get(seen, 0) >= MAX_DESTINATIONS:
-                key = (minute, guest.uuid, guest.name, guest.iface, attempt.family, OTHER, 0)
+                key = (minute, guest.uuid, guest.name, guest.iface, attempt.mode, attempt.family, OTHER, 0)
             else:
                 self._destinations[seen] = self._destinations.get(seen, 0) + 1
         bucket = self.pending.get(key)
         if bucket is None:
-            self.pending[key] = [count, attempt.at, attempt.at, attempt.mac]
-        else:
-            bucket[0] += count
-            bucket[1] = min(bucket[1], attempt.at)
-            bucket[2] = max(bucket[2], attempt.at)
-            bucket[3] = attempt.mac or bucket[3]
+            bucket = self.pending[key] = _Bucket(attempt.at)
+        bucket.count += count
+        bucket.connections += count if attempt.syn else 0
+        bucket.first = min(bucket.first, attempt.at)
+        bucket.last = max(bucket.last, attempt.at)
+        if attempt.mac:
+            bucket.mac = attempt.mac
+            if attempt.mac in bucket.macs or len(bucket.macs) < MAX_MACS:
+                bucket.macs[attempt.mac] = bucket.macs.get(attempt.mac, 0) + count
+            else:
+                bucket.macs_other += count
+        src = attempt.src if attempt.src in bucket.srcs or len(bucket.srcs) < MAX_SOURCES else OTHER
+        bucket.srcs[src] = bucket.srcs.get(src, 0) + count
 
     def flush(self, now: Optional[float] = None) -> int:
         """Append the pending buckets (one line each), prune, and return the lines written."""
@@ -77,9 +102,11 @@ class Store:
             return 0
         os.makedirs(self.dir, mode=0o750, exist_ok=True)
         by_day: Dict[str, List[bytes]] = {}
-        for (minute, uuid, name, iface, family, dst, dport), (count, first, last, mac) in sorted(pending.items()):
-            row = {"minute": minute, "guest": name, "uuid": uuid, "iface": iface, "mac": mac, "family": family,
-                   "dst": dst, "dport": dport, "count": count, "first": round(first, 3), "last": round(last, 3)}
+        for (minute, uuid, name, iface, mode, family, dst, dport), b in sorted(pending.items()):
+            row = {"minute": minute, "guest": name, "uuid": uuid, "iface": iface, "mode": mode, "family": family,
+                   "dst": dst, "dport": dport, "count": b.count, "connections": b.connections,
+                   "first": round(b.first, 3), "last": round(b.last, 3), "mac": b.mac, "macs": b.macs,
+                   "macs_other": b.macs_other, "srcs": b.srcs}
             by_day.setdefault(day_of(minute), []).append((json.dumps(row, sort_keys=True) + "\n").encode())
         self.prune(now)
         written = 0
@@ -96,6 +123,10 @@ class Store:
                 os.close(fd)
             written += len(lines)
         return written
+
+    def exists(self) -> bool:
+        """Whether the store holds any day file (the watcher wrote here within REPORT_DAYS)."""
+        return bool(self._files())
 
     def _files(self) -> List[Tuple[str, int]]:
         """(day, size) of every day file, oldest first."""
@@ -159,36 +190,60 @@ class Ranked(NamedTuple):
     guest: str
     uuid: str
     ifaces: Tuple[str, ...]
-    macs: Tuple[str, ...]
-    attempts: int
+    macs: Tuple[str, ...]  # up to MACS_SHOWN, most attempts first
+    attempts: int  # logged packets
     first: float
     last: float
     destinations: Tuple[Tuple[str, int], ...]  # ("192.0.2.25:25", count), most first
+    connections: int = 0  # connection attempts (TCP SYN without ACK) among ATTEMPTS
+    mode: str = "enforce"  # "audit": these attempts were let through (delivered)
+    macs_more: int = 0  # distinct MACs seen beyond MACS; more may have gone uncounted (macs_other)
+    sources: Tuple[Tuple[str, int], ...] = ()  # ("10.0.0.5", count), most first
+    macs_other: int = 0  # attempts from MACs past MAX_MACS per stored line (not told apart)
+
+
+MACS_SHOWN = 10
+
+
+def _top(counts: Dict[str, int], top: int) -> Tuple[Tuple[str, int], ...]:
+    return tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top])
 
 
 def rank(rows: Iterator[dict], top: int = 3) -> List[Ranked]:
-    """Guests by attempts, most first (an unknown port is its own entry, by interface)."""
-    guests: Dict[Tuple[str, str], dict] = {}
+    """Guests by connection attempts, then logged packets, most first; a guest's audit-mode
+    attempts (delivered) are an entry apart from its enforced ones; an unknown port is its
+    own entry, by interface."""
+    guests: Dict[Tuple[str, str, str], dict] = {}
     for row in rows:
         uuid = str(row.get("uuid", ""))
         name = str(row.get("guest", ""))
-        key = (uuid, name if uuid else f"{name} {row.get('iface', '')}")
-        entry = guests.setdefault(key, {"attempts": 0, "first": row["first"], "last": row["last"], "dst": {},
-                                        "ifaces": set(), "macs": set(), "name": name})
+        mode = "audit" if row.get("mode") == "audit" else "enforce"
+        key = (uuid, name if uuid else f"{name} {row.get('iface', '')}", mode)
+        entry = guests.setdefault(key, {"attempts": 0, "connections": 0, "first": row["first"], "last": row["last"],
+                                        "dst": {}, "ifaces": set(), "macs": {}, "srcs": {}, "name": name,
+                                        "macs_other": 0})
         count = int(row.get("count", 0))
         entry["attempts"] += count
+        entry["connections"] += int(row.get("connections", 0))
         entry["first"] = min(entry["first"], row["first"])
         entry["last"] = max(entry["last"], row["last"])
         family, dst, dport = row.get("family"), str(row.get("dst")), row.get("dport")
         where = OTHER if dst == OTHER else (f"[{dst}]:{dport}" if family == 6 else f"{dst}:{dport}")
         entry["dst"][where] = entry["dst"].get(where, 0) + count
         entry["ifaces"].add(str(row.get("iface", "")))
-        if row.get("mac"):
-            entry["macs"].add(str(row["mac"]))
-    out = [
-        Ranked(guest=e["name"], uuid=uuid, ifaces=tuple(sorted(e["ifaces"])), macs=tuple(sorted(e["macs"]))[:10],
-               attempts=e["attempts"], first=e["first"], last=e["last"],
-               destinations=tuple(sorted(e["dst"].items(), key=lambda kv: (-kv[1], kv[0]))[:top]))
-        for (uuid, _name), e in guests.items()
-    ]
-    return sorted(out, key=lambda r: (-r.attempts, r.guest, r.uuid))
+        macs = row.get("macs") if isinstance(row.get("macs"), dict) else ({row["mac"]: count} if row.get("mac") else {})
+        for mac, n in macs.items():
+            entry["macs"][str(mac)] = entry["macs"].get(str(mac), 0) + int(n)
+        entry["macs_other"] += int(row.get("macs_other", 0))
+        for src, n in (row.get("srcs") if isinstance(row.get("srcs"), dict) else {}).items():
+            entry["srcs"][str(src)] = entry["srcs"].get(str(src), 0) + int(n)
+    out = []
+    for (uuid, _name, mode), e in guests.items():
+        macs = _top(e["macs"], len(e["macs"]))
+        out.append(Ranked(
+            guest=e["name"], uuid=uuid, ifaces=tuple(sorted(e["ifaces"])), macs=tuple(m for m, _n in macs[:MACS_SHOWN]),
+            attempts=e["attempts"], first=e["first"], last=e["last"], destinations=_top(e["dst"], top),
+            connections=e["connections"], mode=mode, macs_more=max(0, len(macs) - MACS_SHOWN),
+            sources=_top(e["srcs"], top), macs_other=e["macs_other"],
+        ))
+    return sorted(out, key=lambda r: (-r.connections, -r.attempts, r.guest, r.uuid, r.mode))

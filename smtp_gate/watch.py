@@ -437,12 +437,25 @@ def main_loop(config: Config) -> int:
     desk = abuse.open_desk(config, log)  # blocked attempts (issue 12); None: not followed
     if desk is not None:
         sources.append(desk)
+        desk.write_stats()
+    else:
+        _write_unbound(config, log)  # RUN_DIR/abuse.json says so ("bound": 0) to status and metrics
     try:
         watch(check, log, lambda: offswitch.read(config.disabled_path), sources=sources)
     finally:
         if desk is not None:
+            # SIGTERM's SystemExit too: open journal intervals and the store are written, and
+            # a second SIGTERM must not cut that short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             desk.close()
     return 0
+
+
+def _write_unbound(config: Config, log: Callable[[str], None]) -> None:
+    try:
+        abuse.write_stats(config.run_dir, abuse.unbound_stats())
+    except SmtpGateError as exc:
+        log(str(exc))
 
 
 def libvirt_sources(keeper: Keeper, log: Callable[[str], None]) -> Tuple[Source, ...]:
