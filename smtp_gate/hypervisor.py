@@ -745,6 +745,18 @@ def read_allow(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -> Tuple[T
     return answers[uri]  # type: ignore[no-any-return]
 
 
+def _metadata_written(libvirt: Any, uri: str, uuid: str, work: _Work, timeout: float, verb: str, done: str) -> "AllowWrite":
+    """WORK's AllowWrite over a read-write connection to URI, or SmtpGateError saying that the
+    metadata of guest UUID could not be VERB-ed (and, after a timeout, that it may be DONE)."""
+    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
+    if uri in answers:
+        return answers[uri]  # type: ignore[no-any-return]
+    why = unreachable.get(uri) or absent.get(uri, "no answer")
+    if why.startswith("no answer within"):
+        why += f"; the metadata may or may not have been {done}: check it with `virsh metadata`"
+    raise SmtpGateError(f"cannot {verb} the smtp-gate metadata of guest {uuid} on {uri}: {why}")
+
+
 def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DEFAULT_TIMEOUT) -> AllowWrite:
     """Set ELEMENT (an <allow .../> without namespace: libvirt puts it in METADATA_NS with
     prefix ALLOW_KEY) as the guest UUID's allowance on URI, or remove it (ELEMENT None), in
@@ -785,13 +797,7 @@ def write_allow(uri: str, uuid: str, element: Optional[str], timeout: float = DE
                               snapshots, unknown)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
-    if uri in answers:
-        return answers[uri]  # type: ignore[no-any-return]
-    why = unreachable.get(uri) or absent.get(uri, "no answer")
-    if why.startswith("no answer within"):
-        why += "; the metadata may or may not have been written: check it with `virsh metadata`"
-    raise SmtpGateError(f"cannot write the smtp-gate metadata of guest {uuid} on {uri}: {why}")
+    return _metadata_written(libvirt, uri, uuid, work, timeout, "write", "written")
 
 
 def put_back(uri: str, uuid: str, raw: Dict[str, Optional[str]], timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -848,13 +854,7 @@ def remove_allow_unread(uri: str, uuid: str, timeout: float = DEFAULT_TIMEOUT) -
             return AllowWrite(domain, running, scopes, before, True, raw)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    answers, unreachable, absent = _each_uri(libvirt, [uri], work, timeout, read_only=False)
-    if uri in answers:
-        return answers[uri]  # type: ignore[no-any-return]
-    why = unreachable.get(uri) or absent.get(uri, "no answer")
-    if why.startswith("no answer within"):
-        why += "; the metadata may or may not have been removed: check it with `virsh metadata`"
-    raise SmtpGateError(f"cannot remove the smtp-gate metadata of guest {uuid} on {uri}: {why}")
+    return _metadata_written(libvirt, uri, uuid, work, timeout, "remove", "removed")
 
 
 def live_and_saved_allows(

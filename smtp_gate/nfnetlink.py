@@ -447,23 +447,16 @@ def interval_sentinel(element: bytes) -> bool:
 def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
     """Each element's attributes (NFTA_LIST_ELEM payloads) from a multi-part dump, or None
     when the kernel flagged it inconsistent."""
-    elements: List[bytes] = []
-    interrupted = False
-    while True:
-        for msg_type, flags, _seq, payload in _messages(_receive(sock)):
-            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-            if msg_type == NLMSG_ERROR or msg_type == NLMSG_DONE:
-                code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
-                if code:
-                    raise NetlinkError(f"cannot list {where}: {_errno_text(code)}", code, refused=True)
-                if msg_type == NLMSG_DONE:
-                    return None if interrupted else elements
-                continue
-            if msg_type & 0xFF != NFT_MSG_NEWSETELEM:
-                continue
-            for kind, value in _attrs(payload[4:]):
-                if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
-                    elements += [elem for _elem_kind, elem in _attrs(value)]
+    messages = _read_objects(sock, where, NFT_MSG_NEWSETELEM)
+    if messages is None:
+        return None
+    return [
+        elem
+        for payload in messages
+        for kind, value in _attrs(payload)
+        if kind == NFTA_SET_ELEM_LIST_ELEMENTS
+        for _elem_kind, elem in _attrs(value)
+    ]
 
 
 NFT_MSG_GETRULE = 7
