@@ -52,6 +52,11 @@ class _Bucket:
         self.srcs: Dict[str, int] = {}
 
 
+def _order(item: Tuple[Key, "_Bucket"]) -> tuple:
+    """Lines in key order; a port the kernel's copy did not hold ("?") sorts as text."""
+    return tuple(str(part) if isinstance(part, str) else f"{part:020d}" for part in item[0])
+
+
 def day_of(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d")
 
@@ -102,7 +107,7 @@ class Store:
             return 0
         os.makedirs(self.dir, mode=0o750, exist_ok=True)
         by_day: Dict[str, List[bytes]] = {}
-        for (minute, uuid, name, iface, mode, family, dst, dport), b in sorted(pending.items()):
+        for (minute, uuid, name, iface, mode, family, dst, dport), b in sorted(pending.items(), key=_order):
             row = {"minute": minute, "guest": name, "uuid": uuid, "iface": iface, "mode": mode, "family": family,
                    "dst": dst, "dport": dport, "count": b.count, "connections": b.connections,
                    "first": round(b.first, 3), "last": round(b.last, 3), "mac": b.mac, "macs": b.macs,
