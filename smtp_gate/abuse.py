@@ -502,15 +502,15 @@ class Desk:
                 self._told_stats = True
                 self.log(str(exc))
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         try:
-            self.store.flush()
+            self.store.flush(final=final)
         except OSError as exc:
             self.log(f"cannot write the report's store in {self.store.dir}: {exc}")
         if self.store.dropped and not self._told_full:
             self._told_full = True
             self.log(f"the report's store {self.store.dir} is full (REPORT_MAX_MB): "
-                     "lines of today are no longer written")
+                     "lines that do not fit are no longer written (older days are kept)")
 
     def close(self) -> None:
         """At the watcher's exit (SIGTERM too): write what is pending (open journal intervals,
@@ -522,7 +522,7 @@ class Desk:
             self.aggregator.tick(time.monotonic(), final=True)
         except (OSError, ValueError) as exc:
             self.log(f"abuse desk: cannot write the last entries: {exc}")
-        self.flush()
+        self.flush(final=True)
         drops = nflog.socket_drops(self.sock)
         self.log(f"abuse desk: {self.received} blocked-attempt events received, {self.overruns} overrun(s), "
                  f"kernel drops {drops if drops is not None else 'unknown'}, "

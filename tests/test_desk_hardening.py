@@ -2,6 +2,7 @@
 abuse desk (IPv6 extension headers, store floods, decoy destinations, a costly window)."""
 
 import json
+import os
 import socket
 import struct
 import time
@@ -10,6 +11,8 @@ from typing import Dict, List
 import pytest
 
 from smtp_gate import frames, nflog
+from smtp_gate.nflog import Attempt, Guest
+from smtp_gate.store import Store, day_of, rank
 from tests.netlab import BridgeLab
 from tests.test_abuse import desk_lab, wait_for  # noqa: F401  (a fixture)
 
@@ -109,3 +112,68 @@ def test_parse_payload_walks_ipv6_extension_headers() -> None:
     assert nflog.parse_payload(udp) == (6, src, dst, "?", "?", False, 0)
     assert nflog.parse_payload(b"", 6) == (6, "?", "?", "?", "?", False, 0)
     assert nflog.parse_payload(b"") is None
+
+
+# -- the store under a flood (finding 2) -----------------------------------------------------
+
+DAY = 86400
+
+
+def _flood(store: Store, t0: float, ports: int, flushes: int, per_flush: int = 50) -> int:
+    """PORTS guest ports each spraying fresh destinations, flushed every 10 s; attempts added."""
+    added, t = 0, t0
+    for flush in range(flushes):
+        for port in range(ports):
+            guest = Guest(f"spam{port}", f"u-s{port}", f"vnet{port + 1}")
+            for i in range(per_flush):
+                store.add(Attempt(port + 1, "02:00:00:00:00:01", 6, "fd00::1", f"2001:db8:{flush:x}:{port:x}::{i % 25:x}",
+                                  40000, 25, "enforce", t + i * 0.1), guest)
+                added += 1
+        t += 10
+        store.flush(t)
+    return added
+
+
+def _history(store: Store, t0: float) -> None:
+    for back in range(6, 0, -1):
+        at = t0 - back * DAY + 3600
+        store.add(Attempt(5, "52:54:00:00:00:07", 4, "10.0.0.7", "192.0.2.7", 40000, 25, "enforce", at),
+                  Guest("web7", "u-7", "vnet7"))
+        store.flush(at)
+
+
+def test_flooding_ports_keep_their_budget_and_never_wipe_the_history(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    t0 = 1_800_000_000 - 1_800_000_000 % DAY  # a UTC midnight
+    store = Store(str(tmp_path), days=7, max_bytes=1 << 20)  # a port's budget: 16 KiB a day
+    _history(store, t0)
+    added = _flood(store, t0, ports=2, flushes=360)  # one hour, 2 ports, 5/s of fresh destinations each
+    store.add(Attempt(9, "52:54:00:00:00:09", 4, "10.0.0.9", "192.0.2.9", 40000, 25, "enforce", t0 + 3600),
+              Guest("web9", "u-9", "vnet9"))
+    store.flush(t0 + 3600, final=True)
+    assert store.dropped == 0
+    ranked = {r.guest: r.attempts for r in rank(store.rows(t0 - 7 * DAY))}
+    assert ranked == {"spam0": added // 2, "spam1": added // 2, "web7": 6, "web9": 1}  # nothing lost in totals
+    rows = [json.loads(line) for line in open(os.path.join(store.dir, f"{day_of(t0)}.jsonl"))]
+    for port in ("vnet1", "vnet2"):
+        mine = [r for r in rows if r["iface"] == port]
+        detail = [r for r in mine if not r.get("summary")]
+        summaries = [r for r in mine if r.get("summary")]
+        assert sum(len(json.dumps(r, sort_keys=True)) + 1 for r in detail) <= 16 << 10
+        assert summaries and len(summaries) == len({r["minute"] for r in summaries})  # one per minute
+        per_minute: Dict[int, set] = {}
+        for r in detail:
+            per_minute.setdefault(r["minute"], set()).add(r["dst"])
+        assert max(len(d - {"other"}) for d in per_minute.values()) <= 20  # across flushes
+    # a day's worth at this rate stays within the budget and the summaries: ~16 KiB + 1440 lines
+    assert store.size() < 1 << 20
+
+
+def test_at_the_cap_older_days_stay_and_only_what_does_not_fit_is_dropped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    t0 = 1_800_000_000 - 1_800_000_000 % DAY
+    store = Store(str(tmp_path), days=7, max_bytes=200_000)  # budgets of 16 KiB: 12 ports fill half
+    _history(store, t0)
+    _flood(store, t0, ports=30, flushes=30, per_flush=25)
+    store.flush(t0 + 400, final=True)
+    assert store.size() <= 200_000 and store.dropped > 0
+    assert len(os.listdir(store.dir)) == 7  # six days of history and today
+    assert {r.guest for r in rank(store.rows(t0 - 7 * DAY))} >= {"web7"}
