@@ -252,17 +252,58 @@ def _ranked(counts: Dict[str, int], top: int) -> List[Tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
 
+WINDOW_STEPS = 60  # buckets per ON_BLOCKED_WINDOW
+
+
+class _Window:
+    """One guest's attempts within ON_BLOCKED_WINDOW: buckets [start, connections, packets,
+    first wall time] oldest first, and their running totals.  An attempt leaves the totals
+    when its whole bucket is older than the window: between window and window + step
+    seconds after it (step: window / WINDOW_STEPS)."""
+
+    __slots__ = ("buckets", "connections", "packets")
+
+    def __init__(self) -> None:
+        self.buckets: Deque[List[float]] = collections.deque()
+        self.connections = 0
+        self.packets = 0
+
+    def add(self, now: float, step: float, window: float, connections: int, at: float) -> None:
+        start = now - now % step
+        if self.buckets and self.buckets[-1][0] == start:
+            last = self.buckets[-1]
+            last[1] += connections
+            last[2] += 1
+        else:
+            self.buckets.append([start, connections, 1, at])
+        self.connections += connections
+        self.packets += 1
+        self.expire(now, step, window)
+
+    def expire(self, now: float, step: float, window: float) -> bool:
+        """Drop the buckets wholly older than the window; whether none is left."""
+        while self.buckets and self.buckets[0][0] + step <= now - window:
+            old = self.buckets.popleft()
+            self.connections -= int(old[1])
+            self.packets -= int(old[2])
+        return not self.buckets
+
+    def first(self) -> float:
+        return self.buckets[0][3] if self.buckets else 0.0
+
+
 class Trigger:
-    """ON_BLOCKED: connection attempts per guest over a sliding window of one-second buckets,
-    when each guest's command last ran (kept in FIRED_PATH across restarts), and the
+    """ON_BLOCKED: connection attempts per guest over a sliding window (WINDOW_STEPS buckets of
+    window/WINDOW_STEPS seconds, at least one, and running totals: O(1) per event whatever
+    the window), when each guest's command last ran (kept in FIRED_PATH across restarts), and the
     children it started."""
 
     def __init__(self, argv: Tuple[str, ...], threshold: int, window: float, timeout: float, log: Log,
                  fired_path: Optional[str] = None) -> None:
         self.argv, self.threshold, self.window, self.timeout, self.log = argv, threshold, window, timeout, log
         self.fired_path = fired_path
-        # guest key -> [[second, connections, packets, first wall time], ...]
-        self.buckets: Dict[str, Deque[List[float]]] = {}
+        self.step = max(1.0, window / WINDOW_STEPS)  # the width of a bucket
+        self.buckets: Dict[str, _Window] = {}  # guest key -> its attempts within the window
         self.fired: Dict[str, float] = self._load()  # guest key -> wall time its command last ran
         self.children: List[Tuple[subprocess.Popen, float, str]] = []  # (child, deadline, who)
         self.runs = 0
@@ -301,24 +342,19 @@ class Trigger:
         if not self.argv:
             return
         key = guest.uuid or f"ifindex:{attempt.ifindex}"
-        buckets = self.buckets.setdefault(key, collections.deque())
-        second = float(int(now))
-        if buckets and buckets[-1][0] == second:
-            buckets[-1][1] += int(attempt.syn)
-            buckets[-1][2] += 1
-        else:
-            buckets.append([second, int(attempt.syn), 1, attempt.at])
-        while buckets and buckets[0][0] <= now - self.window:
-            buckets.popleft()
+        window = self.buckets.get(key)
+        if window is None:
+            window = self.buckets[key] = _Window()
+        window.add(now, self.step, self.window, int(attempt.syn), attempt.at)
         if not attempt.syn:
             return
-        total = int(sum(b[1] for b in buckets))
+        total = window.connections
         last = self.fired.get(key)
         wall = time.time()
         if total >= self.threshold and (last is None or wall - last >= self.window):
             self.fired[key] = wall
             self._save()
-            self._run(attempt, guest, total, int(sum(b[2] for b in buckets)), buckets[0][3], recent)
+            self._run(attempt, guest, total, window.packets, window.first(), recent)
 
     def document(self, attempt: Attempt, guest: Guest, total: int, packets: int, first: float,
                  recent: Recent) -> Dict[str, object]:
@@ -378,7 +414,7 @@ class Trigger:
     def prune(self, now: float) -> None:
         """Forget guests with no attempt and no run within the window (ports come and go)."""
         wall = time.time()
-        for key in [k for k, b in self.buckets.items() if not b or b[-1][0] <= now - self.window]:
+        for key in [k for k, w in self.buckets.items() if w.expire(now, self.step, self.window)]:
             if wall - self.fired.get(key, float("-inf")) >= self.window:
                 self.buckets.pop(key, None)
                 self.fired.pop(key, None)

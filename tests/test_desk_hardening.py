@@ -177,3 +177,42 @@ def test_at_the_cap_older_days_stay_and_only_what_does_not_fit_is_dropped(tmp_pa
     assert store.size() <= 200_000 and store.dropped > 0
     assert len(os.listdir(store.dir)) == 7  # six days of history and today
     assert {r.guest for r in rank(store.rows(t0 - 7 * DAY))} >= {"web7"}
+
+
+# -- ON_BLOCKED's window (finding 4) -----------------------------------------------------------
+
+
+def _syn(at: float, sport: int = 40000) -> Attempt:
+    return Attempt(1, "02:00:00:00:00:01", 4, "10.0.0.1", "192.0.2.1", sport, 25, "enforce", at, syn=True, seq=sport)
+
+
+def test_on_blocked_window_crosses_its_threshold_at_the_right_count_in_constant_memory() -> None:
+    from smtp_gate.abuse import Recent, Trigger
+    guest = Guest("spam1", "u-1", "vnet1")
+    for window in (600.0, 86400.0):
+        trigger = Trigger(("/bin/true",), 100, window, 5.0, lambda _m: None)
+        try:
+            step = window / 60
+            for i in range(99):  # 99 attempts, one a second: not yet
+                trigger.add(_syn(i), guest, float(i), Recent())
+            assert trigger.runs == 0 and trigger.buckets["u-1"].connections == 99
+            # the 100th, once the first ones are a window old (within a step): they still count
+            trigger.add(_syn(1000), guest, window + step / 2, Recent())
+            assert trigger.runs == 1
+        finally:
+            trigger.stop()
+        trigger = Trigger(("/bin/true",), 100, window, 5.0, lambda _m: None)
+        try:
+            for i in range(99):
+                trigger.add(_syn(i), guest, float(i), Recent())
+            # a step after the window has passed them, the first attempts are gone: 1 + those after
+            late = 99 + window + step
+            trigger.add(_syn(1000), guest, late, Recent())
+            kept = trigger.buckets["u-1"].connections
+            assert trigger.runs == 0 and kept == 1 + sum(1 for i in range(99) if i - i % step + step > late - window)
+            # a steady attempt a second for two windows: buckets stay WINDOW_STEPS + 1 at most
+            for s in range(int(2 * window)):
+                trigger.buckets["u-1"].add(late + s, step, window, 0, late + s)
+            assert len(trigger.buckets["u-1"].buckets) <= 61
+        finally:
+            trigger.stop()
