@@ -124,8 +124,45 @@ def unbound_stats() -> Dict[str, int]:
     return {key: 0 for key in STATS_KEYS}
 
 
-def fields(attempt: Attempt, guest: Guest, count: int, connections: int, message: str) -> Dict[str, object]:
+def destination(attempt: Attempt) -> str:
+    """"192.0.2.25:25" or "[2001:db8::25]:25", as the report and ON_BLOCKED name it."""
+    return f"[{attempt.dst}]:{attempt.dport}" if attempt.family == 6 else f"{attempt.dst}:{attempt.dport}"
+
+
+class TopK:
+    """The heaviest hitters of a stream in bounded memory (space-saving, Metwally et al.):
+    K counters; a new item takes the smallest one's place, inheriting its count as its
+    possible error, so an item seen more than total/K times is always among them, whatever
+    came first.  top() ranks by that estimate and gives each item's guaranteed count (the
+    estimate less its error): never more than it was seen."""
+
+    __slots__ = ("k", "counts", "errors")
+
+    def __init__(self, k: int = 20) -> None:
+        self.k = k
+        self.counts: Dict[str, int] = {}
+        self.errors: Dict[str, int] = {}
+
+    def add(self, item: str, n: int = 1) -> None:
+        if item in self.counts or len(self.counts) < self.k:
+            self.counts[item] = self.counts.get(item, 0) + n
+            return
+        smallest = min(self.counts, key=self.counts.__getitem__)
+        floor = self.counts.pop(smallest)
+        self.errors.pop(smallest, None)
+        self.counts[item], self.errors[item] = floor + n, floor
+
+    def top(self, n: int) -> List[Tuple[str, int]]:
+        return [(item, count - self.errors.get(item, 0)) for item, count in _ranked(self.counts, n)]
+
+
+TOP_DESTINATIONS = 3  # in a journal entry: SMTP_GATE_TOP_DESTINATIONS
+
+
+def fields(attempt: Attempt, guest: Guest, count: int, connections: int, message: str,
+           top: Optional[TopK] = None) -> Dict[str, object]:
     """A journal entry's fields: stable names (README "Abuse desk")."""
+    ranked = top.top(TOP_DESTINATIONS) if top is not None else [(destination(attempt), 1)]
     return {
         "MESSAGE": message,
         "PRIORITY": PRIORITY_WARNING,
@@ -144,6 +181,8 @@ def fields(attempt: Attempt, guest: Guest, count: int, connections: int, message
         "SMTP_GATE_MODE": attempt.mode,
         "SMTP_GATE_COUNT": count,  # logged packets
         "SMTP_GATE_CONNECTIONS": connections,  # connection attempts (SYN without ACK) among them
+        # the interval's most attempted destinations (bounded heavy hitters), not the last one's
+        "SMTP_GATE_TOP_DESTINATIONS": " ".join(f"{d}={n}" for d, n in ranked),
     }
 
 
@@ -173,10 +212,11 @@ class Connections:
 
 
 class _Interval:
-    __slots__ = ("ends", "count", "connections", "last", "guest")
+    __slots__ = ("ends", "count", "connections", "last", "guest", "top")
 
     def __init__(self, ends: float, attempt: Attempt, guest: Guest) -> None:
         self.ends, self.count, self.connections, self.last, self.guest = ends, 0, 0, attempt, guest
+        self.top = TopK()
 
 
 class Aggregator:
@@ -197,6 +237,7 @@ class Aggregator:
         current.count += 1
         current.connections += int(attempt.syn)
         current.last, current.guest = attempt, guest
+        current.top.add(destination(attempt))
 
     def due(self) -> Optional[float]:
         return min((i.ends for i in self.open.values()), default=None)
@@ -211,8 +252,10 @@ class Aggregator:
                 continue
             message = (f"{interval.count} more SMTP packet(s), {interval.connections} connection attempt(s) "
                        f"in {self.interval:g}s; last: " + nflog.describe(interval.last, interval.guest))
-            self._write(fields(interval.last, interval.guest, interval.count, interval.connections, message))
+            self._write(fields(interval.last, interval.guest, interval.count, interval.connections, message,
+                               interval.top))
             interval.count, interval.connections, interval.ends = 0, 0, now + self.interval
+            interval.top = TopK()
             if final:
                 del self.open[ifindex]
 
@@ -222,23 +265,23 @@ class Aggregator:
 
 
 class Recent:
-    """What ON_BLOCKED's document lists of one guest since it was last quiet for a window:
-    destinations, source addresses and MACs, each bounded."""
+    """What ON_BLOCKED's document lists of one guest within the current window (started
+    afresh every ON_BLOCKED_WINDOW): destinations (the heaviest, TopK), source addresses and
+    MACs, each bounded."""
 
     MACS_KEPT = 1024  # distinct MACs counted; the packets of any further one: macs_uncounted
 
-    __slots__ = ("destinations", "sources", "macs", "macs_uncounted")
+    __slots__ = ("destinations", "sources", "macs", "macs_uncounted", "since")
 
-    def __init__(self) -> None:
-        self.destinations: Dict[str, int] = {}
+    def __init__(self, since: float = 0.0) -> None:
+        self.since = since
+        self.destinations = TopK(MAX_LISTED)
         self.sources: Dict[str, int] = {}
         self.macs: Dict[str, int] = {}
         self.macs_uncounted = 0
 
     def add(self, attempt: Attempt) -> None:
-        where = f"[{attempt.dst}]:{attempt.dport}" if attempt.family == 6 else f"{attempt.dst}:{attempt.dport}"
-        if where in self.destinations or len(self.destinations) < 100:
-            self.destinations[where] = self.destinations.get(where, 0) + 1
+        self.destinations.add(destination(attempt))
         if attempt.src in self.sources or len(self.sources) < MAX_LISTED:
             self.sources[attempt.src] = self.sources.get(attempt.src, 0) + 1
         if attempt.mac:
@@ -371,7 +414,7 @@ class Trigger:
             "sources": [{"source": s, "packets": n} for s, n in _ranked(recent.sources, MAX_LISTED)],
             "macs": [m for m, _n in macs], "macs_more": len(recent.macs) - len(macs),
             "macs_uncounted_packets": recent.macs_uncounted,
-            "destinations": [{"destination": d, "packets": n} for d, n in _ranked(recent.destinations, 5)],
+            "destinations": [{"destination": d, "packets": n} for d, n in recent.destinations.top(5)],
         }
 
     def _run(self, attempt: Attempt, guest: Guest, total: int, packets: int, first: float, recent: Recent) -> None:
@@ -496,7 +539,10 @@ class Desk:
             self.aggregator.add(attempt, guest, now)
             self.store.add(attempt, guest)
             if self.trigger.argv:
-                recent = self._recent.setdefault(guest.uuid or f"ifindex:{attempt.ifindex}", Recent())
+                key = guest.uuid or f"ifindex:{attempt.ifindex}"
+                recent = self._recent.get(key)
+                if recent is None or now - recent.since >= self.trigger.window:
+                    recent = self._recent[key] = Recent(now)  # afresh every window
                 recent.add(attempt)
                 self.trigger.add(attempt, guest, now, recent)
 

@@ -16,7 +16,9 @@ The bound, whatever a guest does (docs: README "Abuse desk"):
 - what reaches the watcher is already bounded by the kernel's meter (LOG_GROUP_RATE per
   guest port, 1 000 events/s in all);
 - per guest port and minute at most MAX_DESTINATIONS destinations are kept apart (counted
-  across flushes); the rest are counted together as destination "other" (a guest spraying addresses adds one
+  across flushes; chosen at each flush as the most attempted of those not kept yet, among
+  the first MAX_CANDIDATES new ones of the flush); the rest are counted together as
+  destination "other" (a guest spraying addresses adds one
   line, not one per address); spoofed MACs do not multiply lines (the key is the port;
   the MAC kept is the last one seen);
 - per guest port and UTC day at most REPORT_MAX_MB / 64 bytes of these lines (1 MiB of the
@@ -35,11 +37,12 @@ import datetime
 import json
 import os
 import time
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from smtp_gate.nflog import Attempt, Guest
 
 MAX_DESTINATIONS = 20
+MAX_CANDIDATES = 1024  # new destinations per port counted apart between two flushes; past it: "other"
 PORT_DAY_SHARE = 64  # a port's detail per UTC day: REPORT_MAX_MB / 64 (1 MiB of the default 64)
 MIN_PORT_DAY_BYTES = 16 << 10
 MAX_MACS = 16  # distinct source MACs kept per line; attempts of the rest: "macs_other"
@@ -66,6 +69,23 @@ def _order(item: Tuple[Key, "_Bucket"]) -> tuple:
     return tuple(str(part) if isinstance(part, str) else f"{part:020d}" for part in item[0])
 
 
+def _merge(into: "_Bucket", bucket: "_Bucket") -> None:
+    """Add BUCKET's counts to INTO (same port and minute), within the bounds of a line."""
+    into.count += bucket.count
+    into.connections += bucket.connections
+    into.first, into.last = min(into.first, bucket.first), max(into.last, bucket.last)
+    into.mac = bucket.mac or into.mac
+    into.macs_other += bucket.macs_other
+    for mac, n in bucket.macs.items():
+        if mac in into.macs or len(into.macs) < MAX_MACS:
+            into.macs[mac] = into.macs.get(mac, 0) + n
+        else:
+            into.macs_other += n
+    for src, n in bucket.srcs.items():
+        src = src if src in into.srcs or len(into.srcs) < MAX_SOURCES else OTHER
+        into.srcs[src] = into.srcs.get(src, 0) + n
+
+
 def _line(key: Key, b: "_Bucket", summary: bool = False) -> bytes:
     minute, uuid, name, iface, mode, family, dst, dport = key
     row = {"minute": minute, "guest": name, "uuid": uuid, "iface": iface, "mode": mode, "family": family,
@@ -89,8 +109,10 @@ class Store:
         self.days = days
         self.max_bytes = max_bytes
         self.pending: Dict[Key, _Bucket] = {}
-        # (minute, uuid, iface) -> distinct destinations kept; across flushes, pruned after 2 minutes
-        self._destinations: Dict[Tuple[int, str, str], int] = {}
+        # (minute, uuid, iface) -> the destinations kept apart (mode, family, dst, dport), up to
+        # MAX_DESTINATIONS, across flushes; pruned after 2 minutes
+        self._destinations: Dict[Tuple[int, str, str], Set[tuple]] = {}
+        self._candidates: Dict[Tuple[int, str, str], int] = {}  # pending destinations not (yet) kept
         self._used: Dict[Tuple[str, str, str], int] = {}  # (day, uuid, iface) -> bytes of detail written
         self.summaries: Dict[Key, _Bucket] = {}  # ports past their budget: per minute, until it ends
         self.dropped = 0  # lines not written because the store was full
@@ -102,10 +124,13 @@ class Store:
         key: Key = (minute, guest.uuid, guest.name, guest.iface, attempt.mode, attempt.family, dst, dport)
         if key not in self.pending:
             seen = (minute, guest.uuid, guest.iface)
-            if self._destinations.get(seen, 0) >= MAX_DESTINATIONS:
+            kept = self._destinations.get(seen, ())
+            if key[4:] in kept:
+                pass
+            elif len(kept) >= MAX_DESTINATIONS or self._candidates.get(seen, 0) >= MAX_CANDIDATES:
                 key = (minute, guest.uuid, guest.name, guest.iface, attempt.mode, attempt.family, OTHER, 0)
-            else:
-                self._destinations[seen] = self._destinations.get(seen, 0) + 1
+            else:  # which ones are kept apart is decided at the flush, by their counts
+                self._candidates[seen] = self._candidates.get(seen, 0) + 1
         bucket = self.pending.get(key)
         if bucket is None:
             bucket = self.pending[key] = _Bucket(attempt.at)
@@ -130,7 +155,7 @@ class Store:
         (FINAL: every one), prune, and return the lines written.  A port past its day's
         budget (bytes of detail) is reduced to one summary line per minute, mode and family."""
         now = time.time() if now is None else now
-        pending, self.pending = self.pending, {}
+        pending, self.pending, self._candidates = self._choose(self.pending), {}, {}
         current = int(now // 60 * 60)
         self._destinations = {k: n for k, n in self._destinations.items() if k[0] >= current - 120}
         budget = self._port_budget()
@@ -175,6 +200,29 @@ class Store:
                 written += len(lines)
         return written
 
+    def _choose(self, pending: Dict[Key, "_Bucket"]) -> Dict[Key, "_Bucket"]:
+        """Keep apart, per port and minute, the most attempted of the destinations not kept
+        yet (up to MAX_DESTINATIONS in all); fold the rest into "other": decoys sent first
+        do not push the real target out."""
+        groups: Dict[Tuple[int, str, str], List[Key]] = {}
+        for key in pending:
+            seen = (key[0], key[1], key[3])
+            if key[6] != OTHER and key[4:] not in self._destinations.get(seen, ()):
+                groups.setdefault(seen, []).append(key)
+        for seen, keys in groups.items():
+            kept = self._destinations.setdefault(seen, set())
+            keys.sort(key=lambda k: (-pending[k].count, _order((k, None))))
+            room = max(0, MAX_DESTINATIONS - len(kept))
+            kept.update(k[4:] for k in keys[:room])
+            for key in keys[room:]:
+                other: Key = (key[0], key[1], key[2], key[3], key[4], key[5], OTHER, 0)
+                bucket = pending.pop(key)
+                if other in pending:
+                    _merge(pending[other], bucket)
+                else:
+                    pending[other] = bucket
+        return pending
+
     def _summarize(self, key: Key, bucket: "_Bucket") -> None:
         """Fold BUCKET into its port's summary of that minute, mode and family (destination "other")."""
         minute, uuid, name, iface, mode, family, _dst, _dport = key
@@ -183,19 +231,7 @@ class Store:
         if into is None:
             self.summaries[skey] = bucket
             return
-        into.count += bucket.count
-        into.connections += bucket.connections
-        into.first, into.last = min(into.first, bucket.first), max(into.last, bucket.last)
-        into.mac = bucket.mac or into.mac
-        into.macs_other += bucket.macs_other
-        for mac, n in bucket.macs.items():
-            if mac in into.macs or len(into.macs) < MAX_MACS:
-                into.macs[mac] = into.macs.get(mac, 0) + n
-            else:
-                into.macs_other += n
-        for src, n in bucket.srcs.items():
-            src = src if src in into.srcs or len(into.srcs) < MAX_SOURCES else OTHER
-            into.srcs[src] = into.srcs.get(src, 0) + n
+        _merge(into, bucket)
 
     def exists(self) -> bool:
         """Whether the store holds any day file (the watcher wrote here within REPORT_DAYS)."""

@@ -392,7 +392,7 @@ def test_blocked_attempts_are_attributed_entries_in_the_journal(desk_lab) -> Non
         "SMTP_GATE_UUID": guest_uuid("g1"), "SMTP_GATE_MAC": g1.mac, "SMTP_GATE_IFACE": "vnet0",
         "SMTP_GATE_IFINDEX": str(lab.hv.ifindex("vnet0")), "SMTP_GATE_FAMILY": "ipv4", "SMTP_GATE_SRC": g1.ip4,
         "SMTP_GATE_DST": lab.INET4, "SMTP_GATE_SPORT": "40000", "SMTP_GATE_DPORT": "25", "SMTP_GATE_MODE": "enforce",
-        "SMTP_GATE_COUNT": "1", "SMTP_GATE_CONNECTIONS": "1",
+        "SMTP_GATE_COUNT": "1", "SMTP_GATE_CONNECTIONS": "1", "SMTP_GATE_TOP_DESTINATIONS": f"{lab.INET4}:25=1",
     }
     assert first["MESSAGE"] == f"blocked SMTP from g1 (vnet0, {g1.ip4}, {g1.mac}) to {lab.INET4}:25"
     # the second attempt of g1 fell into its interval: one entry with the count at its end

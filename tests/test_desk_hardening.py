@@ -216,3 +216,47 @@ def test_on_blocked_window_crosses_its_threshold_at_the_right_count_in_constant_
             assert len(trigger.buckets["u-1"].buckets) <= 61
         finally:
             trigger.stop()
+
+
+# -- decoy destinations (finding 5) ------------------------------------------------------------
+
+
+def _to(dst: str, at: float = 1_800_000_000.0) -> Attempt:
+    return Attempt(1, "02:00:00:00:00:01", 4, "10.0.0.1", dst, 40000, 25, "enforce", at)
+
+
+def test_decoys_sent_first_do_not_hide_the_real_target() -> None:
+    from smtp_gate.abuse import Aggregator, Recent, Trigger
+    guest = Guest("spam1", "u-1", "vnet1")
+    decoys = [_to(f"192.0.2.{i}") for i in range(100)] + [_to(f"198.51.100.{i}") for i in range(100)]
+    # ON_BLOCKED's document: the heaviest destinations, whatever came first
+    recent = Recent()
+    for a in decoys + [_to("203.0.113.66")] * 600:
+        recent.add(a)
+    document = Trigger(("/bin/true",), 5, 60.0, 1.0, print).document(_to("203.0.113.66"), guest, 5, 800, 0.0, recent)
+    assert document["destinations"][0]["destination"] == "203.0.113.66:25"
+    assert document["destinations"][0]["packets"] >= 600
+    # the journal's aggregate entry: its top destinations, not the last attempt's alone
+    entries: List[Dict[str, object]] = []
+    aggregator = Aggregator(10.0, entries.append)
+    for a in [_to("203.0.113.9")] + decoys[:50] + [_to("203.0.113.66")] * 30 + decoys[50:] + [_to("192.0.2.7")]:
+        aggregator.add(a, guest, 0.0)
+    aggregator.tick(10.0)
+    assert entries[0]["SMTP_GATE_TOP_DESTINATIONS"] == "203.0.113.9:25=1"
+    top = str(entries[1]["SMTP_GATE_TOP_DESTINATIONS"]).split()
+    assert len(top) == 3 and top[0] == "203.0.113.66:25=30" and entries[1]["SMTP_GATE_DST"] == "192.0.2.7"
+    # the store: within a flush, the most attempted destinations are kept apart
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(tmp)
+        for a in decoys + [_to("203.0.113.66")] * 50:
+            store.add(a, guest)
+        store.flush(1_800_000_000.0 + 5)
+        ranked = rank(store.rows(0))
+        assert ranked[0].destinations[:2] == (("other", 200 - 19), ("203.0.113.66:25", 50))
+        # across flushes of the same minute, at most 20 destinations apart in all
+        for i in range(30):
+            store.add(_to(f"198.18.0.{i}", 1_800_000_000.0 + 20), guest)
+        store.flush(1_800_000_000.0 + 25)
+        dsts = {r["dst"] for r in store.rows(0)}
+        assert len(dsts - {"other"}) == 20
