@@ -99,7 +99,21 @@ def config_problems(config: Config) -> List[str]:
     problem = command_problem(config.on_blocked)
     if problem:
         out.append(problem)
+    if config.on_blocked and config.log_group is not None:
+        logged = config.log_group_burst + per_second(config.log_group_rate) * config.on_blocked_window
+        if config.on_blocked_threshold > logged:
+            out.append(f"ON_BLOCKED_THRESHOLD={config.on_blocked_threshold} can never be reached within "
+                       f"ON_BLOCKED_WINDOW={config.on_blocked_window:g}s: a port has at most LOG_GROUP_BURST + "
+                       f"LOG_GROUP_RATE x window = {config.log_group_burst} + {config.log_group_rate} x "
+                       f"{config.on_blocked_window:g}s = {int(logged)} attempts logged (lower the threshold, or "
+                       "raise LOG_GROUP_RATE, LOG_GROUP_BURST or the window)")
     return out
+
+
+def per_second(rate: str) -> float:
+    """"50/second", "3/minute"... as events per second (config.py checked its form)."""
+    count, _, unit = rate.partition("/")
+    return int(count) / {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[unit]
 
 
 def read_stats(run_dir: str) -> Optional[Dict[str, int]]:

@@ -13,8 +13,8 @@ A listener that falls behind loses events: the kernel counts them as the socket'
 socket: the drop is a rule of its own.
 
 Attribution (Attributor): the frame's ingress port (in the bridge family the kernel gives
-the bridge as NFULA_IFINDEX_INDEV and the port as NFULA_IFINDEX_PHYSINDEV) is looked up in the run directory's records (a guest's ports as
-(name, index)); a port no record names is "unknown port" with its index and name.
+the bridge as NFULA_IFINDEX_INDEV and the port as NFULA_IFINDEX_PHYSINDEV) is looked up in
+the run directory's records (a guest's ports, foreign ones included, as (name, index)); a port no record names is "unknown port" with its index and name.
 """
 
 import errno
@@ -286,7 +286,8 @@ class Attributor:
     def _reload(self, now: float) -> None:
         ports: Dict[int, Guest] = {}
         for record in self._records():
-            for name, index in record.guest_ports:
+            # a guest's ports on bridges we do not protect are its own too (as metrics.owners)
+            for name, index in (*record.guest_ports, *record.foreign_ports):
                 ports[index] = Guest(record.name, record.uuid, name)
         self._ports, self._read_at = ports, now
 

@@ -260,3 +260,33 @@ def test_decoys_sent_first_do_not_hide_the_real_target() -> None:
         store.flush(1_800_000_000.0 + 25)
         dsts = {r["dst"] for r in store.rows(0)}
         assert len(dsts - {"other"}) == 20
+
+
+# -- attribution and an unreachable threshold (finding 6) --------------------------------------
+
+
+def test_a_guests_foreign_port_is_attributed_to_it_as_metrics_do() -> None:
+    from smtp_gate.runstate import Record
+    record = Record("u-1", "web1", guest_ports=(("vnet3", 13),), foreign_ports=(("vnet4", 14),))
+    attribute = nflog.Attributor(lambda: [record], ifname=lambda i: f"if{i}")
+    assert attribute(14, 0.0) == Guest("web1", "u-1", "vnet4")
+    assert attribute(15, 0.0) == Guest("unknown port", "", "if15")
+
+
+def test_an_on_blocked_threshold_that_can_never_be_reached_is_said(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from smtp_gate import abuse, cli
+    from smtp_gate import config as config_mod
+    script = tmp_path / "notify"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    text = (f'ON_BLOCKED="{script}"\nON_BLOCKED_THRESHOLD="5000"\nON_BLOCKED_WINDOW="60"\n'
+            'LOG_GROUP_RATE="1/second"\nLOG_GROUP_BURST="100"\n')
+    (tmp_path / "c.conf").write_text(text + f'RUN_DIR="{tmp_path}/run"\nSTATE_DIR="{tmp_path}/state"\n')
+    config = config_mod.parse(text, tmp_path / "c.conf")
+    assert abuse.config_problems(config) == [
+        "ON_BLOCKED_THRESHOLD=5000 can never be reached within ON_BLOCKED_WINDOW=60s: a port has at most "
+        "LOG_GROUP_BURST + LOG_GROUP_RATE x window = 100 + 1/second x 60s = 160 attempts logged (lower the "
+        "threshold, or raise LOG_GROUP_RATE, LOG_GROUP_BURST or the window)"]
+    assert abuse.config_problems(config_mod.parse(text.replace("5000", "160"), tmp_path / "c.conf")) == []
+    code = cli.main(["--config", str(tmp_path / "c.conf"), "debug"])
+    assert code == 3 and "ON_BLOCKED_THRESHOLD=5000 can never be reached" in capsys.readouterr().err
