@@ -4,8 +4,6 @@ abuse desk (IPv6 extension headers, store floods, decoy destinations, a costly w
 import json
 import os
 import socket
-import struct
-import time
 from typing import Dict, List
 
 import pytest
