@@ -1,4 +1,5 @@
-"""Send prebuilt blocked SMTP frames (TCP SYN to port 25) at a target rate, from spoofed MACs.
+"""Send prebuilt blocked SMTP frames (TCP SYN to port 25) at a target rate, from spoofed MACs
+and PORTS source ports (so each frame is a connection attempt, not a retransmission).
 
     _flood_sender.py --dev eth0 --dst-mac M --src IP --dst IP --rate 70000 --seconds 5 --macs 4096
 
@@ -18,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from smtp_gate import frames  # noqa: E402
 
 BATCH = 500
+PORTS = 16384
+
+
+def syn_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int) -> bytes:
+    """A TCP SYN to port 25 from SPORT."""
+    seg = frames.tcp_segment(socket.inet_aton(src), socket.inet_aton(dst), sport, 25, b"SGT-flood-bench!")
+    return frames.ethernet(dst_mac, src_mac, frames.ETH_P_IP, frames.ipv4_packet(src, dst, seg))
 
 
 def main() -> int:
@@ -30,11 +38,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--macs", type=int, default=4096)
     args = parser.parse_args()
-    prebuilt = [
-        frames.tcp4_frame(f"02:00:5e:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}", args.dst_mac, args.src,
-                          args.dst, 25, b"SGT-flood-bench!")
-        for i in range(args.macs)
-    ]
+    # one frame per source port (PORTS of them, the MACs cycled): each a new connection
+    # attempt for the desk's counting until the ports come round again
+    prebuilt = [syn_frame(f"02:00:5e:{m >> 16 & 255:02x}:{m >> 8 & 255:02x}:{m & 255:02x}", args.dst_mac,
+                          args.src, args.dst, 1024 + i)
+                for i, m in ((i, i % args.macs) for i in range(max(PORTS, args.macs)))]
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((args.dev, 0))
     send = sock.send

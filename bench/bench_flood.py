@@ -9,13 +9,14 @@ is never touched).  Side by side, in one run:
                       burst 2 000) holds the events back -- the most the watcher is sent
 
 Reported for each: the frames sent and the rate achieved (bench/_flood_sender.py: raw
-AF_PACKET sends of prebuilt frames from the guest namespace), the frames our drop rule
+AF_PACKET sends of prebuilt frames from the guest namespace, each from its own source port
+of 16 384, so the desk's connection counting is exercised), the frames our drop rule
 counted (`blocked4`), the frames that reached the internet namespace on port 25 (an
 ingress counter there: must be 0, enforcement intact), the watcher's CPU share over the
 flood (utime+stime from /proc/<pid>/stat, % of one CPU) and journald's, the NFLOG events
 the watcher received, its overruns (reads that failed with ENOBUFS) and the kernel's drop
 count for its socket (/proc/net/netlink), the journal entries written (read back with
-journalctl), the entries of a second, quiet guest that sends one attempt a second during
+journalctl; the flooder's packets and connection attempts in them), the entries of a second, quiet guest that sends one attempt a second during
 the flood (per-port fairness: none of them may be lost), and the report store's size.
 
     sudo .venv/bin/python bench/bench_flood.py [--seconds 5] [--rate 70000]
@@ -35,9 +36,9 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _flood_sender  # noqa: E402
 import common  # noqa: E402
 
-from smtp_gate import frames  # noqa: E402
 from tests import journal_lab  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -115,7 +116,7 @@ def run_variant(name: str, extra: str, seconds: float, rate: float) -> Dict[str,
             tx.bind(("eth0", 0))
             quiet_sent = 0
             while sender.poll() is None:
-                tx.send(frames.tcp4_frame(quiet.mac, lab.inet_mac, quiet.ip4, lab.INET4, 25, b"SGT-quiet-guest!"))
+                tx.send(_flood_sender.syn_frame(quiet.mac, lab.inet_mac, quiet.ip4, lab.INET4, 30000 + quiet_sent))
                 quiet_sent += 1
                 time.sleep(1.0)
             tx.close()
@@ -143,6 +144,7 @@ def run_variant(name: str, extra: str, seconds: float, rate: float) -> Dict[str,
             "received": int(stats.group(1)) if stats else 0, "overruns": int(stats.group(2)) if stats else 0,
             "kernel_drops": stats.group(3) if stats else "-", "entries": len(entries),
             "flood_count": sum(int(e["SMTP_GATE_COUNT"]) for e in flood_entries), "flood_entries": len(flood_entries),
+            "flood_connections": sum(int(e.get("SMTP_GATE_CONNECTIONS", 0)) for e in flood_entries),
             "quiet": f"{sum(int(e['SMTP_GATE_COUNT']) for e in quiet_entries)}/{quiet_sent}" if stats else f"-/{quiet_sent}",
             "store": sum(f.stat().st_size for f in store.glob("*.jsonl")) if store.exists() else 0,
         }
@@ -164,12 +166,12 @@ def main() -> int:
     rows = [[
         r["variant"], r["sent"], f"{r['rate']:.0f}", r["dropped_by_rule"], r["arrived"], f"{r['watcher_cpu']:.1f}",
         f"{r['journald_cpu']:.1f}", r["received"], r["overruns"], r["kernel_drops"], r["entries"],
-        f"{r['flood_count']} in {r['flood_entries']}", r["quiet"], r["store"],
+        f"{r['flood_count']} ({r['flood_connections']} conn.) in {r['flood_entries']}", r["quiet"], r["store"],
     ] for r in results]
     common.emit(common.table(
         f"blocked SMTP flood from a guest spoofing 4096 MACs, {args.seconds:g} s at {args.rate:.0f} frames/s target",
         ["variant", "sent", "frames/s", "dropped", "arrived", "watcher %CPU", "journald %CPU", "events", "overruns",
-         "kernel drops", "entries", "flooder: attempts in entries", "quiet guest", "store bytes"],
+         "kernel drops", "entries", "flooder: packets (connection attempts) in entries", "quiet guest", "store bytes"],
         rows,
         notes=[
             "dropped: frames counted by our drop chain (blocked4); arrived: frames to port 25 seen by the internet side",

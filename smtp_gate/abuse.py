@@ -99,7 +99,21 @@ def config_problems(config: Config) -> List[str]:
     problem = command_problem(config.on_blocked)
     if problem:
         out.append(problem)
+    if config.on_blocked and config.log_group is not None:
+        logged = config.log_group_burst + per_second(config.log_group_rate) * config.on_blocked_window
+        if config.on_blocked_threshold > logged:
+            out.append(f"ON_BLOCKED_THRESHOLD={config.on_blocked_threshold} can never be reached within "
+                       f"ON_BLOCKED_WINDOW={config.on_blocked_window:g}s: a port has at most LOG_GROUP_BURST + "
+                       f"LOG_GROUP_RATE x window = {config.log_group_burst} + {config.log_group_rate} x "
+                       f"{config.on_blocked_window:g}s = {int(logged)} attempts logged (lower the threshold, or "
+                       "raise LOG_GROUP_RATE, LOG_GROUP_BURST or the window)")
     return out
+
+
+def per_second(rate: str) -> float:
+    """"50/second", "3/minute"... as events per second (config.py checked its form)."""
+    count, _, unit = rate.partition("/")
+    return int(count) / {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[unit]
 
 
 def read_stats(run_dir: str) -> Optional[Dict[str, int]]:
@@ -124,8 +138,45 @@ def unbound_stats() -> Dict[str, int]:
     return {key: 0 for key in STATS_KEYS}
 
 
-def fields(attempt: Attempt, guest: Guest, count: int, connections: int, message: str) -> Dict[str, object]:
+def destination(attempt: Attempt) -> str:
+    """"192.0.2.25:25" or "[2001:db8::25]:25", as the report and ON_BLOCKED name it."""
+    return f"[{attempt.dst}]:{attempt.dport}" if attempt.family == 6 else f"{attempt.dst}:{attempt.dport}"
+
+
+class TopK:
+    """The heaviest hitters of a stream in bounded memory (space-saving, Metwally et al.):
+    K counters; a new item takes the smallest one's place, inheriting its count as its
+    possible error, so an item seen more than total/K times is always among them, whatever
+    came first.  top() ranks by that estimate and gives each item's guaranteed count (the
+    estimate less its error): never more than it was seen."""
+
+    __slots__ = ("k", "counts", "errors")
+
+    def __init__(self, k: int = 20) -> None:
+        self.k = k
+        self.counts: Dict[str, int] = {}
+        self.errors: Dict[str, int] = {}
+
+    def add(self, item: str, n: int = 1) -> None:
+        if item in self.counts or len(self.counts) < self.k:
+            self.counts[item] = self.counts.get(item, 0) + n
+            return
+        smallest = min(self.counts, key=self.counts.__getitem__)
+        floor = self.counts.pop(smallest)
+        self.errors.pop(smallest, None)
+        self.counts[item], self.errors[item] = floor + n, floor
+
+    def top(self, n: int) -> List[Tuple[str, int]]:
+        return [(item, count - self.errors.get(item, 0)) for item, count in _ranked(self.counts, n)]
+
+
+TOP_DESTINATIONS = 3  # in a journal entry: SMTP_GATE_TOP_DESTINATIONS
+
+
+def fields(attempt: Attempt, guest: Guest, count: int, connections: int, message: str,
+           top: Optional[TopK] = None) -> Dict[str, object]:
     """A journal entry's fields: stable names (README "Abuse desk")."""
+    ranked = top.top(TOP_DESTINATIONS) if top is not None else [(destination(attempt), 1)]
     return {
         "MESSAGE": message,
         "PRIORITY": PRIORITY_WARNING,
@@ -144,6 +195,8 @@ def fields(attempt: Attempt, guest: Guest, count: int, connections: int, message
         "SMTP_GATE_MODE": attempt.mode,
         "SMTP_GATE_COUNT": count,  # logged packets
         "SMTP_GATE_CONNECTIONS": connections,  # connection attempts (SYN without ACK) among them
+        # the interval's most attempted destinations (bounded heavy hitters), not the last one's
+        "SMTP_GATE_TOP_DESTINATIONS": " ".join(f"{d}={n}" for d, n in ranked),
     }
 
 
@@ -173,10 +226,11 @@ class Connections:
 
 
 class _Interval:
-    __slots__ = ("ends", "count", "connections", "last", "guest")
+    __slots__ = ("ends", "count", "connections", "last", "guest", "top")
 
     def __init__(self, ends: float, attempt: Attempt, guest: Guest) -> None:
         self.ends, self.count, self.connections, self.last, self.guest = ends, 0, 0, attempt, guest
+        self.top = TopK()
 
 
 class Aggregator:
@@ -197,6 +251,7 @@ class Aggregator:
         current.count += 1
         current.connections += int(attempt.syn)
         current.last, current.guest = attempt, guest
+        current.top.add(destination(attempt))
 
     def due(self) -> Optional[float]:
         return min((i.ends for i in self.open.values()), default=None)
@@ -211,8 +266,10 @@ class Aggregator:
                 continue
             message = (f"{interval.count} more SMTP packet(s), {interval.connections} connection attempt(s) "
                        f"in {self.interval:g}s; last: " + nflog.describe(interval.last, interval.guest))
-            self._write(fields(interval.last, interval.guest, interval.count, interval.connections, message))
+            self._write(fields(interval.last, interval.guest, interval.count, interval.connections, message,
+                               interval.top))
             interval.count, interval.connections, interval.ends = 0, 0, now + self.interval
+            interval.top = TopK()
             if final:
                 del self.open[ifindex]
 
@@ -222,23 +279,23 @@ class Aggregator:
 
 
 class Recent:
-    """What ON_BLOCKED's document lists of one guest since it was last quiet for a window:
-    destinations, source addresses and MACs, each bounded."""
+    """What ON_BLOCKED's document lists of one guest within the current window (started
+    afresh every ON_BLOCKED_WINDOW): destinations (the heaviest, TopK), source addresses and
+    MACs, each bounded."""
 
     MACS_KEPT = 1024  # distinct MACs counted; the packets of any further one: macs_uncounted
 
-    __slots__ = ("destinations", "sources", "macs", "macs_uncounted")
+    __slots__ = ("destinations", "sources", "macs", "macs_uncounted", "since")
 
-    def __init__(self) -> None:
-        self.destinations: Dict[str, int] = {}
+    def __init__(self, since: float = 0.0) -> None:
+        self.since = since
+        self.destinations = TopK(MAX_LISTED)
         self.sources: Dict[str, int] = {}
         self.macs: Dict[str, int] = {}
         self.macs_uncounted = 0
 
     def add(self, attempt: Attempt) -> None:
-        where = f"[{attempt.dst}]:{attempt.dport}" if attempt.family == 6 else f"{attempt.dst}:{attempt.dport}"
-        if where in self.destinations or len(self.destinations) < 100:
-            self.destinations[where] = self.destinations.get(where, 0) + 1
+        self.destinations.add(destination(attempt))
         if attempt.src in self.sources or len(self.sources) < MAX_LISTED:
             self.sources[attempt.src] = self.sources.get(attempt.src, 0) + 1
         if attempt.mac:
@@ -252,17 +309,58 @@ def _ranked(counts: Dict[str, int], top: int) -> List[Tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
 
+WINDOW_STEPS = 60  # buckets per ON_BLOCKED_WINDOW
+
+
+class _Window:
+    """One guest's attempts within ON_BLOCKED_WINDOW: buckets [start, connections, packets,
+    first wall time] oldest first, and their running totals.  An attempt leaves the totals
+    when its whole bucket is older than the window: between window and window + step
+    seconds after it (step: window / WINDOW_STEPS)."""
+
+    __slots__ = ("buckets", "connections", "packets")
+
+    def __init__(self) -> None:
+        self.buckets: Deque[List[float]] = collections.deque()
+        self.connections = 0
+        self.packets = 0
+
+    def add(self, now: float, step: float, window: float, connections: int, at: float) -> None:
+        start = now - now % step
+        if self.buckets and self.buckets[-1][0] == start:
+            last = self.buckets[-1]
+            last[1] += connections
+            last[2] += 1
+        else:
+            self.buckets.append([start, connections, 1, at])
+        self.connections += connections
+        self.packets += 1
+        self.expire(now, step, window)
+
+    def expire(self, now: float, step: float, window: float) -> bool:
+        """Drop the buckets wholly older than the window; whether none is left."""
+        while self.buckets and self.buckets[0][0] + step <= now - window:
+            old = self.buckets.popleft()
+            self.connections -= int(old[1])
+            self.packets -= int(old[2])
+        return not self.buckets
+
+    def first(self) -> float:
+        return self.buckets[0][3] if self.buckets else 0.0
+
+
 class Trigger:
-    """ON_BLOCKED: connection attempts per guest over a sliding window of one-second buckets,
-    when each guest's command last ran (kept in FIRED_PATH across restarts), and the
+    """ON_BLOCKED: connection attempts per guest over a sliding window (WINDOW_STEPS buckets of
+    window/WINDOW_STEPS seconds, at least one, and running totals: O(1) per event whatever
+    the window), when each guest's command last ran (kept in FIRED_PATH across restarts), and the
     children it started."""
 
     def __init__(self, argv: Tuple[str, ...], threshold: int, window: float, timeout: float, log: Log,
                  fired_path: Optional[str] = None) -> None:
         self.argv, self.threshold, self.window, self.timeout, self.log = argv, threshold, window, timeout, log
         self.fired_path = fired_path
-        # guest key -> [[second, connections, packets, first wall time], ...]
-        self.buckets: Dict[str, Deque[List[float]]] = {}
+        self.step = max(1.0, window / WINDOW_STEPS)  # the width of a bucket
+        self.buckets: Dict[str, _Window] = {}  # guest key -> its attempts within the window
         self.fired: Dict[str, float] = self._load()  # guest key -> wall time its command last ran
         self.children: List[Tuple[subprocess.Popen, float, str]] = []  # (child, deadline, who)
         self.runs = 0
@@ -301,24 +399,19 @@ class Trigger:
         if not self.argv:
             return
         key = guest.uuid or f"ifindex:{attempt.ifindex}"
-        buckets = self.buckets.setdefault(key, collections.deque())
-        second = float(int(now))
-        if buckets and buckets[-1][0] == second:
-            buckets[-1][1] += int(attempt.syn)
-            buckets[-1][2] += 1
-        else:
-            buckets.append([second, int(attempt.syn), 1, attempt.at])
-        while buckets and buckets[0][0] <= now - self.window:
-            buckets.popleft()
+        window = self.buckets.get(key)
+        if window is None:
+            window = self.buckets[key] = _Window()
+        window.add(now, self.step, self.window, int(attempt.syn), attempt.at)
         if not attempt.syn:
             return
-        total = int(sum(b[1] for b in buckets))
+        total = window.connections
         last = self.fired.get(key)
         wall = time.time()
         if total >= self.threshold and (last is None or wall - last >= self.window):
             self.fired[key] = wall
             self._save()
-            self._run(attempt, guest, total, int(sum(b[2] for b in buckets)), buckets[0][3], recent)
+            self._run(attempt, guest, total, window.packets, window.first(), recent)
 
     def document(self, attempt: Attempt, guest: Guest, total: int, packets: int, first: float,
                  recent: Recent) -> Dict[str, object]:
@@ -335,7 +428,7 @@ class Trigger:
             "sources": [{"source": s, "packets": n} for s, n in _ranked(recent.sources, MAX_LISTED)],
             "macs": [m for m, _n in macs], "macs_more": len(recent.macs) - len(macs),
             "macs_uncounted_packets": recent.macs_uncounted,
-            "destinations": [{"destination": d, "packets": n} for d, n in _ranked(recent.destinations, 5)],
+            "destinations": [{"destination": d, "packets": n} for d, n in recent.destinations.top(5)],
         }
 
     def _run(self, attempt: Attempt, guest: Guest, total: int, packets: int, first: float, recent: Recent) -> None:
@@ -378,7 +471,7 @@ class Trigger:
     def prune(self, now: float) -> None:
         """Forget guests with no attempt and no run within the window (ports come and go)."""
         wall = time.time()
-        for key in [k for k, b in self.buckets.items() if not b or b[-1][0] <= now - self.window]:
+        for key in [k for k, w in self.buckets.items() if w.expire(now, self.step, self.window)]:
             if wall - self.fired.get(key, float("-inf")) >= self.window:
                 self.buckets.pop(key, None)
                 self.fired.pop(key, None)
@@ -460,7 +553,10 @@ class Desk:
             self.aggregator.add(attempt, guest, now)
             self.store.add(attempt, guest)
             if self.trigger.argv:
-                recent = self._recent.setdefault(guest.uuid or f"ifindex:{attempt.ifindex}", Recent())
+                key = guest.uuid or f"ifindex:{attempt.ifindex}"
+                recent = self._recent.get(key)
+                if recent is None or now - recent.since >= self.trigger.window:
+                    recent = self._recent[key] = Recent(now)  # afresh every window
                 recent.add(attempt)
                 self.trigger.add(attempt, guest, now, recent)
 
@@ -502,15 +598,15 @@ class Desk:
                 self._told_stats = True
                 self.log(str(exc))
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         try:
-            self.store.flush()
+            self.store.flush(final=final)
         except OSError as exc:
             self.log(f"cannot write the report's store in {self.store.dir}: {exc}")
         if self.store.dropped and not self._told_full:
             self._told_full = True
             self.log(f"the report's store {self.store.dir} is full (REPORT_MAX_MB): "
-                     "lines of today are no longer written")
+                     "lines that do not fit are no longer written (older days are kept)")
 
     def close(self) -> None:
         """At the watcher's exit (SIGTERM too): write what is pending (open journal intervals,
@@ -522,7 +618,7 @@ class Desk:
             self.aggregator.tick(time.monotonic(), final=True)
         except (OSError, ValueError) as exc:
             self.log(f"abuse desk: cannot write the last entries: {exc}")
-        self.flush()
+        self.flush(final=True)
         drops = nflog.socket_drops(self.sock)
         self.log(f"abuse desk: {self.received} blocked-attempt events received, {self.overruns} overrun(s), "
                  f"kernel drops {drops if drops is not None else 'unknown'}, "

@@ -4,8 +4,8 @@ the standard library alone (the style of nfnetlink.py, whose message helpers it 
 The `smtp4`/`smtp6` chains send each blocked attempt, metered per guest port
 (ruleset.LOG_METER_SET), to the NFLOG group LOG_GROUP with the prefix `SMTPGATE4 `,
 `SMTPGATE6 ` (or `... audit `).  open_group() binds that group (NFULNL_CFG_CMD_BIND) with
-NFULNL_COPY_PACKET and a copy range of COPY_RANGE bytes: the IP and TCP headers, never a
-message body.  The kernel batches up to QTHRESH packets per datagram (or flushes after
+NFULNL_COPY_PACKET and a copy range of COPY_RANGE bytes: the IP header, IPv6 extension
+headers and the TCP header, never a message body.  The kernel batches up to QTHRESH packets per datagram (or flushes after
 FLUSH_CS hundredths of a second), so a flood costs few system calls.
 
 A listener that falls behind loses events: the kernel counts them as the socket's drops
@@ -13,15 +13,15 @@ A listener that falls behind loses events: the kernel counts them as the socket'
 socket: the drop is a rule of its own.
 
 Attribution (Attributor): the frame's ingress port (in the bridge family the kernel gives
-the bridge as NFULA_IFINDEX_INDEV and the port as NFULA_IFINDEX_PHYSINDEV) is looked up in the run directory's records (a guest's ports as
-(name, index)); a port no record names is "unknown port" with its index and name.
+the bridge as NFULA_IFINDEX_INDEV and the port as NFULA_IFINDEX_PHYSINDEV) is looked up in
+the run directory's records (a guest's ports, foreign ones included, as (name, index)); a port no record names is "unknown port" with its index and name.
 """
 
 import errno
 import ipaddress
 import struct
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from smtp_gate import nfnetlink
 from smtp_gate.runstate import Record
@@ -62,7 +62,7 @@ NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
 
 AF_UNSPEC = 0
-COPY_RANGE = 128  # an IPv6 header (40) + TCP with options (60) fits; no message body
+COPY_RANGE = 256  # IPv6 (40) + extension headers (up to 156) + TCP's first 60 bytes; no message body
 QTHRESH = 64  # packets per datagram at most
 FLUSH_CS = 5  # hundredths of a second before a partial batch is sent
 NLBUFSIZ = 65536  # the kernel's batch buffer
@@ -78,8 +78,8 @@ class Attempt(NamedTuple):
     family: int  # 4 or 6
     src: str
     dst: str
-    sport: int
-    dport: int
+    sport: Union[int, str]  # "?" (UNREAD) when the copied bytes do not hold it
+    dport: Union[int, str]
     mode: str  # "enforce" or "audit", from the rule's prefix
     at: float  # wall-clock seconds
     # TCP SYN without ACK (from the copied header's flags): a connection attempt, unless it is
@@ -159,33 +159,64 @@ def _seq(payload: bytes, tcp: int) -> int:
     return struct.unpack_from("!I", payload, tcp + 4)[0] if len(payload) >= tcp + 8 else 0
 
 
-def parse_payload(payload: bytes) -> Optional[Tuple[int, str, str, int, int, bool, int]]:
+IPV6_HOP_BY_HOP, IPV6_ROUTING, IPV6_FRAGMENT, IPV6_AH, IPV6_DSTOPTS = 0, 43, 44, 51, 60
+IPV6_EXTENSIONS = (IPV6_HOP_BY_HOP, IPV6_ROUTING, IPV6_FRAGMENT, IPV6_AH, IPV6_DSTOPTS)
+UNREAD = "?"  # an address or port the copied bytes do not hold
+
+Packet = Tuple[int, str, str, Union[int, str], Union[int, str], bool, int]
+
+
+def _ipv6_transport(payload: bytes) -> Optional[int]:
+    """The offset of the TCP header behind IPv6's extension headers (hop-by-hop, routing,
+    destination options, AH, a first fragment), or None if the chain names something else,
+    is a later fragment, or runs past the copied bytes."""
+    next_header, offset = payload[6], 40
+    for _ in range(len(IPV6_EXTENSIONS) * 2):  # each may appear, destination options twice
+        if next_header == 6:
+            return offset
+        if next_header not in IPV6_EXTENSIONS or len(payload) < offset + 8:
+            return None
+        if next_header == IPV6_FRAGMENT:
+            if struct.unpack_from("!H", payload, offset + 2)[0] & 0xFFF8:
+                return None  # a later fragment: no TCP header
+            length = 8
+        elif next_header == IPV6_AH:
+            length = (payload[offset + 1] + 2) * 4
+        else:
+            length = (payload[offset + 1] + 1) * 8
+        next_header, offset = payload[offset], offset + length
+    return None
+
+
+def parse_payload(payload: bytes, family: int = 0) -> Optional[Packet]:
     """(family, source, destination, source port, destination port, SYN without ACK, TCP
-    sequence number) of an
-    IPv4 or IPv6 packet carrying TCP (IPv6: a fixed header naming TCP; ruleset drops the
-    rest as malformed before this rule, or never logs it); None if it is not that."""
-    if not payload:
-        return None
-    version = payload[0] >> 4
+    sequence number) of an IPv4 or IPv6 packet carrying TCP, IPv6 extension headers walked.
+    The rule that logs matched TCP to a blocked port, so a packet is never dropped here: what
+    the copied bytes do not tell is UNREAD ("?"), its family FAMILY (the prefix's) when the
+    bytes do not say; None only without a family."""
+    version = payload[0] >> 4 if payload else 0
     if version == 4 and len(payload) >= 20:
         ihl = (payload[0] & 0x0F) * 4
-        if payload[9] != 6 or len(payload) < ihl + 4:
-            return None
         src, dst = str(ipaddress.IPv4Address(payload[12:16])), str(ipaddress.IPv4Address(payload[16:20]))
+        if payload[9] != 6 or ihl < 20 or len(payload) < ihl + 4:
+            return 4, src, dst, UNREAD, UNREAD, False, 0
         sport, dport = struct.unpack_from("!HH", payload, ihl)
         return 4, src, dst, sport, dport, _syn(payload, ihl), _seq(payload, ihl)
-    if version == 6 and len(payload) >= 44:
-        if payload[6] != 6:
-            return None
+    if version == 6 and len(payload) >= 40:
         src, dst = str(ipaddress.IPv6Address(payload[8:24])), str(ipaddress.IPv6Address(payload[24:40]))
-        sport, dport = struct.unpack_from("!HH", payload, 40)
-        return 6, src, dst, sport, dport, _syn(payload, 40), _seq(payload, 40)
+        tcp = _ipv6_transport(payload)
+        if tcp is None or len(payload) < tcp + 4:
+            return 6, src, dst, UNREAD, UNREAD, False, 0
+        sport, dport = struct.unpack_from("!HH", payload, tcp)
+        return 6, src, dst, sport, dport, _syn(payload, tcp), _seq(payload, tcp)
+    if family in (4, 6):
+        return family, UNREAD, UNREAD, UNREAD, UNREAD, False, 0
     return None
 
 
 def parse(data: bytes, now: Optional[float] = None) -> List[Attempt]:
-    """The attempts in one datagram: NFULNL_MSG_PACKET messages whose prefix is ours and
-    whose payload is IP and TCP; anything else is skipped."""
+    """The attempts in one datagram: NFULNL_MSG_PACKET messages whose prefix is ours (each
+    one, what its copied bytes do not tell as "?"); anything else is skipped."""
     out = []
     for msg_type, _flags, _seq, body in _messages(data):
         if msg_type != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET or len(body) < 4:
@@ -194,7 +225,8 @@ def parse(data: bytes, now: Optional[float] = None) -> List[Attempt]:
         prefix = values.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("ascii", "replace")
         if not prefix.startswith(PREFIX):
             continue
-        packet = parse_payload(values.get(NFULA_PAYLOAD, b""))
+        family = 6 if prefix.startswith(PREFIX + "6") else 4 if prefix.startswith(PREFIX + "4") else 0
+        packet = parse_payload(values.get(NFULA_PAYLOAD, b""), family)
         if packet is None:
             continue
         # bridge family: INDEV is the bridge, PHYSINDEV the port the frame came in by
@@ -254,7 +286,8 @@ class Attributor:
     def _reload(self, now: float) -> None:
         ports: Dict[int, Guest] = {}
         for record in self._records():
-            for name, index in record.guest_ports:
+            # a guest's ports on bridges we do not protect are its own too (as metrics.owners)
+            for name, index in (*record.guest_ports, *record.foreign_ports):
                 ports[index] = Guest(record.name, record.uuid, name)
         self._ports, self._read_at = ports, now
 

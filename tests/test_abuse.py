@@ -152,13 +152,17 @@ def test_the_store_keeps_its_bounds(tmp_path: Path) -> None:
     store.prune(now)
     days = [name for name in sorted(os.listdir(store.dir))]
     assert len(days) == 8 and days[0] > "2027-01-07", days  # 7 days back and today
-    # the size cap: old days go first, and today's lines stop when it alone is full
+    # ports that write line after line: past their day's budget, one summary a minute; the
+    # older days stay (tests/test_desk_hardening.py: the cap itself)
     for minute in range(3000):
         for guest in range(3):
             store.add(attempt(ifindex=guest, at=now + minute * 0.01), Guest(f"g{guest}", f"u{guest}", f"vnet{guest}"))
         store.flush(now)
-    assert store.size() <= 200_000 and store.dropped > 0
-    assert os.listdir(store.dir) == [f"{day_of(now)}.jsonl"]
+    store.flush(now, final=True)
+    assert store.size() <= 200_000 and store.dropped == 0
+    assert len(os.listdir(store.dir)) == 8 and f"{day_of(now)}.jsonl" in os.listdir(store.dir)
+    assert {r.guest: r.attempts for r in rank(store.rows(now - 60)) if r.guest != "web1"} == {
+        "g0": 3000, "g1": 3000, "g2": 3000}
 
 
 def test_report_ranks_guests_and_refuses_a_bad_since(tmp_path: Path, capsys) -> None:
@@ -388,7 +392,7 @@ def test_blocked_attempts_are_attributed_entries_in_the_journal(desk_lab) -> Non
         "SMTP_GATE_UUID": guest_uuid("g1"), "SMTP_GATE_MAC": g1.mac, "SMTP_GATE_IFACE": "vnet0",
         "SMTP_GATE_IFINDEX": str(lab.hv.ifindex("vnet0")), "SMTP_GATE_FAMILY": "ipv4", "SMTP_GATE_SRC": g1.ip4,
         "SMTP_GATE_DST": lab.INET4, "SMTP_GATE_SPORT": "40000", "SMTP_GATE_DPORT": "25", "SMTP_GATE_MODE": "enforce",
-        "SMTP_GATE_COUNT": "1", "SMTP_GATE_CONNECTIONS": "1",
+        "SMTP_GATE_COUNT": "1", "SMTP_GATE_CONNECTIONS": "1", "SMTP_GATE_TOP_DESTINATIONS": f"{lab.INET4}:25=1",
     }
     assert first["MESSAGE"] == f"blocked SMTP from g1 (vnet0, {g1.ip4}, {g1.mac}) to {lab.INET4}:25"
     # the second attempt of g1 fell into its interval: one entry with the count at its end
