@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -128,9 +127,7 @@ def run_variant(name: str, extra: str, seconds: float, rate: float) -> Dict[str,
             dropped_by_rule = blocked4(lab) - before_drop
             time.sleep(INTERVAL + 1.5)  # the last interval's entries and the store's flush
         finally:
-            if watcher.poll() is None:
-                os.killpg(watcher.pid, signal.SIGTERM)
-            watcher.wait(timeout=20)
+            journal_lab.stop_group(watcher, timeout=20)
         text = log.read_text()
         stats = re.search(r"abuse desk: (\d+) blocked-attempt events received, (\d+) overrun\(s\), kernel drops (\S+), "
                           r"(\d+) journal entries", text)

@@ -14,7 +14,9 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -70,3 +72,52 @@ def entries(tmp: Path, *matches: str) -> List[Dict[str, str]]:
     if result.returncode != 0 and "No journal files" not in result.stderr:
         raise AssertionError(f"journalctl failed ({result.returncode}): {result.stderr}")
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def _group_members(proc: "subprocess.Popen[bytes]") -> List[int]:
+    """The live processes of PROC's group (PROC itself reaped when it has ended: a zombie
+    keeps its group id until its parent, this process, waits for it)."""
+    proc.poll()
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) != proc.pid:
+                    continue
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z":
+                members.append(int(entry))
+    return members
+
+
+def stop_group(proc: "subprocess.Popen[bytes]", timeout: float = 15.0) -> None:
+    """End everything wrap() started under PROC (started with start_new_session=True, so its
+    pid is the group's): SIGTERM to the group, whether or not PROC itself already exited (a
+    test may have stopped the watcher alone: journald is still there), then SIGKILL to what
+    is left after TIMEOUT.  Returns when no process of the group is left, so no private
+    journald outlives its test."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while _group_members(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _group_members(proc):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while _group_members(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    left = _group_members(proc)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        left.append(pgid)
+    if left:
+        raise AssertionError(f"processes {left} of the private journald's group did not end")

@@ -320,9 +320,7 @@ class JournaledWatcher:
         time.sleep(0.3)  # journald writes what it was sent
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=15)
+        journal_lab.stop_group(self.proc)  # also the journald of a watcher terminate() stopped
 
 
 def wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
