@@ -410,25 +410,13 @@ def list_raw_elements(
     set, whose layout in the kernel is nft's business."""
     payload = _name_attr(NFTA_SET_ELEM_LIST_TABLE, table, "table") + _name_attr(NFTA_SET_ELEM_LIST_SET, set_name, "set")
     where = f"set {FAMILY_NAMES.get(family, str(family))} {table} {set_name}"
-    for _attempt in range(_DUMP_RETRIES):
-        try:
-            sock = _open(timeout, 0, 0)
-        except OSError as exc:
-            raise NetlinkError(f"cannot open a netlink socket to nftables: {exc}", exc.errno or 0) from None
-        try:
-            request = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, 1,
-                               family, payload)
-            sock.sendto(request, (0, 0))
-            elements = _read_dump(sock, where)
-        except socket.timeout:
-            raise NetlinkError(f"nftables did not answer a listing of {where} within {timeout:g}s") from None
-        except OSError as exc:
-            raise NetlinkError(f"cannot list {where}: {exc}", exc.errno or 0) from None
-        finally:
-            sock.close()
-        if elements is not None:
-            return elements
-    raise NetlinkError(f"the listing of {where} was interrupted by changes {_DUMP_RETRIES} times")
+    return [
+        elem
+        for message in dump(NFT_MSG_GETSETELEM, payload, where, family, timeout)
+        for kind, value in _attrs(message)
+        if kind == NFTA_SET_ELEM_LIST_ELEMENTS
+        for _elem_kind, elem in _attrs(value)
+    ]
 
 
 def interval_sentinel(element: bytes) -> bool:
@@ -442,21 +430,6 @@ def interval_sentinel(element: bytes) -> bool:
     key = [data for kind, data in _attrs(attrs[NFTA_SET_ELEM_KEY]) if kind == NFTA_DATA_VALUE]
     flags = struct.unpack("!I", attrs[NFTA_SET_ELEM_FLAGS])[0]
     return len(key) == 1 and not any(key[0]) and flags == NFT_SET_ELEM_INTERVAL_END
-
-
-def _read_dump(sock: socket.socket, where: str) -> Optional[List[bytes]]:
-    """Each element's attributes (NFTA_LIST_ELEM payloads) from a multi-part dump, or None
-    when the kernel flagged it inconsistent."""
-    messages = _read_objects(sock, where, NFT_MSG_NEWSETELEM)
-    if messages is None:
-        return None
-    return [
-        elem
-        for payload in messages
-        for kind, value in _attrs(payload)
-        if kind == NFTA_SET_ELEM_LIST_ELEMENTS
-        for _elem_kind, elem in _attrs(value)
-    ]
 
 
 NFT_MSG_GETRULE = 7
