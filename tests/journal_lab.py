@@ -92,6 +92,16 @@ def _group_members(proc: "subprocess.Popen[bytes]") -> List[int]:
     return members
 
 
+def _wait_gone(proc: "subprocess.Popen[bytes]", timeout: float) -> bool:
+    """Whether PROC's group has no live process left within TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while _group_members(proc):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def stop_group(proc: "subprocess.Popen[bytes]", timeout: float = 15.0) -> None:
     """End everything wrap() started under PROC (started with start_new_session=True, so its
     pid is the group's): SIGTERM to the group, whether or not PROC itself already exited (a
@@ -103,17 +113,12 @@ def stop_group(proc: "subprocess.Popen[bytes]", timeout: float = 15.0) -> None:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + timeout
-    while _group_members(proc) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _group_members(proc):
+    if not _wait_gone(proc, timeout):  # after SIGTERM's grace, what is left is killed
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + timeout
-        while _group_members(proc) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_gone(proc, timeout)
     left = _group_members(proc)
     try:
         proc.wait(timeout=timeout)
